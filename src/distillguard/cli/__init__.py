@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 
 # Importing a command module registers its commands on `app`.
-from distillguard.cli import demo, gateway, ingest, lab, scan  # noqa: E402,F401
+from distillguard.cli import demo, eval, gateway, ingest, lab, scan, signals  # noqa: E402,F401
 
 
 def main() -> None:
