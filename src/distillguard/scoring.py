@@ -1,0 +1,186 @@
+"""Stage 5: account and cluster risk from explainable contributions.
+
+Unsupervised by default: every feature is compared with the whole population by a robust
+z-score (median and MAD, so the attackers themselves cannot drag the reference), only the
+suspicious direction counts, and each contribution is capped so no single odd habit decides.
+The account's behaviour score is the sum of its contributions; every contribution is kept with
+the account's value and the population median so reasons can quote them.
+
+A cluster is a campaign candidate when its accounts are tied by rare shared evidence (cohesion)
+AND its members behave unlike the population (median behaviour score far in the population's
+tail). Neither alone flags: honest populations are often tied (a NAT, a shared agent) or odd
+(evaluation harnesses), rarely both the same way attackers are.
+
+With analyst verdicts (`fit_supervised`), a logistic regression on the same standardised
+features replaces the hand weights; its per-feature terms are the contributions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+#: (feature, direction, weight, how a person reads it). Direction +1: high is suspicious.
+BEHAVIOUR_FEATURES: tuple[tuple[str, int, float, str], ...] = (
+    ("cot_share", 1, 1.0, "share of chain-of-thought requests"),
+    ("reasoning_reconstruction_share", 1, 1.0, "share of reasoning-reconstruction requests"),
+    ("rubric_share", 1, 1.0, "share of rubric / grading requests"),
+    ("safe_rewrite_share", 1, 1.0, "share of 'safe rewrite' requests"),
+    ("extraction_params_share", 1, 0.5, "share of extraction-friendly parameters"),
+    ("distill_score_mean", 1, 1.0, "mean distillation-style classifier score"),
+    ("n_capabilities", 1, 0.5, "breadth of capabilities targeted"),
+    ("new_model_share", 1, 0.5, "share of traffic on newly released models"),
+    ("unique_template_share", 1, 0.25, "share of distinct prompt templates"),
+    ("n_ips", 1, 0.25, "distinct IP addresses"),
+    ("hour_entropy", 1, 0.25, "spread over the hours of the day"),
+    ("gap_cv", -1, 0.25, "regularity of inter-arrival times"),
+    ("depth_mean", -1, 0.25, "conversation depth (single-turn)"),
+)
+
+#: Cap of one feature's robust z contribution.
+Z_CAP = 6.0
+
+
+def robust_z(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(z, median, scale) with scale = 1.4826 MAD, falling back to the mean absolute deviation
+    and then to 1 when most of the population shares one value."""
+    x = np.nan_to_num(np.asarray(x, dtype=float))
+    med = float(np.median(x)) if x.size else 0.0
+    dev = np.abs(x - med)
+    scale = 1.4826 * float(np.median(dev)) if x.size else 0.0
+    if scale <= 1e-9:
+        scale = 1.2533 * float(dev.mean()) if x.size else 0.0
+    if scale <= 1e-9:
+        scale = 1.0
+    return (x - med) / scale, med, scale
+
+
+@dataclass
+class AccountScores:
+    """Behaviour score per account with its per-feature contributions."""
+
+    accounts: list[str]
+    score: np.ndarray
+    contributions: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+    medians: dict[str, float]
+    percentile: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def reasons(self, i: int, top: int = 3, min_contribution: float = 0.5) -> list[str]:
+        """The account's strongest behavioural contributions, in words with numbers."""
+        labels = {f: lab for f, _, _, lab in BEHAVIOUR_FEATURES}
+        items = sorted(self.contributions.items(), key=lambda kv: -kv[1][i])
+        out = []
+        for name, contrib in items[:top]:
+            if contrib[i] < min_contribution:
+                break
+            out.append(
+                f"{labels.get(name, name)}: {self.values[name][i]:.3g} "
+                f"(population median {self.medians[name]:.3g}; +{contrib[i]:.1f})"
+            )
+        return out
+
+
+class BehaviourScorer:
+    """Population-relative behaviour score (unsupervised) or learned from verdicts."""
+
+    def __init__(self, features: tuple[tuple[str, int, float, str], ...] = BEHAVIOUR_FEATURES):
+        self.features = features
+        self.model = None
+
+    def _matrix(self, fp: pa.Table) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, float]]:
+        values, zs, meds = {}, [], {}
+        for name, direction, _, _ in self.features:
+            x = np.nan_to_num(fp[name].to_numpy(zero_copy_only=False).astype(float))
+            z, med, _ = robust_z(x)
+            values[name], meds[name] = x, med
+            zs.append(np.clip(direction * z, 0.0, Z_CAP))
+        return values, np.column_stack(zs) if zs else np.zeros((fp.num_rows, 0)), meds
+
+    def fit_supervised(self, fp: pa.Table, verdicts: Mapping[str, bool]) -> BehaviourScorer:
+        """Learn feature weights from analyst verdicts (account_id -> is attacker).
+
+        Needs both classes among the verdicts; the model is a class-balanced logistic regression
+        on the same capped robust z features, so its contributions stay explainable.
+        """
+        from sklearn.linear_model import LogisticRegression
+
+        ids = fp["account_id"].to_pylist()
+        rows = [i for i, a in enumerate(ids) if a in verdicts]
+        y = np.array([bool(verdicts[ids[i]]) for i in rows])
+        if len(set(y.tolist())) < 2:
+            raise ValueError("supervised scoring needs verdicts of both kinds (attacker, honest)")
+        _, z, _ = self._matrix(fp)
+        self.model = LogisticRegression(class_weight="balanced", max_iter=1000, random_state=0)
+        self.model.fit(z[rows], y)
+        return self
+
+    def score(self, fp: pa.Table) -> AccountScores:
+        values, z, meds = self._matrix(fp)
+        if self.model is not None:
+            weights = self.model.coef_[0]
+        else:
+            weights = np.array([w for _, _, w, _ in self.features])
+        contrib = z * weights
+        total = contrib.sum(axis=1)
+        pct = np.argsort(np.argsort(total, kind="stable"), kind="stable") / max(len(total) - 1, 1)
+        return AccountScores(
+            accounts=fp["account_id"].to_pylist(),
+            score=total,
+            contributions={f[0]: contrib[:, k] for k, f in enumerate(self.features)},
+            values=values,
+            medians=meds,
+            percentile=pct,
+        )
+
+
+@dataclass
+class ClusterVerdict:
+    """Score of one cluster and whether it is flagged, with the numbers behind it."""
+
+    label: int
+    members: np.ndarray
+    score: float
+    cohesion: float
+    behaviour_percentile: float
+    flagged: bool
+
+
+@dataclass
+class ClusterScorer:
+    """Flags clusters tied by rare evidence whose members sit in the behavioural tail.
+
+    `min_cohesion`: mean internal evidence weight per member (a member typically shares
+    several rare keys with several others). `tail`: the median member's behaviour score must
+    exceed this quantile of the whole population's scores.
+    """
+
+    min_size: int = 3
+    min_cohesion: float = 2.0
+    tail: float = 0.9
+
+    def score(
+        self,
+        members: dict[int, np.ndarray],
+        behaviour: AccountScores,
+        internal_weight: dict[int, float],
+        dense_block_share: dict[int, float],
+    ) -> list[ClusterVerdict]:
+        threshold = float(np.quantile(behaviour.score, self.tail)) if behaviour.score.size else 0.0
+        out = []
+        for lab, idx in members.items():
+            med = float(np.median(behaviour.score[idx]))
+            pct = float(np.median(behaviour.percentile[idx]))
+            cohesion = 2.0 * internal_weight.get(lab, 0.0) / len(idx)
+            block = dense_block_share.get(lab, 0.0)
+            score = pct * (1.0 - np.exp(-cohesion / self.min_cohesion)) * (1.0 + block) / 2.0
+            flagged = bool(
+                len(idx) >= self.min_size
+                and med > threshold
+                and (cohesion >= self.min_cohesion or block >= 0.5)
+            )
+            out.append(ClusterVerdict(lab, idx, float(score), cohesion, pct, flagged))
+        return out
