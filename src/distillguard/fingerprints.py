@@ -24,6 +24,7 @@ SIGNAL_COLUMNS = (
     "capability",
     "extraction_params",
     "template_sig",
+    "template_lsh",
     "system_hash",
     "distill_score",
 )

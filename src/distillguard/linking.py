@@ -27,7 +27,6 @@ import ibis
 import ibis.expr.types as ir
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 #: Evidence kinds and how much one rare shared key of that kind says about common control.
 KIND_WEIGHTS: dict[str, float] = {
@@ -87,7 +86,7 @@ def evidence(view: ir.Table, accounts: ir.Table, *, lsh: bool = True) -> ir.Tabl
         per_exchange("template", view.template_sig),
         per_exchange("system", view.system_hash),
     ]
-    if lsh and "template_lsh" in view.columns:
+    if lsh:
         parts.append(per_exchange("lsh", view.template_lsh.unnest()))
     first_use = view.group_by("account_id").aggregate(first_ts=view.ts.min())
     acc = accounts.join(first_use, "account_id")
@@ -107,10 +106,16 @@ def evidence(view: ir.Table, accounts: ir.Table, *, lsh: bool = True) -> ir.Tabl
     return ibis.union(*[p.select(*cols) for p in parts], distinct=False)
 
 
+def activity_cells(view: ir.Table, *, bucket_minutes: int = 10) -> ir.Table:
+    """Distinct (account, time bucket x /24 prefix) cells an account was active in (Ibis)."""
+    bucket = (view.ts.epoch_seconds() // (bucket_minutes * 60)).cast("int64").cast("string")
+    cells = view.select("account_id", cell=bucket + "|" + view.prefix.fill_null(""))
+    return cells.distinct()
+
+
 def synchrony_evidence(
-    view_table: pa.Table,
+    cells: pa.Table,
     *,
-    bucket_minutes: int = 10,
     min_cells: int = 8,
     num_perm: int = 64,
     bands: int = 16,
@@ -119,28 +124,28 @@ def synchrony_evidence(
     """SynchroTrap / CopyCatch-style co-activity: accounts acting in the same (time bucket,
     /24 prefix) cells far more than chance.
 
-    Each account's set of active cells is MinHashed (rensa) and bucketed by LSH, so candidate
-    pairs come from bucket collisions rather than an all-pairs comparison; each candidate pair is
-    then confirmed by its exact Jaccard similarity (>= `threshold`). Confirmed pairs are joined
-    into groups (union-find) and emitted as `sync` evidence keys.
-    `view_table` needs `account_id`, `ts` and `prefix` columns.
+    Each account's set of active cells (`activity_cells`) is MinHashed (rensa) and bucketed by
+    LSH, so candidate pairs come from bucket collisions rather than an all-pairs comparison;
+    each candidate pair is then confirmed by its exact Jaccard similarity (>= `threshold`).
+    Confirmed pairs are joined into groups (union-find) and emitted as `sync` evidence keys
+    (EVIDENCE_SCHEMA; first_ts is left null: the group only exists once both are active).
     """
     from rensa import RMinHash, RMinHashLSH
 
-    ts = pc.cast(view_table["ts"], pa.int64()).to_numpy(zero_copy_only=False)
-    bucket = ts // (bucket_minutes * 60_000)
-    prefix = view_table["prefix"].fill_null("").to_numpy(zero_copy_only=False)
-    acct = view_table["account_id"].to_numpy(zero_copy_only=False)
-    cells: dict[str, set[str]] = {}
-    for a, b, p in zip(acct, bucket, prefix, strict=True):
-        cells.setdefault(a, set()).add(f"{b}|{p}")
-    names = sorted(a for a, s in cells.items() if len(s) >= min_cells)
+    grouped = cells.group_by("account_id").aggregate([("cell", "list")])
+    per_account = {
+        a: set(c)
+        for a, c in zip(grouped["account_id"].to_pylist(), grouped["cell_list"].to_pylist(),
+                        strict=True)
+        if len(c) >= min_cells
+    }
+    names = sorted(per_account)
     lsh = RMinHashLSH(threshold=threshold, num_perm=num_perm, num_bands=bands)
-    hashes = {}
+    hashes = []
     for i, a in enumerate(names):
         m = RMinHash(num_perm=num_perm, seed=42)
-        m.update(sorted(cells[a]))
-        hashes[a] = m
+        m.update(sorted(per_account[a]))
+        hashes.append(m)
         lsh.insert(i, m)
     parent = list(range(len(names)))
 
@@ -151,37 +156,26 @@ def synchrony_evidence(
         return i
 
     for i, a in enumerate(names):
-        for j in lsh.query(hashes[a]):
+        for j in lsh.query(hashes[i]):
             if j <= i:
                 continue
-            sa, sb = cells[a], cells[names[j]]
+            sa, sb = per_account[a], per_account[names[j]]
             if len(sa & sb) / len(sa | sb) >= threshold:
                 parent[find(j)] = find(i)
     groups: dict[int, list[str]] = {}
     for i, a in enumerate(names):
         groups.setdefault(find(i), []).append(a)
-    rows = [
-        (a, f"sync-{members[0]}")
-        for members in groups.values()
-        if len(members) > 1
-        for a in members
-    ]
-    first = _first_ts(view_table)
+    rows = [(a, f"sync-{m[0]}") for m in groups.values() if len(m) > 1 for a in m]
     return pa.table(
         {
             "account_id": pa.array([r[0] for r in rows], pa.string()),
             "kind": pa.array(["sync"] * len(rows), pa.string()),
             "key": pa.array([r[1] for r in rows], pa.string()),
-            "first_ts": pa.array([first[r[0]] for r in rows], pa.timestamp("ms", tz="UTC")),
-            "n": pa.array([len(cells[r[0]]) for r in rows], pa.int64()),
+            "first_ts": pa.nulls(len(rows), pa.timestamp("ms", tz="UTC")),
+            "n": pa.array([len(per_account[r[0]]) for r in rows], pa.int64()),
         },
         schema=EVIDENCE_SCHEMA,
     )
-
-
-def _first_ts(view_table: pa.Table) -> dict[str, object]:
-    g = view_table.group_by("account_id").aggregate([("ts", "min")])
-    return dict(zip(g["account_id"].to_pylist(), g["ts_min"].to_pylist(), strict=True))
 
 
 @dataclass

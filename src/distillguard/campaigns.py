@@ -1,0 +1,198 @@
+"""Stage 6: flagged clusters become campaigns, with per-exchange attribution and evidence.
+
+`attribute` decides exchange by exchange (Ibis, so it runs where the exchanges live): an account
+that is dedicated to its campaign contributes all its exchanges; an account that mixes honest
+and attack traffic (a reseller's pooled account) contributes only the exchanges that carry the
+campaign's signature, i.e. a template or near-duplicate (LSH) band that the campaign's accounts
+share and the rest of the population does not.
+
+`summarise` builds the FINDING_CAMPAIGN rows: accounts, exchange counts, first/last seen,
+capability and model shares, release pivots, infrastructure indicators and reasons.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import duckdb
+import ibis
+import ibis.expr.types as ir
+import pyarrow as pa
+
+from distillguard import contract
+from distillguard.linking import KIND_LABELS
+
+#: Infrastructure evidence kinds reported as indicators (indicator name -> evidence kind).
+INDICATOR_KINDS = {
+    "cidrs": "prefix",
+    "ips": "ip",
+    "payment_fingerprints": "payment",
+    "user_agents": "user_agent",
+    "template_signatures": "template",
+    "email_domains": "email_domain",
+}
+
+
+def campaign_signatures(ev: pa.Table, campaign_of: dict[str, str], *, purity: float = 0.5) -> pa.Table:
+    """(campaign_id, kind, key) for template / LSH keys shared by >= 2 accounts of a campaign,
+    where the campaign's accounts are at least `purity` of all accounts using the key."""
+    owners = pa.table(  # noqa: F841  (read by DuckDB below)
+        {"account_id": list(campaign_of), "campaign_id": list(campaign_of.values())},
+        schema=pa.schema([("account_id", pa.string()), ("campaign_id", pa.string())]),
+    )
+    db = duckdb.connect()
+    db.register("ev", ev)
+    return db.execute(
+        """
+        WITH sig AS (
+          SELECT DISTINCT e.kind, e.key, e.account_id, o.campaign_id
+          FROM ev e LEFT JOIN owners o USING (account_id)
+          WHERE e.kind IN ('template', 'lsh')),
+        users AS (SELECT kind, key, count(*) AS n_users FROM sig GROUP BY ALL)
+        SELECT s.campaign_id, s.kind, s.key
+        FROM sig s JOIN users u USING (kind, key)
+        WHERE s.campaign_id IS NOT NULL
+        GROUP BY s.campaign_id, s.kind, s.key, u.n_users
+        HAVING count(*) >= 2 AND count(*) >= ? * u.n_users
+        ORDER BY ALL
+        """,
+        [purity],
+    ).to_arrow_table()
+
+
+def attribute(
+    view: ir.Table,
+    account_campaigns: ir.Table,
+    signatures: ir.Table,
+    *,
+    dedicated_share: float = 0.6,
+) -> ir.Table:
+    """Per-exchange attribution: (request_id, campaign_id, account_id, ts, model, capability).
+
+    `account_campaigns` has (account_id, campaign_id); `signatures` (campaign_id, kind, key).
+    An exchange matches when its template signature or one of its LSH bands is a signature of
+    its account's campaign. Accounts whose matched share is at least `dedicated_share` are
+    dedicated and attributed whole; others only by matching exchanges.
+    """
+    v = view.join(account_campaigns, "account_id")
+    tmpl = signatures.filter(signatures.kind == "template").select(
+        "campaign_id", t_key="key", t_hit=ibis.literal(1)
+    )
+    v = v.left_join(
+        tmpl, (v.campaign_id == tmpl.campaign_id) & (v.template_sig == tmpl.t_key)
+    ).drop("campaign_id_right", "t_key")
+    lsh_keys = signatures.filter(signatures.kind == "lsh").select("campaign_id", l_key="key")
+    bands = v.select("request_id", "campaign_id", l_key=v.template_lsh.unnest())
+    band_hits = (
+        bands.join(lsh_keys, ["campaign_id", "l_key"])
+        .select("request_id")
+        .distinct()
+        .mutate(l_hit=ibis.literal(1))
+    )
+    v = v.left_join(band_hits, "request_id").drop("request_id_right")
+    v = v.mutate(match=(v.t_hit.notnull() | v.l_hit.notnull()).cast("float64"))
+    share = v.group_by("account_id").aggregate(matched_share=v.match.mean())
+    v = v.join(share, "account_id")
+    keep = (v.matched_share >= dedicated_share) | (v.match > 0)
+    return v.filter(keep).select("request_id", "campaign_id", "account_id", "ts", "model", "capability")
+
+
+def pivots(
+    attributed: pa.Table, model_first_seen: dict[str, datetime], *, min_share: float = 0.3,
+    window_hours: int = 6, flagged_at: dict[str, datetime] | None = None,
+) -> dict[str, list[dict]]:
+    """Release pivots per campaign: a model that appeared during the log (first seen after the
+    log's first day) and reached `min_share` of the campaign's traffic in a `window_hours`
+    window. `flagged_at` is the end of the first such window (no earlier than the campaign's
+    own flag time, when given)."""
+    import duckdb
+
+    if attributed.num_rows == 0:
+        return {}
+    log_start = min(model_first_seen.values())
+    new_models = {
+        m for m, t in model_first_seen.items() if (t - log_start).total_seconds() > 86400
+    }
+    if not new_models:
+        return {}
+    rows = duckdb.sql(
+        f"""
+        WITH w AS (
+          SELECT campaign_id, model,
+                 time_bucket(INTERVAL '{int(window_hours)} hours', ts) AS win,
+                 count(*) AS n
+          FROM attributed GROUP BY ALL),
+        tot AS (SELECT campaign_id, win, sum(n) AS total FROM w GROUP BY ALL)
+        SELECT w.campaign_id, w.model, min(w.win) AS win
+        FROM w JOIN tot USING (campaign_id, win)
+        WHERE w.n >= {float(min_share)} * tot.total
+        GROUP BY ALL
+        """
+    ).fetchall()
+    out: dict[str, list[dict]] = {}
+    for campaign_id, model, win in rows:
+        if model not in new_models:
+            continue
+        at = win + _hours(window_hours)
+        if flagged_at and flagged_at.get(campaign_id) and flagged_at[campaign_id] > at:
+            at = flagged_at[campaign_id]
+        out.setdefault(campaign_id, []).append({"model": model, "flagged_at": at})
+    return out
+
+
+def _hours(h: int):
+    from datetime import timedelta
+
+    return timedelta(hours=h)
+
+
+def shares(attributed: pa.Table, column: str) -> dict[str, dict[str, float]]:
+    """Share of each value of `column` within each campaign's attributed exchanges."""
+    g = attributed.group_by(["campaign_id", column]).aggregate([("request_id", "count")])
+    totals: dict[str, int] = {}
+    for c, n in zip(g["campaign_id"].to_pylist(), g["request_id_count"].to_pylist(), strict=True):
+        totals[c] = totals.get(c, 0) + n
+    out: dict[str, dict[str, float]] = {}
+    for c, v, n in zip(
+        g["campaign_id"].to_pylist(), g[column].to_pylist(), g["request_id_count"].to_pylist(),
+        strict=True,
+    ):
+        out.setdefault(c, {})[v if v is not None else "unknown"] = round(n / totals[c], 4)
+    return {c: dict(sorted(d.items(), key=lambda kv: -kv[1])) for c, d in out.items()}
+
+
+def indicators(
+    ev: pa.Table, members: list[str], *, top: int = 10
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Infrastructure indicators of a campaign (keys shared by >= 2 of its accounts, most
+    shared first) and a reason per evidence kind with its counts."""
+    mine = ev.filter(pa.compute.is_in(ev["account_id"], pa.array(members, pa.string())))
+    g = mine.group_by(["kind", "key"]).aggregate([("account_id", "count_distinct")])
+    by_kind: dict[str, list[tuple[int, str]]] = {}
+    for k, key, n in zip(
+        g["kind"].to_pylist(), g["key"].to_pylist(), g["account_id_count_distinct"].to_pylist(),
+        strict=True,
+    ):
+        if n >= 2:
+            by_kind.setdefault(k, []).append((n, key))
+    out: dict[str, list[str]] = {}
+    for name, kind in INDICATOR_KINDS.items():
+        items = sorted(by_kind.get(kind, []), key=lambda t: (-t[0], t[1]))
+        if items:
+            out[name] = [key for _, key in items[:top]]
+    reasons = []
+    for kind, items in sorted(by_kind.items(), key=lambda kv: -len(kv[1])):
+        accounts_covered = max(n for n, _ in items)
+        reasons.append(
+            f"{len(items)} shared {KIND_LABELS.get(kind, kind)} "
+            f"(the most shared one used by {accounts_covered} of {len(members)} accounts)"
+        )
+    return out, reasons
+
+
+def empty_findings() -> tuple[pa.Table, pa.Table, pa.Table]:
+    return (
+        contract.empty_table(contract.FINDING_ACCOUNT_SCHEMA),
+        contract.empty_table(contract.FINDING_CAMPAIGN_SCHEMA),
+        contract.empty_table(contract.FINDING_EXCHANGE_SCHEMA),
+    )

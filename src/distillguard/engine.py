@@ -1,0 +1,606 @@
+"""`scan`: runs the detection stages over the store and writes findings.
+
+Stages (one module each): signals (cached per request_id in the store) -> fingerprints and
+evidence (Ibis: DuckDB or Spark) -> linking -> clustering -> scoring -> campaigns (attribution in
+Ibis again). The graph stages run in-process on account-level data (accounts are millions, not
+billions; see docs/detection.md for where that stops holding).
+
+Incremental and replayable: signals are only computed for exchanges not yet annotated; with
+`until`, only exchanges up to that time are used, and `first_flagged_at` keeps the earliest time
+an account / campaign / pivot was flagged by any earlier scan of the same store, so replaying a
+scenario day by day (`scan --until day1`, `--until day2`, ...) yields true detection times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import ibis
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from distillguard import campaigns as camp
+from distillguard import contract
+from distillguard.clustering import fraudar, leiden_clusters
+from distillguard.fingerprints import account_fingerprints, exchange_view, model_first_seen
+from distillguard.linking import EVIDENCE_SCHEMA, AccountGraph, Linker, activity_cells, evidence
+from distillguard.linking import synchrony_evidence as sync_evidence
+from distillguard.scoring import AccountScores, BehaviourScorer, ClusterScorer, ClusterVerdict
+
+ENGINES = ("duckdb", "spark")
+STAGES = ("signals", "fingerprints", "evidence", "linking", "clustering", "scoring", "campaigns")
+
+#: progress(stage, done, total): called as stages advance (the CLI draws it).
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ScanConfig:
+    """Knobs of the detector. Defaults are population-relative, not tuned to one lab seed."""
+
+    linker: Linker = field(default_factory=Linker)
+    resolution: float = 0.05
+    clusters: ClusterScorer = field(default_factory=ClusterScorer)
+    sync_bucket_minutes: int = 10
+    sync_min_cells: int = 8
+    lsh_evidence: bool = True
+    dedicated_share: float = 0.6
+    signal_batch_rows: int = 50_000
+
+
+@dataclass
+class Findings:
+    """The three finding tables (contract.FINDING_*_SCHEMA) plus what the scan measured."""
+
+    accounts: pa.Table
+    campaigns: pa.Table
+    exchanges: pa.Table
+    seconds: dict[str, float] = field(default_factory=dict)
+    n_exchanges: int = 0
+    n_annotated: int = 0
+    allow_listed: list[str] = field(default_factory=list)
+    until: datetime | None = None
+
+    def write(self, out: str | Path) -> Path:
+        """Write accounts/campaigns/exchanges.parquet and campaigns.json under `out`."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(self.accounts, out / "accounts.parquet")
+        pq.write_table(self.campaigns, out / "campaigns.parquet")
+        pq.write_table(self.exchanges, out / "exchanges.parquet")
+        (out / "campaigns.json").write_text(json.dumps(campaigns_json(self), indent=2))
+        return out
+
+
+def campaigns_json(findings: Findings) -> dict:
+    """The JSON document written beside the Parquet files (campaigns with their evidence)."""
+
+    def plain(v):
+        if isinstance(v, datetime):
+            return v.isoformat()
+        if isinstance(v, list) and v and isinstance(v[0], tuple):
+            return {k: plain(x) for k, x in v}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {
+        "until": findings.until.isoformat() if findings.until else None,
+        "n_exchanges_scanned": findings.n_exchanges,
+        "n_accounts_flagged": int(pc.sum(findings.accounts["flagged"]).as_py() or 0),
+        "allow_listed": findings.allow_listed,
+        "campaigns": [plain(row) for row in findings.campaigns.to_pylist()],
+    }
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str, progress: Progress | None) -> Iterator[None]:
+    start = time.perf_counter()
+    if progress:
+        progress(stage, 0, 1)
+    yield
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+    if progress:
+        progress(stage, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# signals (stage 1, cached)
+# ------------------------------------------------------------------------------------------
+def _until_sql(until: datetime | None) -> str:
+    return "" if until is None else f"AND e.ts <= TIMESTAMPTZ '{until.isoformat()}'"
+
+
+def annotate_new(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    until: datetime | None = None,
+    batch_rows: int = 50_000,
+    progress: Progress | None = None,
+) -> int:
+    """Compute signals for stored exchanges (up to `until`) that have none yet; return count.
+
+    Streams record batches from the store through `distillguard.signals.annotate` and appends
+    each result to the `signals` table, so memory stays bounded and reruns are free.
+    """
+    select = (
+        "FROM exchanges e WHERE NOT EXISTS "
+        "(SELECT 1 FROM signals s WHERE s.request_id = e.request_id) " + _until_sql(until)
+    )
+    total = con.execute(f"SELECT count(*) {select}").fetchone()[0]
+    if total == 0:
+        return 0
+    from distillguard.signals import annotate
+
+    reader = con.cursor().execute(f"SELECT e.* {select}").fetch_record_batch(batch_rows)
+    done = 0
+    for batch in reader:
+        annotated = contract.conform(annotate(batch), contract.SIGNAL_SCHEMA)  # noqa: F841
+        con.execute("INSERT INTO signals SELECT * FROM annotated")
+        done += batch.num_rows
+        if progress:
+            progress("signals", done, total)
+    return done
+
+
+# ------------------------------------------------------------------------------------------
+# backends: the same Ibis expressions on DuckDB or Spark
+# ------------------------------------------------------------------------------------------
+class _Backend:
+    """Ibis tables `exchanges`, `signals`, `accounts` on one engine."""
+
+    def __init__(self, ibis_con, cleanup: Callable[[], None] | None = None):
+        self.ibis = ibis_con
+        self._cleanup = cleanup
+
+    def table(self, name: str):
+        return self.ibis.table(name)
+
+    def memtable(self, table: pa.Table):
+        return ibis.memtable(table)
+
+    def close(self) -> None:
+        if self._cleanup:
+            self._cleanup()
+
+
+def _duckdb_backend(con: duckdb.DuckDBPyConnection) -> _Backend:
+    return _Backend(ibis.duckdb.from_connection(con))
+
+
+def spark_session():
+    """A local Spark session in UTC with Arrow enabled (the `spark` engine's default)."""
+    from pyspark.sql import SparkSession
+
+    return (
+        SparkSession.builder.master("local[2]")
+        .appName("distillguard-scan")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.ui.enabled", "false")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.driver.host", "127.0.0.1")
+        .getOrCreate()
+    )
+
+
+def _spark_backend(
+    con: duckdb.DuckDBPyConnection, until: datetime | None, progress: Progress | None
+) -> tuple[_Backend, int]:
+    """Export the store's rows to Parquet, annotate missing signals in Spark (`mapInArrow`),
+    write the new signals back to the store, and expose all three tables to Ibis-on-Spark."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from distillguard.signals import annotate
+
+    tmp = tempfile.TemporaryDirectory(prefix="distillguard-spark-")
+    root = Path(tmp.name)
+    con.execute(
+        f"COPY (SELECT * FROM exchanges e WHERE true {_until_sql(until)}) "
+        f"TO '{root / 'exchanges.parquet'}' (FORMAT parquet)"
+    )
+    for name in ("signals", "accounts"):
+        con.execute(f"COPY {name} TO '{root / (name + '.parquet')}' (FORMAT parquet)")
+    spark = spark_session()
+    ex = spark.read.parquet(str(root / "exchanges.parquet"))
+    known = spark.read.parquet(str(root / "signals.parquet"))
+    missing = ex.join(known.select("request_id"), "request_id", "left_anti")
+
+    def annotate_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            if batch.num_rows:
+                table = contract.conform(pa.Table.from_batches([batch]), contract.EXCHANGE_SCHEMA)
+                yield from contract.conform(annotate(table), contract.SIGNAL_SCHEMA).to_batches()
+
+    new = missing.mapInArrow(annotate_batches, from_arrow_schema(contract.SIGNAL_SCHEMA))
+    new_path = root / "new_signals.parquet"
+    new.write.parquet(str(new_path))
+    fresh = pq.read_table(new_path) if any(new_path.glob("*.parquet")) else None
+    n_new = 0
+    if fresh is not None and fresh.num_rows:
+        fresh = contract.conform(fresh, contract.SIGNAL_SCHEMA)  # noqa: F841
+        con.execute("INSERT INTO signals SELECT * FROM fresh")
+        n_new = fresh.num_rows
+    signals = known.unionByName(spark.read.parquet(str(new_path)))
+    ex.createOrReplaceTempView("exchanges")
+    signals.createOrReplaceTempView("signals")
+    spark.read.parquet(str(root / "accounts.parquet")).createOrReplaceTempView("accounts")
+    if progress:
+        progress("signals", n_new, n_new)
+    return _Backend(ibis.pyspark.connect(spark), tmp.cleanup), n_new
+
+
+# ------------------------------------------------------------------------------------------
+# scan
+# ------------------------------------------------------------------------------------------
+def scan(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    until: datetime | None = None,
+    engine: str = "duckdb",
+    out: str | Path | None = None,
+    allow_accounts: Iterable[str] = (),
+    allow_orgs: Iterable[str] = (),
+    verdicts: Mapping[str, bool] | None = None,
+    progress: Progress | None = None,
+    config: ScanConfig | None = None,
+) -> Findings:
+    """Run every stage over the store and write the findings (store tables, and `out/`)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    if until is not None and until.tzinfo is None:
+        raise ValueError("until needs a time zone (e.g. 2026-01-05T00:00:00Z)")
+    config = config or ScanConfig()
+    seconds: dict[str, float] = {}
+    if engine == "duckdb":
+        with _timed(seconds, "signals", progress):
+            n_new = annotate_new(
+                con, until=until, batch_rows=config.signal_batch_rows, progress=progress
+            )
+        backend = _duckdb_backend(con)
+    else:
+        with _timed(seconds, "signals", progress):
+            backend, n_new = _spark_backend(con, until, progress)
+    try:
+        findings = _detect(con, backend, until, config, seconds, progress,
+                           set(allow_accounts), set(allow_orgs), verdicts)
+    finally:
+        backend.close()
+    findings.n_annotated = n_new
+    _store_findings(con, findings)
+    if out is not None:
+        findings.write(out)
+    return findings
+
+
+def _detect(con, backend, until, config, seconds, progress, allow_accounts, allow_orgs, verdicts):
+    view = exchange_view(backend.table("exchanges"), backend.table("signals"), until=until)
+    accounts_t = backend.table("accounts")
+    with _timed(seconds, "fingerprints", progress):
+        fp = _arrow(account_fingerprints(view, accounts_t))
+        firsts = _arrow(model_first_seen(view))
+    if fp.num_rows == 0:
+        acc, cmp_, exc = camp.empty_findings()
+        return Findings(acc, cmp_, exc, seconds, 0, until=until)
+    n_exchanges = int(pc.sum(fp["n_exchanges"]).as_py())
+    now = until or max(fp["last_ts"].to_pylist())
+    with _timed(seconds, "evidence", progress):
+        ev = _arrow(evidence(view, accounts_t, lsh=config.lsh_evidence)).cast(EVIDENCE_SCHEMA)
+        cells = _arrow(activity_cells(view, bucket_minutes=config.sync_bucket_minutes))
+        ev = pa.concat_tables([ev, sync_evidence(cells, min_cells=config.sync_min_cells)])
+    names = fp["account_id"].to_pylist()
+    with _timed(seconds, "linking", progress):
+        graph = config.linker.link(ev, names)
+    with _timed(seconds, "clustering", progress):
+        label = leiden_clusters(graph, resolution=config.resolution, min_size=config.clusters.min_size)
+        block, _density = fraudar(ev, names, max_df=config.linker.max_group)
+    with _timed(seconds, "scoring", progress):
+        scorer = BehaviourScorer()
+        if verdicts:
+            scorer.fit_supervised(fp, verdicts)
+        behaviour = scorer.score(fp)
+        members = _members(label)
+        verdict_list = config.clusters.score(
+            members, behaviour, _internal_weight(graph, label), _block_share(members, block)
+        )
+    with _timed(seconds, "campaigns", progress):
+        result = _campaigns(
+            con, backend, view, fp, ev, graph, label, block, behaviour, verdict_list, firsts,
+            now, config, allow_accounts, allow_orgs,
+        )
+    acc, cmp_, exc, allow_listed = result
+    return Findings(acc, cmp_, exc, seconds, n_exchanges, allow_listed=allow_listed, until=until)
+
+
+def _arrow(expr) -> pa.Table:
+    """Materialise an Ibis expression as Arrow with timestamps normalised to ms UTC."""
+    t = expr.to_pyarrow()
+    cols = []
+    for f in t.schema:
+        col = t[f.name]
+        if pa.types.is_timestamp(f.type):
+            col = col.cast(contract.UTC_TS)
+        cols.append(col)
+    return pa.Table.from_arrays(cols, names=t.column_names)
+
+
+def _members(label: np.ndarray) -> dict[int, np.ndarray]:
+    out: dict[int, list[int]] = {}
+    for i, lab in enumerate(label.tolist()):
+        if lab >= 0:
+            out.setdefault(lab, []).append(i)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _internal_weight(graph: AccountGraph, label: np.ndarray) -> dict[int, float]:
+    same = (label[graph.src] == label[graph.dst]) & (label[graph.src] >= 0)
+    sums = np.bincount(label[graph.src][same], weights=graph.weight[same])
+    return {i: float(w) for i, w in enumerate(sums)}
+
+
+def _block_share(members: dict[int, np.ndarray], block: np.ndarray) -> dict[int, float]:
+    return {lab: float((block[idx] >= 0).mean()) for lab, idx in members.items()}
+
+
+def _prior(con: duckdb.DuckDBPyConnection) -> tuple[dict, dict, dict]:
+    """Earlier findings in the store: account -> (first_flagged_at, campaign_id), campaign ->
+    first_flagged_at, (campaign, model) -> pivot flagged_at."""
+    accounts = {
+        a: (f, c)
+        for a, f, c in con.execute(
+            "SELECT account_id, first_flagged_at, campaign_id FROM finding_accounts WHERE flagged"
+        ).fetchall()
+    }
+    campaigns, pivots = {}, {}
+    for cid, ffa, pv in con.execute(
+        "SELECT campaign_id, first_flagged_at, pivots FROM finding_campaigns"
+    ).fetchall():
+        campaigns[cid] = ffa
+        for p in pv or []:
+            pivots[(cid, p["model"])] = p["flagged_at"]
+    return accounts, campaigns, pivots
+
+
+def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _campaign_ids(
+    verdicts: list[ClusterVerdict], names: list[str], prior_accounts: dict
+) -> dict[int, str]:
+    """Stable campaign ids: reuse the earlier id most of a cluster's accounts carried, else a
+    hash of its smallest member."""
+    ids: dict[int, str] = {}
+    taken: set[str] = set()
+    for v in sorted(verdicts, key=lambda v: -len(v.members)):
+        if not v.flagged:
+            continue
+        votes: dict[str, int] = {}
+        for i in v.members:
+            prev = prior_accounts.get(names[i])
+            if prev and prev[1]:
+                votes[prev[1]] = votes.get(prev[1], 0) + 1
+        best = max(sorted(votes), key=lambda c: votes[c], default=None)
+        if best is None or best in taken:
+            seed = min(names[i] for i in v.members)
+            best = "cmp-" + hashlib.sha1(seed.encode()).hexdigest()[:10]
+        taken.add(best)
+        ids[v.label] = best
+    return ids
+
+
+def _account_graph_reasons(
+    graph: AccountGraph, label: np.ndarray, names: list[str]
+) -> dict[int, list[str]]:
+    """Per account: with how many same-cluster accounts it shares which evidence (counts)."""
+    same = (label[graph.src] == label[graph.dst]) & (label[graph.src] >= 0)
+    out: dict[int, list[str]] = {}
+    if not same.any():
+        return out
+    src, dst = graph.src[same], graph.dst[same]
+    from distillguard.linking import KIND_LABELS
+
+    n = len(names)
+    peers = np.bincount(np.concatenate([src, dst]), minlength=n)
+    per_kind = {
+        k: np.bincount(np.concatenate([src, dst]), weights=np.concatenate([v[same], v[same]]),
+                       minlength=n)
+        for k, v in graph.shared.items()
+    }
+    for i in np.flatnonzero(peers):
+        parts = [
+            f"{int(per_kind[k][i])} {KIND_LABELS[k]}"
+            for k in sorted(per_kind, key=lambda k: -per_kind[k][i])
+            if per_kind[k][i] > 0
+        ][:4]
+        out[int(i)] = [
+            f"linked to {int(peers[i])} accounts of its cluster by shared evidence "
+            f"(shared-key counts summed over those links: {', '.join(parts)})"
+        ]
+    return out
+
+
+def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: AccountScores,
+               verdict_list, firsts, now, config, allow_accounts, allow_orgs):
+    names = fp["account_id"].to_pylist()
+    orgs = fp["org_id"].to_pylist()
+    allowed = np.array(
+        [a in allow_accounts or (o is not None and o in allow_orgs) for a, o in
+         zip(names, orgs, strict=True)]
+    )
+    prior_accounts, prior_campaigns, prior_pivots = _prior(con)
+    ids = _campaign_ids(verdict_list, names, prior_accounts)
+    by_label = {v.label: v for v in verdict_list}
+    flagged = np.zeros(len(names), dtype=bool)
+    campaign_of: dict[str, str] = {}
+    for lab, cid in ids.items():
+        for i in by_label[lab].members:
+            if not allowed[i]:
+                flagged[i] = True
+                campaign_of[names[i]] = cid
+    graph_reasons = _account_graph_reasons(graph, label, names)
+    # account score: flagged accounts rank above all others; within each group, by cluster
+    # evidence and behaviour (so the evaluator can compare at equal false-positive rates)
+    cluster_score = np.zeros(len(names))
+    for v in verdict_list:
+        cluster_score[v.members] = v.score
+    score = 0.5 * behaviour.percentile + 0.5 * cluster_score + flagged.astype(float)
+    # per-exchange attribution
+    ac = pa.table({"account_id": list(campaign_of), "campaign_id": list(campaign_of.values())},
+                  schema=pa.schema([("account_id", pa.string()), ("campaign_id", pa.string())]))
+    sigs = camp.campaign_signatures(ev, campaign_of)
+    if ac.num_rows:
+        attributed = _arrow(camp.attribute(view, backend.memtable(ac), backend.memtable(sigs),
+                                           dedicated_share=config.dedicated_share))
+    else:
+        attributed = pa.table({
+            "request_id": pa.array([], pa.string()), "campaign_id": pa.array([], pa.string()),
+            "account_id": pa.array([], pa.string()), "ts": pa.array([], contract.UTC_TS),
+            "model": pa.array([], pa.string()), "capability": pa.array([], pa.string())})
+    attributed = attributed.sort_by([("campaign_id", "ascending"), ("request_id", "ascending")])
+    caps = camp.shares(attributed, "capability")
+    models = camp.shares(attributed, "model")
+    first_seen = {r["model"]: r["model_first_ts"] for r in firsts.to_pylist()}
+    campaign_ffa = {cid: _earliest(prior_campaigns.get(cid), now) for cid in ids.values()}
+    pivots = camp.pivots(attributed, first_seen, flagged_at=campaign_ffa)
+    win = attributed.group_by("campaign_id").aggregate(
+        [("ts", "min"), ("ts", "max"), ("request_id", "count")]
+    )
+    window = {r["campaign_id"]: r for r in win.to_pylist()}
+    # account rows
+    ffa_col, cid_col, reasons_col = [], [], []
+    for i, a in enumerate(names):
+        reasons = []
+        cid = campaign_of.get(a)
+        if flagged[i]:
+            v = by_label[int(label[i])]
+            reasons.append(
+                f"member of campaign {cid}: {len(v.members)} accounts tied by rare shared "
+                f"evidence (cohesion {v.cohesion:.1f}), median member behaviour at the "
+                f"{100 * v.behaviour_percentile:.0f}th percentile of all accounts"
+            )
+            reasons += graph_reasons.get(i, [])
+            if block[i] >= 0:
+                reasons.append(f"in dense evidence block #{int(block[i])} (FRAUDAR)")
+        if allowed[i]:
+            reasons.append("allow-listed (licensed account or organisation): not flagged")
+        reasons += behaviour.reasons(i)
+        ffa_col.append(_earliest(prior_accounts.get(a, (None, None))[0], now) if flagged[i] else None)
+        cid_col.append(cid)
+        reasons_col.append(reasons)
+    accounts_out = pa.table(
+        {
+            "account_id": names,
+            "score": np.round(score, 6),
+            "flagged": flagged,
+            "first_flagged_at": pa.array(ffa_col, contract.UTC_TS),
+            "campaign_id": pa.array(cid_col, pa.string()),
+            "reasons": pa.array(reasons_col, pa.list_(pa.string())),
+        },
+        schema=contract.FINDING_ACCOUNT_SCHEMA,
+    )
+    # campaign rows
+    rows = []
+    for lab, cid in ids.items():
+        v = by_label[lab]
+        members = sorted(names[i] for i in v.members if not allowed[i])
+        if not members:
+            continue
+        inds, infra_reasons = camp.indicators(ev, members)
+        w = window.get(cid, {})
+        idx = np.array([i for i in v.members if not allowed[i]])
+        rows.append({
+            "campaign_id": cid,
+            "score": round(v.score, 6),
+            "accounts": members,
+            "n_accounts": len(members),
+            "n_exchanges": int(w.get("request_id_count", 0)),
+            "first_seen": w.get("ts_min"),
+            "last_seen": w.get("ts_max"),
+            "first_flagged_at": campaign_ffa[cid],
+            "capabilities": list(caps.get(cid, {}).items()),
+            "models": list(models.get(cid, {}).items()),
+            "pivots": [
+                {"model": p["model"],
+                 "flagged_at": _earliest(prior_pivots.get((cid, p["model"])), p["flagged_at"])}
+                for p in pivots.get(cid, [])
+            ],
+            "indicators": list(inds.items()),
+            "reasons": _campaign_reasons(v, idx, behaviour, infra_reasons, allowed, v.members),
+        })
+    rows.sort(key=lambda r: (-r["n_accounts"], r["campaign_id"]))
+    campaigns_out = pa.Table.from_pylist(rows, schema=contract.FINDING_CAMPAIGN_SCHEMA)
+    exchanges_out = contract.conform(
+        attributed.select(["request_id", "campaign_id"]), contract.FINDING_EXCHANGE_SCHEMA
+    )
+    allow_listed = sorted(names[i] for i in np.flatnonzero(allowed))
+    return accounts_out, campaigns_out, exchanges_out, allow_listed
+
+
+def _campaign_reasons(v: ClusterVerdict, idx, behaviour: AccountScores, infra_reasons,
+                      allowed, all_members) -> list[str]:
+    reasons = [
+        f"{len(idx)} accounts tied by rare shared evidence: mean evidence weight per account "
+        f"{v.cohesion:.1f}; median member behaviour at the {100 * v.behaviour_percentile:.0f}th "
+        "percentile of all accounts"
+    ]
+    from distillguard.scoring import BEHAVIOUR_FEATURES
+
+    feats = []
+    for name, _, _, text in BEHAVIOUR_FEATURES:
+        contrib = float(np.median(behaviour.contributions[name][idx])) if idx.size else 0.0
+        if contrib >= 0.5:
+            med = float(np.median(behaviour.values[name][idx]))
+            feats.append((contrib, f"{text}: campaign median {med:.3g} vs population "
+                                   f"{behaviour.medians[name]:.3g}"))
+    reasons += [t for _, t in sorted(feats, key=lambda x: -x[0])[:5]]
+    reasons += infra_reasons[:6]
+    n_allowed = int(allowed[all_members].sum())
+    if n_allowed:
+        reasons.append(f"{n_allowed} allow-listed accounts of this cluster were left out")
+    return reasons
+
+
+def _store_findings(con: duckdb.DuckDBPyConnection, findings: Findings) -> None:
+    """Replace the store's finding tables with this scan's findings (one transaction)."""
+    con.execute("BEGIN")
+    try:
+        for name, table in (
+            ("finding_accounts", findings.accounts),
+            ("finding_campaigns", findings.campaigns),
+            ("finding_exchanges", findings.exchanges),
+        ):
+            con.register("_findings", table)
+            con.execute(f"DELETE FROM {name}")
+            con.execute(f"INSERT INTO {name} SELECT * FROM _findings")
+            con.unregister("_findings")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+
+
+def parse_until(text: str | None) -> datetime | None:
+    """Parse an RFC 3339 timestamp (a trailing Z is accepted; no zone means UTC)."""
+    if text is None:
+        return None
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
