@@ -151,7 +151,7 @@ def volume_threshold_baseline(
     return BaselineResult(
         name="volume_threshold",
         description=(
-            f"daily volume > {limit:.1f} exchanges ({100 * quantile:g}th percentile of "
+            f"daily volume > {limit:.4g} exchanges ({100 * quantile:g}th percentile of "
             f"{whose} account-days)"
         ),
         threshold=float(np.floor(limit) + 1),
