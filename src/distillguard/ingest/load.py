@@ -1,0 +1,225 @@
+"""`ingest_paths`: files -> validated batches -> the store, idempotently, with quarantine.
+
+Per batch, inside one transaction:
+1. one SQL statement validates every row (`validate.validation_sql`);
+2. duplicates of the key (request_id / account_id) are found with a window over the batch and
+   a join against the stored keys: the same key with the same identity (ts, account, model for
+   exchanges) is a harmless replay and only counted; the same key with different content is
+   quarantined as `duplicate`; the first row always wins;
+3. good rows are appended, bad rows go to the quarantine (once per file and row, so
+   re-ingesting a file does not grow the quarantine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from distillguard.ingest import readers, validate
+from distillguard.ingest.readers import Batch, IngestFileError
+from distillguard.ingest.report import FileReport, IngestReport
+from distillguard.ingest.validate import KindSpec, ident, sql_str
+
+#: progress(path, done_bytes, total_bytes): called after every batch and at the end of a file.
+Progress = Callable[[str, int, int], None]
+KINDS = tuple(validate.SPECS)
+
+
+def ingest_paths(
+    con: duckdb.DuckDBPyConnection,
+    paths: Iterable[str | Path] | str | Path,
+    kind: str = "exchanges",
+    format: str = "auto",
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Ingest files, directories or globs of `kind` records into the store behind `con`.
+
+    Bad rows are quarantined, never raised; a file that cannot be read at all becomes one
+    line in `report.errors` and the other files are still ingested.
+    """
+    if kind not in validate.SPECS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if format not in readers.FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(readers.FORMATS)}")
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    spec = validate.SPECS[kind]
+    validate.install_macros(con)
+    types = validate.duck_types(con, spec.kind)
+    files, missing = readers.expand_paths(list(paths))
+    report = IngestReport(kind=kind)
+    report.errors.extend(missing)
+    ingested_at = datetime.now(UTC)
+    for path in files:
+        report.add(_ingest_file(con, spec, types, path, format, ingested_at, progress))
+    return report
+
+
+def _ingest_file(
+    con: duckdb.DuckDBPyConnection,
+    spec: KindSpec,
+    types: dict[str, str],
+    path: Path,
+    claimed: str,
+    ingested_at: datetime,
+    progress: Progress | None,
+) -> FileReport:
+    report = FileReport(path=str(path))
+    total = readers.file_size(path)
+    try:
+        report.format = readers.detect_format(path, claimed, spec.kind)
+        if report.format == "parquet":
+            batches = readers.read_parquet(path)
+        else:
+            batches = readers.read_json_lines(path, report.format)
+        for batch in batches:
+            report.blank += batch.blank
+            if batch.table.num_rows:
+                _load_batch(con, spec, types, batch, report, ingested_at)
+            if progress:
+                progress(str(path), batch.done_bytes, total)
+    except IngestFileError as exc:
+        report.error = str(exc)
+    except (OSError, duckdb.Error, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        report.error = f"{path}: {first}"
+    if report.read == 0 and report.error is None:
+        report.note = "empty file" if total == 0 or report.blank == 0 else "only blank lines"
+    if progress:
+        progress(str(path), total, total)
+    return report
+
+
+def _load_batch(
+    con: duckdb.DuckDBPyConnection,
+    spec: KindSpec,
+    types: dict[str, str],
+    batch: Batch,
+    report: FileReport,
+    ingested_at: datetime,
+) -> None:
+    table = batch.table
+    is_parquet = "_dg_row" in table.column_names
+    con.register("_dg_batch", table)
+    try:
+        if is_parquet:
+            source_types = {
+                r[0]: r[1] for r in con.execute("DESCRIBE SELECT * FROM _dg_batch").fetchall()
+            }
+            stage = validate.parquet_stage(spec, types, "_dg_batch", source_types)
+            raw_expr, row_col = "to_json(b)::VARCHAR", "_dg_row"
+        else:
+            stage = validate.json_stage(spec, types, "_dg_batch")
+            raw_expr, row_col = "coalesce(b.raw, b.line)", "row_number"
+        sql = validate.validation_sql(spec, stage, from_json=not is_parquet)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            counts = _write(con, spec, sql, report.path, raw_expr, row_col, ingested_at)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.unregister("_dg_batch")
+        con.execute("DROP TABLE IF EXISTS _dg_valid; DROP TABLE IF EXISTS _dg_dups")
+    report.add_counts(**counts)
+
+
+def _write(
+    con: duckdb.DuckDBPyConnection,
+    spec: KindSpec,
+    validation: str,
+    source_file: str,
+    raw_expr: str,
+    row_col: str,
+    ingested_at: datetime,
+) -> dict:
+    """Validate, dedupe and write one registered batch; returns its counts."""
+    key = ident(spec.key)
+    table = ident(spec.kind)
+    identity = ", ".join(ident(c) for c in spec.identity)
+    stored_identity = ", ".join(f"s.{ident(c)}" for c in spec.identity)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _dg_valid AS {validation}")
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _dg_dups AS
+        WITH good AS (
+            SELECT row_number, {key} AS k, hash({identity}) AS h,
+                   row_number() OVER w AS rank,
+                   first_value(row_number) OVER w AS first_row,
+                   first_value(hash({identity})) OVER w AS first_h
+            FROM _dg_valid WHERE reason IS NULL
+            WINDOW w AS (PARTITION BY {key} ORDER BY row_number)
+        ), stored AS (
+            SELECT g.row_number, hash({stored_identity}) AS h
+            FROM good g JOIN {table} s ON s.{key} = g.k
+            WHERE g.rank = 1
+        )
+        SELECT g.row_number,
+            CASE WHEN g.rank > 1 THEN g.h = g.first_h ELSE s.h = g.h END AS replay,
+            CASE WHEN g.rank > 1
+                 THEN '{spec.key} repeats row ' || g.first_row || ' with different content'
+                 ELSE '{spec.key} already stored with different content' END AS detail
+        FROM good g LEFT JOIN stored s USING (row_number)
+        WHERE g.rank > 1 OR s.row_number IS NOT NULL
+        """
+    )
+    columns = ", ".join(ident(f.name) for f in spec.schema)
+    con.execute(
+        f"""
+        INSERT INTO {table} ({columns})
+        SELECT {columns} FROM _dg_valid v
+        WHERE reason IS NULL AND NOT EXISTS (
+            SELECT 1 FROM _dg_dups d WHERE d.row_number = v.row_number)
+        """
+    )
+    con.execute(
+        f"""
+        INSERT INTO quarantine
+        WITH q AS (
+            SELECT row_number, reason, detail, raw, raw_length FROM _dg_valid
+            WHERE reason IS NOT NULL
+            UNION ALL
+            SELECT row_number, 'duplicate', detail, NULL, NULL FROM _dg_dups WHERE NOT replay
+        )
+        SELECT {sql_str(source_file)}, q.row_number, {sql_str(spec.kind)}, q.reason, q.detail,
+               coalesce(q.raw, dg_cap(rtrim({raw_expr}, chr(13) || chr(10)),
+                                      {validate.RAW_CAP})),
+               coalesce(q.raw_length, strlen({raw_expr})),
+               ?::TIMESTAMPTZ
+        FROM q JOIN _dg_batch b ON b.{row_col} = q.row_number
+        WHERE NOT EXISTS (
+            SELECT 1 FROM quarantine e
+            WHERE e.source_file = {sql_str(source_file)} AND e.row_number = q.row_number
+              AND e.kind = {sql_str(spec.kind)})
+        """,
+        [ingested_at],
+    )
+    truncated = "0"
+    if "truncated_fields" in spec.known_keys:
+        truncated = "count(*) FILTER (WHERE reason IS NULL AND len(truncated_fields) > 0 AND d.row_number IS NULL)"
+    read, valid, dup_replay, dup_conflict, trunc = con.execute(
+        f"""
+        SELECT count(*), count(*) FILTER (WHERE reason IS NULL),
+               count(*) FILTER (WHERE d.replay), count(*) FILTER (WHERE NOT d.replay),
+               {truncated}
+        FROM _dg_valid v LEFT JOIN _dg_dups d USING (row_number)
+        """
+    ).fetchone()
+    quarantined = dict(
+        con.execute(
+            "SELECT reason, count(*) FROM _dg_valid WHERE reason IS NOT NULL GROUP BY 1"
+        ).fetchall()
+    )
+    if dup_conflict:
+        quarantined["duplicate"] = quarantined.get("duplicate", 0) + dup_conflict
+    return {
+        "read": read,
+        "stored": valid - dup_replay - dup_conflict,
+        "duplicates": dup_replay,
+        "truncated": trunc,
+        "quarantined": quarantined,
+    }

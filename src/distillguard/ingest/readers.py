@@ -1,0 +1,362 @@
+"""Readers: paths -> files -> format -> Arrow batches ready for the vectorised validator.
+
+JSON Lines (plain, gzip, zstd; compression found by magic bytes, not by name) are read in
+large chunks and split into lines in bulk with numpy; the lines become an Arrow string array
+over the chunk's own buffer (zero copy). UTF-8 is checked for the whole chunk at once by
+Arrow; only a chunk that contains bad bytes is re-checked line by line. Parquet is read with
+pyarrow, one record batch at a time.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from distillguard import contract
+from distillguard.ingest import adapters
+
+FORMATS = ("auto", "jsonl", "parquet", "openai", "anthropic")
+JSON_FORMATS = ("jsonl", "openai", "anthropic")
+#: File names picked up when a directory is given.
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".gz", ".zst", ".zstd")
+CHUNK_BYTES = 32 << 20
+PARQUET_BATCH_ROWS = 65_536
+SNIFF_BYTES = 64 << 10
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+PARQUET_MAGIC = b"PAR1"
+
+BATCH_SCHEMA = pa.schema(
+    [
+        ("row_number", pa.int64()),
+        ("line", pa.string()),  # the text to validate (adapted for pair formats)
+        ("raw", pa.string()),  # original text when it differs from `line` (or was rejected)
+        ("raw_length", pa.int64()),
+        ("pre_reason", pa.string()),  # bad_utf8 / oversize, decided here
+        ("pre_detail", pa.string()),
+    ]
+)
+
+
+class IngestFileError(Exception):
+    """A whole file cannot be read as claimed; the message is one line naming the problem."""
+
+
+@dataclass
+class Batch:
+    """One Arrow batch of a file and how far through the file (compressed bytes) it reaches."""
+
+    table: pa.Table
+    done_bytes: int
+    blank: int = 0  # blank lines skipped in this batch
+
+
+def expand_paths(paths: list[str | Path] | tuple[str | Path, ...]) -> tuple[list[Path], list[str]]:
+    """Files named by `paths` (files, directories, globs), sorted, deduplicated; plus one
+    error line per path that matches nothing."""
+    files: list[Path] = []
+    errors: list[str] = []
+    for raw in paths:
+        text = str(raw)
+        if any(ch in text for ch in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()]
+            if not matches:
+                errors.append(f"{text}: no file matches this pattern")
+            files.extend(matches)
+            continue
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and p.name.lower().endswith(SUFFIXES)
+            )
+            if not found:
+                errors.append(f"{path}: directory holds no .jsonl/.parquet files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            errors.append(f"{path}: no such file or directory")
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique, errors
+
+
+def _open_raw(path: Path) -> tuple[BinaryIO, BinaryIO, str]:
+    """(decompressed stream, underlying file, compression name) chosen by magic bytes."""
+    fh = open(path, "rb")  # noqa: SIM115 (closed by the caller through the stream)
+    magic = fh.read(4)
+    fh.seek(0)
+    if magic.startswith(GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=fh), fh, "gzip"
+    if magic.startswith(ZSTD_MAGIC):
+        return zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True), fh, "zstd"
+    return fh, fh, "plain"
+
+
+def detect_format(path: Path, claimed: str, kind: str) -> str:
+    """The format to read `path` with; raises IngestFileError if it is not what was claimed."""
+    if claimed not in FORMATS:
+        raise ValueError(f"unknown format {claimed!r}; choose one of {', '.join(FORMATS)}")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic == PARQUET_MAGIC:
+        if claimed in ("auto", "parquet"):
+            return "parquet"
+        raise IngestFileError(f"{path}: is a Parquet file, not {claimed} (use --format auto)")
+    if claimed == "parquet":
+        raise IngestFileError(f"{path}: not a Parquet file (no PAR1 magic bytes)")
+    stream, fh, compression = _open_raw(path)
+    try:
+        head = stream.read(SNIFF_BYTES)
+    except (OSError, EOFError, zstandard.ZstdError) as exc:
+        raise IngestFileError(f"{path}: corrupt {compression} data ({exc})") from None
+    finally:
+        stream.close()
+        fh.close()
+    if b"\x00" in head:
+        raise IngestFileError(f"{path}: binary data, not JSON Lines")
+    if claimed in ("openai", "anthropic") and kind != "exchanges":
+        raise IngestFileError(f"{path}: {claimed} pairs hold exchanges, not {kind}")
+    if claimed != "auto":
+        return claimed
+    if kind == "exchanges":
+        first = next((ln for ln in head.split(b"\n") if ln.strip()), b"")
+        try:
+            shape = adapters.sniff(orjson.loads(first))
+        except orjson.JSONDecodeError:
+            shape = None
+        if shape:
+            return shape
+    return "jsonl"
+
+
+# --------------------------------------------------------------------------------------
+# JSON Lines
+# --------------------------------------------------------------------------------------
+def _utf8_lines(binary: pa.BinaryArray) -> tuple[pa.StringArray, np.ndarray]:
+    """Cast lines to UTF-8 text; bad lines become null. Returns (text, bad mask)."""
+    try:
+        return binary.cast(pa.string()), np.zeros(len(binary), dtype=bool)
+    except pa.ArrowInvalid:
+        pass
+    bad = np.zeros(len(binary), dtype=bool)
+    for i, value in enumerate(binary.to_pylist()):  # only chunks that hold bad bytes
+        if value is not None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+    cleaned = pa.compute.if_else(pa.array(bad), pa.scalar(None, pa.binary()), binary)
+    return cleaned.cast(pa.string()), bad
+
+
+def _lines_batch(data: bytes, first_row: int, fmt: str, final: bool) -> tuple[pa.Table, int]:
+    """Split `data` (whole lines) into a batch table; returns (table, blank lines skipped)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == 10) + 1
+    if final and (len(ends) == 0 or ends[-1] != len(data)) and len(data):
+        ends = np.append(ends, len(data))
+    offsets = np.concatenate(([0], ends)).astype(np.int64)
+    n = len(ends)
+    length = np.diff(offsets)
+    has_nl = buf[ends - 1] == 10 if n else np.zeros(0, dtype=bool)
+    length = length - has_nl
+    has_cr = np.zeros(n, dtype=bool)
+    nonempty = length > 0
+    has_cr[nonempty] = buf[offsets[:-1][nonempty] + length[nonempty] - 1] == 13
+    length = length - has_cr
+    rows = first_row + np.arange(1, n + 1, dtype=np.int64)
+    binary = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+    oversize = length > contract.LINE_CAP_BYTES
+    if oversize.any():
+        binary = pa.compute.if_else(pa.array(oversize), pa.scalar(None, pa.large_binary()), binary)
+    text, bad_utf8 = _utf8_lines(binary)
+    rejected = oversize | bad_utf8
+    keep = (length > 0) | rejected
+    blank = int(n - keep.sum())
+    pre_reason = pre_detail = raw = None
+    if rejected.any():
+        reasons, details, raws = [None] * n, [None] * n, [None] * n
+        for i in np.flatnonzero(rejected):
+            piece = data[offsets[i] : offsets[i] + min(length[i], contract.QUARANTINE_RAW_CAP_BYTES)]
+            raws[i] = piece.decode("utf-8", errors="replace")
+            if oversize[i]:
+                reasons[i] = "oversize"
+                details[i] = f"line of {length[i]} bytes exceeds {contract.LINE_CAP_BYTES} bytes"
+            else:
+                reasons[i] = "bad_utf8"
+                details[i] = "line is not valid UTF-8"
+        pre_reason, pre_detail, raw = pa.array(reasons, pa.string()), pa.array(details, pa.string()), pa.array(raws, pa.string())
+    line = text
+    if fmt in adapters.ADAPTERS:
+        raw, line = _adapt(line, raw, adapters.ADAPTERS[fmt])
+    table = pa.Table.from_arrays(
+        [
+            pa.array(rows),
+            line,
+            raw if raw is not None else pa.nulls(n, pa.string()),
+            pa.array(length.astype(np.int64)),
+            pre_reason if pre_reason is not None else pa.nulls(n, pa.string()),
+            pre_detail if pre_detail is not None else pa.nulls(n, pa.string()),
+        ],
+        schema=BATCH_SCHEMA,
+    )
+    if blank:
+        table = table.filter(pa.array(keep))
+    return table, blank
+
+
+def _adapt(line: pa.StringArray, raw: pa.Array | None, adapt) -> tuple[pa.Array, pa.Array]:
+    """Pair lines -> native JSON text; the original line is kept as `raw` for the quarantine.
+    Lines that are not JSON objects pass through unchanged (validation quarantines them)."""
+    originals = line.to_pylist()
+    adapted = []
+    for text in originals:
+        if text is None:
+            adapted.append(None)
+            continue
+        try:
+            obj = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            adapted.append(text)
+            continue
+        adapted.append(orjson.dumps(adapt(obj)).decode() if isinstance(obj, dict) else text)
+    raw_list = raw.to_pylist() if raw is not None else [None] * len(originals)
+    merged_raw = [r if r is not None else o for r, o in zip(raw_list, originals, strict=True)]
+    return pa.array(merged_raw, pa.string()), pa.array(adapted, pa.string())
+
+
+def _split_batches(table: pa.Table, rows: int = 16_384) -> pa.Table:
+    """Several record batches so DuckDB scans the batch on every core."""
+    return pa.Table.from_batches(table.to_batches(max_chunksize=rows), schema=table.schema)
+
+
+def read_json_lines(path: Path, fmt: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
+    """Yield batches of whole lines from a (possibly compressed) JSON Lines file.
+
+    A line longer than LINE_CAP_BYTES is not buffered whole: its head is kept for the
+    quarantine and the rest is skipped up to the next newline.
+    """
+    stream, fh, compression = _open_raw(path)
+    row = 0
+    pending = b""
+    oversize_head: bytes | None = None
+    oversize_len = 0
+    try:
+        while True:
+            try:
+                chunk = stream.read(chunk_bytes)
+            except (OSError, EOFError, zstandard.ZstdError) as exc:
+                raise IngestFileError(
+                    f"{path}: corrupt {compression} data after line {row} ({exc})"
+                ) from None
+            final = not chunk
+            if oversize_head is not None:  # skipping the tail of an oversize line
+                cut = chunk.find(b"\n")
+                if cut < 0 and not final:
+                    oversize_len += len(chunk)
+                    continue
+                oversize_len += cut if cut >= 0 else 0
+                row += 1
+                yield Batch(_oversize_row(row, oversize_head, oversize_len), fh.tell())
+                oversize_head = None
+                chunk = chunk[cut + 1 :] if cut >= 0 else b""
+            data = pending + chunk
+            if final:
+                whole, pending = data, b""
+            else:
+                cut = data.rfind(b"\n")
+                whole, pending = data[: cut + 1], data[cut + 1 :]
+                if len(pending) > contract.LINE_CAP_BYTES:
+                    oversize_head = pending[: contract.QUARANTINE_RAW_CAP_BYTES]
+                    oversize_len, pending = len(pending), b""
+            if whole:
+                table, blank = _lines_batch(whole, row, fmt, final)
+                row += len(table) + blank
+                yield Batch(_split_batches(table), fh.tell(), blank)
+            if final:
+                return
+    finally:
+        stream.close()
+        fh.close()
+
+
+def _oversize_row(row: int, head: bytes, length: int) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "row_number": row,
+                "line": None,
+                "raw": head.decode("utf-8", errors="replace"),
+                "raw_length": length,
+                "pre_reason": "oversize",
+                "pre_detail": f"line of {length} bytes exceeds {contract.LINE_CAP_BYTES} bytes",
+            }
+        ],
+        schema=BATCH_SCHEMA,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Parquet
+# --------------------------------------------------------------------------------------
+def read_parquet(path: Path, batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[Batch]:
+    """Yield record batches of a Parquet file, each with a 1-based `_dg_row` column."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise IngestFileError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+    row = 0
+    total = path.stat().st_size
+    rows_total = max(pf.metadata.num_rows, 1)
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            n = batch.num_rows
+            table = pa.Table.from_batches([batch]).append_column(
+                "_dg_row", pa.array(np.arange(row + 1, row + n + 1, dtype=np.int64))
+            )
+            row += n
+            yield Batch(_split_batches(table), int(total * min(row / rows_total, 1.0)))
+    except (pa.ArrowException, OSError) as exc:
+        raise IngestFileError(
+            f"{path}: corrupt Parquet data after row {row} ({_first_line(exc)})"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+__all__ = [
+    "FORMATS",
+    "Batch",
+    "IngestFileError",
+    "detect_format",
+    "expand_paths",
+    "file_size",
+    "read_json_lines",
+    "read_parquet",
+]
