@@ -422,3 +422,36 @@ def test_unknown_accounts_are_reported(lab: Path, tmp_path: Path) -> None:
     report = evaluate(lab, path, baselines=False)
     assert report.detector.account.n_flagged == 4
     assert any("1 finding accounts are not in the truth" in w for w in report.warnings)
+
+
+# ---- the command ----------------------------------------------------------------------------
+def test_eval_command_writes_json_beside_findings(lab: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from distillguard.cli import app
+
+    findings = findings_dir(tmp_path, HALF)
+    result = CliRunner().invoke(
+        app, ["eval", "--truth", str(lab), "--findings", str(findings)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "Detector vs baselines" in result.output and "volume_threshold" in result.output
+    data = json.loads((tmp_path / "findings.eval.json").read_text())
+    assert data["detector"]["account"]["recall"] == 3 / 7
+    points = [(b["name"], b["operating_point"]) for b in data["baselines"]]
+    assert points == [
+        ("volume_threshold", "natural"), ("volume_threshold", "matched FPR"),
+        ("isolation_forest", "natural"), ("isolation_forest", "matched FPR"),
+    ]
+
+
+def test_eval_command_bad_findings_is_one_clear_line(lab: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from distillguard.cli import app
+
+    result = CliRunner().invoke(
+        app, ["eval", "--truth", str(lab), "--findings", str(tmp_path / "missing"), "--no-baselines"]
+    )
+    assert result.exit_code == 1
+    assert "findings not found" in result.output and "Traceback" not in result.output

@@ -796,7 +796,7 @@ def render_report(report: EvalReport, console: Console | None = None) -> None:
     summary = Table(title="Detector vs baselines (account level, exchange level, clusters)")
     for column in (
         "detector", "threshold", "flagged", "precision", "recall", "F1", "FPR", "ROC AUC",
-        "attack exch. right campaign", "honest exch. flagged", "ARI",
+        "attack exch. flagged", "attack exch. right campaign", "honest exch. flagged", "ARI",
     ):
         summary.add_column(column, justify="left" if column == "detector" else "right")
     for s in scores:
@@ -804,7 +804,8 @@ def render_report(report: EvalReport, console: Console | None = None) -> None:
         summary.add_row(
             _label(s), _num(s.threshold, ".4g"), f"{a.n_flagged:,}", _pct(a.precision),
             _pct(a.recall), _num(a.f1), _pct(a.fpr, 3), _num(a.roc_auc),
-            _pct(s.exchange.attack_attributed_share), _pct(s.exchange.honest_wrong_share, 3),
+            _pct(s.exchange.attack_flagged_share), _pct(s.exchange.attack_attributed_share),
+            _pct(s.exchange.honest_wrong_share, 3),
             _num(s.cluster.ari),
         )
     console.print(summary)
@@ -815,6 +816,8 @@ def render_report(report: EvalReport, console: Console | None = None) -> None:
     for s in scores:
         populations.add_column(_label(s), justify="right")
     for i, pop in enumerate(scores[0].populations):
+        if not pop.n_honest:
+            continue
         cells = [
             f"{s.populations[i].flagged_honest:,} · {_pct(s.populations[i].fpr, 3)}"
             for s in scores
