@@ -1,0 +1,689 @@
+"""The gateway ASGI app: reverse proxy for OpenAI-compatible servers + decision API + admin.
+
+Hot path per proxied request: authenticate (hash lookup) -> parse body once -> decide (signals,
+one state update, policy) -> forward on one shared keep-alive `httpx.AsyncClient` -> pass the
+response through (SSE chunk by chunk, unbuffered) -> write the exchange ahead to disk before the
+response completes. Everything slower (DuckDB ingest, findings refresh, policy reload, Redis
+recovery) runs in background tasks or in the store worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from distillguard.gateway.config import GatewayConfig, KeyInfo
+from distillguard.gateway.decide import Annotate, Decider, Decision
+from distillguard.gateway.degrade import StreamDegrader, degrade_request, degrade_response
+from distillguard.gateway.exchange import (
+    ENDPOINT_BY_PATH,
+    ResponseAccumulator,
+    iso,
+    iter_sse_data,
+    request_fields,
+)
+from distillguard.gateway.metrics import GatewayMetrics
+from distillguard.gateway.policy import PolicyError, PolicyHolder
+from distillguard.gateway.state import (
+    MANUAL_ACTIONS,
+    EnforcementList,
+    LocalState,
+    RedisState,
+    StateUnavailable,
+    load_snapshot,
+    make_state,
+    refresh_loop,
+)
+from distillguard.gateway.wal import SNAPSHOT_NAME, StoreWorker, WriteAheadLog, claim_segments
+
+log = logging.getLogger("distillguard.gateway")
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+})
+REJECT_STATUS = {"block": 403, "challenge": 403, "throttle": 429}
+STREAM_END_MARKERS = (b"data: [DONE]", b"message_stop")
+
+
+class Gateway:
+    """Everything one gateway process holds; routes call into it."""
+
+    def __init__(self, cfg: GatewayConfig, *, annotate: Annotate | None = None,
+                 start_worker: bool = True):
+        self.cfg = cfg
+        self.metrics = GatewayMetrics()
+        self.policy = PolicyHolder(cfg.policy)
+        self.metrics.policy_version.set(self.policy.version)
+        self.state = make_state(cfg.state.url, timeout_s=cfg.state.redis_timeout_s,
+                                fail_closed=cfg.state.on_failure == "closed")
+        if isinstance(self.state, RedisState):
+            self.state.on_health_change.append(self.metrics.state_health_changed)
+        self.enforcement = EnforcementList()
+        self.decider = Decider(self.policy, self.state, self.enforcement, annotate=annotate,
+                               cluster_by_org=cfg.cluster_by_org)
+        self.start_worker = start_worker and cfg.wal.mode == "store"
+        self.client: httpx.AsyncClient | None = None
+        self.wal: WriteAheadLog | None = None
+        self.worker: StoreWorker | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._snapshot_stamp: float | None = None
+        self.ready = False
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.client = httpx.AsyncClient(
+            base_url=cfg.upstream,
+            timeout=httpx.Timeout(cfg.upstream_timeout_s, connect=cfg.upstream_connect_timeout_s),
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=500,
+                                keepalive_expiry=60),
+            follow_redirects=False,
+        )
+        if cfg.wal.mode == "spool":
+            claim_segments(cfg.wal.dir)  # seal segments a crashed run left open
+        self.wal = WriteAheadLog(cfg.wal.dir, fsync=cfg.wal.fsync,
+                                 fsync_interval_ms=cfg.wal.fsync_interval_ms,
+                                 segment_max_records=cfg.wal.segment_max_records,
+                                 segment_max_age_s=cfg.wal.segment_max_age_s)
+        if self.start_worker:
+            self.worker = StoreWorker(cfg.wal.dir, cfg.store, cfg.wal.flush_interval_s,
+                                      cfg.state.enforcement_refresh_s)
+            self.worker.start()  # its first pass replays segments a crashed run left behind
+        self._load_snapshot()
+        window = self.policy.policy.window_s
+        self._tasks = [
+            asyncio.create_task(refresh_loop(1.0, self._reload_policy)),
+            asyncio.create_task(refresh_loop(1.0, self._refresh_enforcement)),
+            asyncio.create_task(refresh_loop(max(1.0, window), self._prune)),
+        ]
+        self.ready = True
+        log.info("gateway ready: upstream=%s state=%s wal=%s policy=%s", cfg.upstream,
+                 self.state.backend, cfg.wal.dir, cfg.policy)
+
+    async def stop(self) -> None:
+        """Graceful: called after the server stopped taking requests and drained them."""
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.client:
+            await self.client.aclose()
+        if self.wal:
+            self.wal.close()
+        if self.worker:
+            await asyncio.to_thread(self.worker.stop)
+        await self.state.close()
+        log.info("gateway stopped")
+
+    async def _reload_policy(self) -> None:
+        before = self.policy.last_error
+        if self.policy.reload():
+            self.metrics.policy_version.set(self.policy.version)
+        elif self.policy.last_error and self.policy.last_error != before:
+            self.metrics.policy_reload_errors.inc()
+
+    def _load_snapshot(self) -> None:
+        path = self.cfg.wal.dir / SNAPSHOT_NAME
+        try:
+            stamp = path.stat().st_mtime
+        except OSError:
+            return
+        if stamp == self._snapshot_stamp:
+            return
+        snapshot = load_snapshot(path)
+        if snapshot is not None:
+            self.enforcement.replace_findings(snapshot)
+            self._snapshot_stamp = stamp
+            self.metrics.enforcement_accounts.set(len(self.enforcement.accounts))
+
+    async def _refresh_enforcement(self) -> None:
+        self._load_snapshot()
+        if isinstance(self.state, RedisState):
+            await self.state.try_recover(self.policy.policy.window_s)
+            self.enforcement.manual = dict(await self.state.refresh_manual())
+        elif isinstance(self.state, LocalState):
+            self.enforcement.manual = self.state.manual
+
+    async def _prune(self) -> None:
+        local = self.state if isinstance(self.state, LocalState) else self.state.fallback
+        local.prune(time.time(), self.policy.policy.window_s)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def client_ip(self, request: Request) -> str | None:
+        """The peer address, or the first untrusted hop of X-Forwarded-For behind trusted
+        proxies (right to left, so a client cannot spoof it by sending its own header)."""
+        peer = request.client.host if request.client else None
+        if peer is None or not self.cfg.is_trusted_proxy(peer):
+            return peer
+        forwarded = request.headers.get("x-forwarded-for")
+        if not forwarded:
+            return peer
+        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self.cfg.is_trusted_proxy(hop):
+                return hop
+        return hops[0] if hops else peer
+
+    def authenticate(self, request: Request) -> KeyInfo | None:
+        auth = request.headers.get("authorization")
+        key = None
+        if auth and auth[:7].lower() == "bearer ":
+            key = auth[7:].strip()
+        if not key:
+            key = request.headers.get("x-api-key")
+        return self.cfg.lookup_key(key) if key else None
+
+    def log_exchange(self, record: dict) -> None:
+        try:
+            self.wal.append(record)
+            self.metrics.wal_records.inc()
+        except Exception:
+            self.metrics.wal_errors.inc()
+            log.exception("could not write exchange %s ahead", record.get("request_id"))
+            raise
+
+    def upstream_headers(self, request: Request) -> list[tuple[bytes, bytes]]:
+        headers = [(k, v) for k, v in request.headers.raw if k not in HOP_BY_HOP]
+        if self.cfg.upstream_api_key:
+            headers = [(k, v) for k, v in headers if k not in (b"authorization", b"x-api-key")]
+            headers.append((b"authorization", b"Bearer " + self.cfg.upstream_api_key.encode()))
+        return headers
+
+
+def _error(status: int, code: str, message: str, *, endpoint: str | None = None,
+           extra: dict | None = None, headers: dict | None = None) -> Response:
+    """An OpenAI-style (or Anthropic-style on /v1/messages) JSON error with a reason code."""
+    if endpoint == "messages":
+        body: dict[str, Any] = {"type": "error", "error": {"type": code, "message": message}}
+    else:
+        body = {"error": {"message": message, "type": code, "code": code, "param": None}}
+    if extra:
+        body["distillguard"] = extra
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None if it exceeds `limit` bytes (checked while reading)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _decode(raw: bytes, encoding: str | None) -> bytes | None:
+    if not encoding or encoding == "identity":
+        return raw
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompress(raw, 16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompress(raw)
+    return None
+
+
+def _response_headers(resp: httpx.Response, *, drop_encoding: bool = False) -> list:
+    drop = HOP_BY_HOP | ({b"content-encoding"} if drop_encoding else frozenset())
+    return [(k, v) for k, v in resp.headers.raw if k.lower() not in drop]
+
+
+def _gateway_fields(decision: Decision) -> dict[str, Any]:
+    """Unknown top-level fields: ingest keeps them in the record's `extra` map."""
+    fields: dict[str, Any] = {"gateway_action": decision.action}
+    if decision.reasons:
+        fields["gateway_reasons"] = decision.reasons
+    if decision.would_action != decision.action:
+        fields["gateway_would_action"] = decision.would_action
+        fields["gateway_monitored_rules"] = decision.monitored
+    if decision.cluster_id:
+        fields["gateway_cluster_id"] = decision.cluster_id
+    return fields
+
+
+def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
+               start_worker: bool = True) -> FastAPI:
+    """The gateway app. `annotate` overrides the request-signal function (tests, benchmarks)."""
+    gw = Gateway(cfg, annotate=annotate, start_worker=start_worker)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="distillguard gateway", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.gateway = gw
+    m = gw.metrics
+
+    def record_decision(decision: Decision) -> None:
+        if decision.action == "allow":
+            m.decisions.labels("allow", "").inc()
+        for reason in decision.reasons:
+            m.decisions.labels(decision.action, reason).inc()
+        for rule in decision.monitored:
+            m.monitored.labels(decision.would_action, rule).inc()
+        if decision.action != "allow" or decision.monitored:
+            log.info("decision %s", orjson.dumps(decision.as_dict()).decode())
+
+    def reject(decision: Decision, endpoint: str, request_id: str) -> Response:
+        status = REJECT_STATUS[decision.action]
+        code = decision.reasons[0] if decision.reasons else decision.action
+        extra = {"action": decision.action, "reason_codes": decision.reasons,
+                 "request_id": request_id, "appeal_url": cfg.appeal_url}
+        headers = {"x-distillguard-decision": decision.action, "x-distillguard-reason": code,
+                   "x-request-id": request_id}
+        if decision.action == "throttle":
+            retry = max(1, int(decision.retry_after_s + 0.999))
+            headers["retry-after"] = str(retry)
+            extra["retry_after_s"] = round(decision.retry_after_s, 3)
+            message = "rate limit reached for this account or its cluster; retry later"
+        elif decision.action == "challenge":
+            message = decision.message or (
+                "this request needs verification before it can be served; "
+                f"appeal or verify at {cfg.appeal_url} quoting request id {request_id}")
+        else:
+            message = decision.message or (
+                f"this account is blocked; appeal at {cfg.appeal_url} quoting {request_id}")
+        return _error(status, f"distillguard_{decision.action}", message, endpoint=endpoint,
+                      extra={**extra, "reason": code}, headers=headers)
+
+    async def proxy_exchange(request: Request) -> Response:
+        t0 = time.perf_counter()
+        ts = time.time()
+        path = request.url.path
+        endpoint = ENDPOINT_BY_PATH[path]
+        key = gw.authenticate(request)
+        if key is None:
+            m.rejected.labels("unauthenticated").inc()
+            m.requests.labels(endpoint, "401").inc()
+            return _error(401, "invalid_api_key", "missing or unknown API key", endpoint=endpoint)
+        raw = await _read_body(request, cfg.max_body_bytes)
+        if raw is None:
+            m.rejected.labels("too_large").inc()
+            m.requests.labels(endpoint, "413").inc()
+            return _error(413, "request_too_large",
+                          f"request body exceeds {cfg.max_body_bytes} bytes", endpoint=endpoint)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            m.rejected.labels("bad_json").inc()
+            m.requests.labels(endpoint, "400").inc()
+            return _error(400, "invalid_request_error", f"request body is not JSON: {exc}",
+                          endpoint=endpoint)
+        if not isinstance(body, dict):
+            m.rejected.labels("bad_json").inc()
+            m.requests.labels(endpoint, "400").inc()
+            return _error(400, "invalid_request_error", "request body must be a JSON object",
+                          endpoint=endpoint)
+        request_id = f"gw-{uuid.uuid4().hex}"
+        exchange = request_fields(endpoint, body)
+        exchange.update(request_id=request_id, ts=iso(ts), account_id=key.account_id,
+                        api_key_id=key.api_key_id, org_id=key.org_id, ip=gw.client_ip(request),
+                        user_agent=request.headers.get("user-agent"))
+        try:
+            decision = await gw.decider.decide(exchange, key, now=ts)
+        except StateUnavailable:
+            decision = Decision(action="block", would_action="block",
+                                reasons=["state_unavailable"])
+            m.requests.labels(endpoint, "503").inc()
+            gw.log_exchange({**exchange, "status": 503, "error": "state_unavailable",
+                             **_gateway_fields(decision)})
+            return _error(503, "distillguard_state_unavailable",
+                          "the gateway cannot reach its shared state; retry shortly",
+                          endpoint=endpoint, headers={"retry-after": "1"})
+        t_decided = time.perf_counter()
+        m.decision_latency.observe(t_decided - t0)
+        record_decision(decision)
+        gw_fields = _gateway_fields(decision)
+        if decision.action in REJECT_STATUS:
+            status = REJECT_STATUS[decision.action]
+            response = reject(decision, endpoint, request_id)
+            gw.log_exchange({**exchange, "status": status, "error": decision.reasons[0]
+                             if decision.reasons else decision.action, **gw_fields})
+            m.requests.labels(endpoint, str(status)).inc()
+            m.added_latency.observe(time.perf_counter() - t0)
+            return response
+        spec = decision.degrade if decision.action == "degrade" else None
+        if spec is not None:
+            raw = orjson.dumps(degrade_request(body, spec, endpoint))
+        upstream_req = gw.client.build_request(
+            "POST", path, content=raw, headers=gw.upstream_headers(request),
+            params=request.url.query or None)
+        t_up = time.perf_counter()
+        try:
+            resp = await gw.client.send(upstream_req, stream=True)
+        except httpx.TimeoutException as exc:
+            return upstream_failure(exchange, gw_fields, endpoint, 504, "upstream_timeout", exc,
+                                    t0, t_up)
+        except httpx.HTTPError as exc:
+            return upstream_failure(exchange, gw_fields, endpoint, 502, "upstream_unreachable",
+                                    exc, t0, t_up)
+        ctype = resp.headers.get("content-type", "")
+        if ctype.startswith("text/event-stream"):
+            return stream_response(resp, exchange, gw_fields, endpoint, spec, t0, t_up)
+        try:
+            data = b"".join([chunk async for chunk in resp.aiter_raw()])
+        except httpx.HTTPError as exc:
+            await resp.aclose()
+            return upstream_failure(exchange, gw_fields, endpoint, 502, "upstream_broken", exc,
+                                    t0, t_up)
+        t_down = time.perf_counter()
+        encoding = resp.headers.get("content-encoding")
+        acc = ResponseAccumulator(endpoint)
+        parsed = None
+        try:
+            plain = _decode(data, encoding)
+            parsed = orjson.loads(plain) if plain else None
+        except (zlib.error, orjson.JSONDecodeError):
+            plain = None
+        if isinstance(parsed, dict) and resp.status_code < 400:
+            acc.from_body(parsed)
+        drop_encoding = False
+        if spec is not None and isinstance(parsed, dict) and resp.status_code < 400:
+            data = orjson.dumps(degrade_response(parsed, spec, endpoint))
+            drop_encoding = True
+        record = {**exchange, **acc.fields(), "status": resp.status_code,
+                  "latency_ms": round((t_down - t_up) * 1000, 3), **gw_fields}
+        if resp.status_code >= 400:
+            record["error"] = (plain or data)[:2000].decode("utf-8", "replace")
+        gw.log_exchange(record)
+        headers = _response_headers(resp, drop_encoding=drop_encoding)
+        if spec is not None:
+            headers.append((b"x-distillguard-decision", b"degrade"))
+        out = Response(data, status_code=resp.status_code)
+        out.raw_headers = [*headers, (b"content-length", str(len(data)).encode())]
+        m.requests.labels(endpoint, str(resp.status_code)).inc()
+        m.added_latency.observe((t_up - t0) + (time.perf_counter() - t_down))
+        return out
+
+    def upstream_failure(exchange: dict, gw_fields: dict, endpoint: str, status: int, code: str,
+                         exc: Exception, t0: float, t_up: float) -> Response:
+        m.upstream_errors.labels(code).inc()
+        m.requests.labels(endpoint, str(status)).inc()
+        gw.log_exchange({**exchange, "status": status, "error": f"{code}: {exc!r}"[:2000],
+                         "latency_ms": round((time.perf_counter() - t_up) * 1000, 3),
+                         **gw_fields})
+        log.warning("upstream %s for %s: %r", code, exchange["request_id"], exc)
+        return _error(status, code, f"upstream {code.replace('_', ' ')}", endpoint=endpoint)
+
+    def stream_response(resp: httpx.Response, exchange: dict, gw_fields: dict, endpoint: str,
+                        spec, t0: float, t_up: float) -> StreamingResponse:
+        degrader = StreamDegrader(spec, endpoint) if spec is not None else None
+
+        async def body() -> AsyncIterator[bytes]:
+            received: list[bytes] = []
+            logged = False
+            error = None
+
+            def write_log() -> None:
+                nonlocal logged
+                if logged:
+                    return
+                logged = True
+                acc = ResponseAccumulator(endpoint)
+                for event in iter_sse_data(b"".join(received)):
+                    acc.from_event(event)
+                record = {**exchange, **acc.fields(), "status": resp.status_code,
+                          "latency_ms": round((time.perf_counter() - t_up) * 1000, 3),
+                          **gw_fields}
+                if error:
+                    record["error"] = error
+                gw.log_exchange(record)
+
+            try:
+                async for chunk in resp.aiter_raw():
+                    received.append(chunk)
+                    out = degrader.feed(chunk) if degrader else chunk
+                    if any(marker in chunk for marker in STREAM_END_MARKERS):
+                        write_log()  # on disk before the client sees the end of the stream
+                    if out:
+                        yield out
+                if degrader:
+                    tail = degrader.finish()
+                    write_log()
+                    if tail:
+                        yield tail
+            except httpx.HTTPError as exc:
+                error = f"upstream_broken: {exc!r}"[:2000]
+                m.upstream_errors.labels("upstream_broken").inc()
+            except (asyncio.CancelledError, GeneratorExit):
+                error = "client_disconnected"
+                raise
+            finally:
+                write_log()
+                await resp.aclose()
+                m.requests.labels(endpoint, str(resp.status_code)).inc()
+
+        headers = _response_headers(resp, drop_encoding=degrader is not None)
+        if degrader is not None:
+            headers.append((b"x-distillguard-decision", b"degrade"))
+        out = StreamingResponse(body(), status_code=resp.status_code)
+        out.raw_headers = headers
+        m.added_latency.observe(t_up - t0)
+        return out
+
+    for path in ENDPOINT_BY_PATH:
+        app.add_api_route(path, proxy_exchange, methods=["POST"], include_in_schema=False)
+
+    @app.get("/v1/models", include_in_schema=False)
+    async def models(request: Request) -> Response:
+        if gw.authenticate(request) is None:
+            m.rejected.labels("unauthenticated").inc()
+            return _error(401, "invalid_api_key", "missing or unknown API key")
+        try:
+            resp = await gw.client.get("/v1/models", headers=gw.upstream_headers(request))
+        except httpx.TimeoutException:
+            return _error(504, "upstream_timeout", "upstream timeout")
+        except httpx.HTTPError:
+            return _error(502, "upstream_unreachable", "upstream unreachable")
+        out = Response(resp.content, status_code=resp.status_code)
+        out.raw_headers = [*_response_headers(resp, drop_encoding=True),
+                           (b"content-length", str(len(resp.content)).encode())]
+        return out
+
+    _install_service_routes(app, gw)
+    return app
+
+
+def _token_ok(request: Request, *tokens: str | None) -> bool:
+    import hmac
+
+    auth = request.headers.get("authorization", "")
+    presented = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    return bool(presented) and any(
+        t and hmac.compare_digest(presented.encode(), t.encode()) for t in tokens
+    )
+
+
+def _install_service_routes(app: FastAPI, gw: Gateway) -> None:
+    """Decision API, exchange logging API, admin, metrics and health endpoints."""
+    cfg, m = gw.cfg, gw.metrics
+
+    def denied(what: str) -> Response:
+        m.rejected.labels("unauthenticated").inc()
+        return _error(401, "unauthorized", f"{what} needs a valid bearer token")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        health = gw.state.health()
+        ok = gw.ready and (health["healthy"] or cfg.state.on_failure == "open")
+        body = {"ready": ok, "state_healthy": health["healthy"]}
+        return Response(orjson.dumps(body), status_code=200 if ok else 503,
+                        media_type="application/json")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        if not _token_ok(request, cfg.admin_token):
+            return denied("/metrics")
+        return Response(m.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/decide")
+    async def decide(request: Request) -> Response:
+        """Request metadata + prompt -> decision, reasons and degrade instructions."""
+        if not _token_ok(request, cfg.decide_token, cfg.admin_token):
+            return denied("/v1/decide")
+        try:
+            payload = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "invalid_request_error", f"body is not JSON: {exc}")
+        if not isinstance(payload, dict) or not isinstance(payload.get("request"), dict):
+            return _error(422, "invalid_request_error",
+                          "expected {account_id|api_key, endpoint, request: {...}}")
+        if payload.get("api_key"):
+            key = cfg.lookup_key(str(payload["api_key"]))
+            if key is None:
+                return _error(422, "unknown_api_key", "api_key is not in the key map")
+        elif payload.get("account_id"):
+            key = KeyInfo(account_id=str(payload["account_id"]),
+                          api_key_id=payload.get("api_key_id"), org_id=payload.get("org_id"))
+        else:
+            return _error(422, "invalid_request_error", "needs account_id or api_key")
+        endpoint = payload.get("endpoint", "chat.completions")
+        if endpoint not in ENDPOINT_BY_PATH.values():
+            return _error(422, "invalid_request_error",
+                          f"endpoint must be one of {sorted(ENDPOINT_BY_PATH.values())}")
+        ts = time.time()
+        request_id = str(payload.get("request_id") or f"gw-{uuid.uuid4().hex}")
+        exchange = request_fields(endpoint, payload["request"])
+        exchange.update(request_id=request_id, ts=iso(ts), account_id=key.account_id,
+                        api_key_id=key.api_key_id, org_id=key.org_id, ip=payload.get("ip"),
+                        user_agent=payload.get("user_agent"))
+        try:
+            decision = await gw.decider.decide(exchange, key, now=ts)
+        except StateUnavailable:
+            return _error(503, "distillguard_state_unavailable", "shared state unreachable")
+        for reason in decision.reasons:
+            m.decisions.labels(decision.action, reason).inc()
+        body = {"request_id": request_id, "account_id": key.account_id, **decision.as_dict()}
+        if decision.action in REJECT_STATUS:
+            body["http_status"] = REJECT_STATUS[decision.action]
+            body["appeal_url"] = cfg.appeal_url
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.post("/v1/exchanges")
+    async def exchanges(request: Request) -> Response:
+        """Log exchanges served by another gateway (log-contract records, one or a list)."""
+        if not _token_ok(request, cfg.decide_token, cfg.admin_token):
+            return denied("/v1/exchanges")
+        raw = await _read_body(request, cfg.max_body_bytes)
+        if raw is None:
+            return _error(413, "request_too_large", "body too large")
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "invalid_request_error", f"body is not JSON: {exc}")
+        records = payload if isinstance(payload, list) else [payload]
+        bad = [i for i, r in enumerate(records)
+               if not isinstance(r, dict) or not all(r.get(k) for k in
+                                                     ("request_id", "ts", "account_id", "model"))
+               or not isinstance(r.get("messages"), list)]
+        if bad:
+            return _error(422, "invalid_request_error",
+                          f"records {bad[:10]} miss request_id, ts, account_id, model or "
+                          "messages (see docs/log-contract.md)")
+        for r in records:
+            gw.log_exchange(r)
+        return Response(orjson.dumps({"logged": len(records)}), media_type="application/json")
+
+    @app.post("/admin/reload")
+    async def reload(request: Request) -> Response:
+        if not _token_ok(request, cfg.admin_token):
+            return denied("/admin")
+        changed = gw.policy.reload(force=True)
+        m.policy_version.set(gw.policy.version)
+        if not changed and gw.policy.last_error:
+            m.policy_reload_errors.inc()
+            return _error(422, "policy_invalid", gw.policy.last_error)
+        return Response(orjson.dumps({"policy_version": gw.policy.version}),
+                        media_type="application/json")
+
+    @app.get("/admin/state")
+    async def state(request: Request) -> Response:
+        if not _token_ok(request, cfg.admin_token):
+            return denied("/admin")
+        body = {
+            "state": gw.state.health(),
+            "policy": {"version": gw.policy.version, "source": gw.policy.policy.source,
+                       "mode": gw.policy.policy.mode, "last_error": gw.policy.last_error},
+            "enforcement": {"accounts": len(gw.enforcement.accounts),
+                            "campaigns": len(gw.enforcement.campaigns),
+                            "manual": len(gw.enforcement.manual),
+                            "loaded_at": gw.enforcement.loaded_at},
+            "wal": {"records": gw.wal.records if gw.wal else 0,
+                    "pending_segments": gw.wal.pending_segments() if gw.wal else 0,
+                    "dir": str(cfg.wal.dir)},
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.get("/admin/accounts/{account_id}")
+    async def account(account_id: str, request: Request) -> Response:
+        if not _token_ok(request, cfg.admin_token):
+            return denied("/admin")
+        standing = gw.enforcement.standing(account_id)
+        body = {"account_id": account_id,
+                "standing": None if standing is None else {
+                    "score": standing.score, "flagged": standing.flagged,
+                    "campaign_id": standing.campaign_id, "manual": standing.manual}}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.put("/admin/accounts/{account_id}")
+    async def set_account(account_id: str, request: Request) -> Response:
+        """Operator action for one account: {"action": "block"|"challenge"|"degrade"|"allow"|null}."""
+        if not _token_ok(request, cfg.admin_token):
+            return denied("/admin")
+        try:
+            action = orjson.loads(await request.body()).get("action")
+        except (orjson.JSONDecodeError, AttributeError):
+            return _error(400, "invalid_request_error", 'expected {"action": ...}')
+        if action is not None and action not in MANUAL_ACTIONS:
+            return _error(422, "invalid_request_error",
+                          f"action must be one of {MANUAL_ACTIONS} or null")
+        await gw.state.set_manual(account_id, action)
+        if action is None:
+            gw.enforcement.manual.pop(account_id, None)
+        else:
+            gw.enforcement.manual[account_id] = action
+        log.info("operator set %s -> %s", account_id, action)
+        return Response(orjson.dumps({"account_id": account_id, "action": action}),
+                        media_type="application/json")
+
+
+def load_app(config_path: str | Path | None = None, **overrides: Any) -> FastAPI:
+    """Build the app from a config file plus keyword overrides (used by the CLI)."""
+    from distillguard.gateway.config import load_config
+
+    cfg = load_config(config_path)
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    return create_app(cfg)
+
+
+__all__ = ["Gateway", "PolicyError", "create_app", "load_app"]

@@ -1,0 +1,242 @@
+"""Write-ahead log of exchanges, and the store worker that moves it into DuckDB.
+
+Durability guarantee (docs/gateway.md, "Durability"): every exchange record is appended to the
+current segment with one `write()` on an O_APPEND descriptor BEFORE the response to the client
+completes. Once `write()` returns the bytes are in the kernel's page cache, so a killed gateway
+(`kill -9`, OOM kill, crash) loses nothing. With `fsync: batch` (default) a background thread
+fsyncs the segment every `fsync_interval_ms`, so a power loss or kernel crash can lose at most
+that window; `fsync: always` fsyncs each record before the response (slow); `off` never does.
+
+Segments: `<dir>/seg-<time>-<pid>-<n>.open` while written (held under an exclusive flock), renamed
+to `.jsonl` when rotated. The store worker (a separate process, so ingest CPU never competes with
+the event loop's GIL) ingests sealed segments, and any `.open` segment whose flock it can take
+(its writer died), through `distillguard.ingest.ingest_paths` — idempotent on request_id, which is
+what makes replay after a crash exactly-once. It opens the store only for the length of a flush,
+so `distillguard scan` can take the DuckDB writer lock between flushes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from pathlib import Path
+
+import orjson
+
+log = logging.getLogger("distillguard.gateway")
+
+SNAPSHOT_NAME = "enforcement.json"
+
+
+class WriteAheadLog:
+    """Append-only JSONL segments; `append` is one write() syscall on the caller's thread."""
+
+    def __init__(self, directory: Path, *, fsync: str = "batch", fsync_interval_ms: float = 5.0,
+                 segment_max_records: int = 5000, segment_max_age_s: float = 2.0):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self.interval = fsync_interval_ms / 1000.0
+        self.max_records = segment_max_records
+        self.max_age = segment_max_age_s
+        self.records = 0  # total appended by this process
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._seg_records = 0
+        self._seg_opened = 0.0
+        self._dirty = False
+        self._closed = False
+        self._open_segment()
+        self._thread = threading.Thread(target=self._background, name="wal-sync", daemon=True)
+        self._thread.start()
+
+    def _open_segment(self) -> None:
+        self._seq += 1
+        name = f"seg-{time.time_ns()}-{os.getpid()}-{self._seq:06d}.open"
+        path = self.dir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._fd, self._path = fd, path
+        self._seg_records, self._seg_opened = 0, time.monotonic()
+
+    def _seal(self) -> None:
+        """Close the current segment and mark it ready for the store worker."""
+        if self._fd is None:
+            return
+        fd, path = self._fd, self._path
+        self._fd = None
+        if self.fsync != "off":
+            os.fsync(fd)
+        if self._seg_records:
+            os.rename(path, path.with_suffix(".jsonl"))
+        else:
+            os.unlink(path)
+        os.close(fd)  # closing releases the flock after the rename
+
+    def append(self, record: dict) -> None:
+        """Write one exchange record; returns once it is in the OS (see module docstring)."""
+        line = orjson.dumps(record) + b"\n"
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("write-ahead log is closed")
+            os.write(self._fd, line)
+            if self.fsync == "always":
+                os.fsync(self._fd)
+            else:
+                self._dirty = True
+            self._seg_records += 1
+            self.records += 1
+            self.bytes += len(line)
+            if self._seg_records >= self.max_records:
+                self._seal()
+                self._open_segment()
+
+    def _background(self) -> None:
+        """Batched fsync and age-based rotation, off the request path."""
+        while not self._closed:
+            time.sleep(self.interval)
+            with self._lock:
+                if self._closed or self._fd is None:
+                    continue
+                if self._dirty and self.fsync == "batch":
+                    os.fsync(self._fd)
+                    self._dirty = False
+                if self._seg_records and time.monotonic() - self._seg_opened >= self.max_age:
+                    self._seal()
+                    self._open_segment()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._seal()
+            self._closed = True
+        self._thread.join(timeout=1.0)
+
+    def pending_segments(self) -> int:
+        return sum(1 for p in self.dir.iterdir() if p.suffix in (".open", ".jsonl"))
+
+
+def claim_segments(directory: Path) -> list[Path]:
+    """Ready segments plus abandoned open ones (writer died: its flock is free), oldest first."""
+    claimed = []
+    for path in sorted(Path(directory).glob("seg-*")):
+        if path.suffix == ".jsonl":
+            claimed.append(path)
+        elif path.suffix == ".open":
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            finally:
+                os.close(fd)
+            ready = path.with_suffix(".jsonl")
+            try:
+                os.rename(path, ready)
+            except FileNotFoundError:
+                continue
+            log.warning("replaying segment %s left by a stopped gateway", path.name)
+            claimed.append(ready)
+    return claimed
+
+
+def flush_once(directory: Path, db_path: Path, *, export_snapshot: bool = True) -> int:
+    """Ingest every claimable segment into the store, then delete it; returns records ingested.
+
+    Raises duckdb.IOException when another process holds the store's writer lock (the caller
+    retries later; segments stay on disk meanwhile).
+    """
+    from distillguard import store
+    from distillguard.ingest import ingest_paths
+
+    segments = claim_segments(directory)
+    if not segments and not export_snapshot:
+        return 0
+    con = store.connect(db_path)
+    try:
+        before = con.execute("SELECT count(*) FROM exchanges").fetchone()[0]
+        if segments:
+            ingest_paths(con, [str(p) for p in segments], kind="exchanges", format="jsonl")
+        after = con.execute("SELECT count(*) FROM exchanges").fetchone()[0]
+        if export_snapshot:
+            write_snapshot(con, Path(directory) / SNAPSHOT_NAME)
+    finally:
+        con.close()
+    for path in segments:
+        path.unlink(missing_ok=True)
+    return after - before
+
+
+def write_snapshot(con, path: Path) -> None:
+    """Export the enforcement list (scan findings) for the gateway process, atomically."""
+    accounts = con.execute(
+        "SELECT account_id, score, flagged, campaign_id FROM finding_accounts"
+    ).fetchall()
+    campaigns = con.execute(
+        "SELECT campaign_id, score, coalesce(n_accounts, len(accounts)) FROM finding_campaigns"
+    ).fetchall()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps({"accounts": accounts, "campaigns": campaigns}))
+    os.replace(tmp, path)
+
+
+def run_store_worker(directory: str, db_path: str, interval_s: float, parent_pid: int,
+                     stop: mp.synchronize.Event, snapshot_every_s: float) -> None:
+    """Store worker loop (own process). Exits when told to or when its gateway is gone."""
+    import duckdb
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(message)s")
+    last_snapshot = 0.0
+    while True:
+        stopping = stop.is_set() or os.getppid() != parent_pid
+        now = time.monotonic()
+        export = now - last_snapshot >= snapshot_every_s
+        try:
+            flush_once(Path(directory), Path(db_path), export_snapshot=export)
+            if export:
+                last_snapshot = now
+        except duckdb.IOException as exc:
+            log.warning("store busy (%s); segments stay on disk, retrying", str(exc)[:120])
+        except Exception:
+            log.exception("store flush failed; segments stay on disk, retrying")
+        if stopping:
+            return
+        stop.wait(interval_s)
+
+
+class StoreWorker:
+    """Owns the store worker process for one gateway."""
+
+    def __init__(self, directory: Path, db_path: Path, interval_s: float,
+                 snapshot_every_s: float):
+        ctx = mp.get_context("spawn")
+        self.stop_event = ctx.Event()
+        self.process = ctx.Process(
+            target=run_store_worker,
+            args=(str(directory), str(db_path), interval_s, os.getpid(), self.stop_event,
+                  snapshot_every_s),
+            name="distillguard-store-worker",
+            daemon=False,
+        )
+
+    def start(self) -> None:
+        self.process.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ask for a final flush and wait for it."""
+        self.stop_event.set()
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            log.error("store worker did not finish its final flush in %.0fs", timeout_s)
+            self.process.terminate()
