@@ -24,6 +24,7 @@ from distillguard.lab.evaluate import (
     Findings,
     evaluate,
     load_findings,
+    load_findings_from_store,
     write_findings,
 )
 
@@ -455,3 +456,30 @@ def test_eval_command_bad_findings_is_one_clear_line(lab: Path, tmp_path: Path) 
     )
     assert result.exit_code == 1
     assert "findings not found" in result.output and "Traceback" not in result.output
+
+
+def test_empty_exchange_attribution_falls_back_to_accounts(lab: Path, tmp_path: Path) -> None:
+    score = run(lab, findings_dir(tmp_path, PERFECT, PIVOT_Y, exchanges=[]))
+    assert score.exchange.mode == "per-account" and score.exchange.honest_flagged == 2
+
+
+def test_findings_from_the_store(lab: Path, tmp_path: Path, con, db_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from distillguard.cli import app
+
+    findings = load_findings(findings_dir(tmp_path, HALF))
+    for name, table in (("accounts", findings.accounts), ("campaigns", findings.campaigns)):
+        con.register("rows", table)
+        con.execute(f"INSERT INTO finding_{name} SELECT * FROM rows")
+    con.close()
+    from_store = run(lab, load_findings_from_store(db_path))
+    assert from_store.account == run(lab, findings_dir(tmp_path, HALF, name="again")).account
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        app, ["eval", "--truth", str(lab), "--db", str(db_path), "--no-baselines", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["detector"]["account"]["tp"] == 3
+    with pytest.raises(EvalInputError, match="cannot open the store"):
+        load_findings_from_store(tmp_path / "missing.duckdb")

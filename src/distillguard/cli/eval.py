@@ -9,7 +9,12 @@ import typer
 
 from distillguard.cli import app
 from distillguard.cli.common import console, fail
-from distillguard.lab.evaluate import EvalInputError, evaluate, render_report
+from distillguard.lab.evaluate import (
+    EvalInputError,
+    evaluate,
+    load_findings_from_store,
+    render_report,
+)
 
 
 def default_out(findings: Path | None, truth: Path) -> Path:
@@ -30,6 +35,12 @@ def eval_command(
             "--findings",
             help="Findings directory (accounts, campaigns and optional exchanges .parquet) or JSON; "
             "omit to score the baselines alone.",
+        ),
+    ] = None,
+    db: Annotated[
+        Path | None,
+        typer.Option(
+            "--db", help="Read the findings from this store's finding tables (left by `scan`)."
         ),
     ] = None,
     logs: Annotated[
@@ -61,17 +72,21 @@ def eval_command(
     Prints account-, exchange- and cluster-level metrics, false positives per honest
     population, and time to detection per campaign; writes the same as JSON to --out.
 
-    Example:
+    Examples:
 
-        distillguard simulate --scenario smoke --out out/smoke
-        distillguard scan ... --findings-out out/smoke/findings
         distillguard eval --truth out/smoke/truth --findings out/smoke/findings
+
+        distillguard eval --truth out/smoke/truth --db lab.duckdb --out report.json
+
+        distillguard eval --truth out/smoke/truth    # the baselines alone
     """
+    if findings is not None and db is not None:
+        raise fail("give --findings or --db, not both")
     with console.status("evaluating") as status:
         try:
             report = evaluate(
                 truth,
-                findings,
+                load_findings_from_store(db) if db is not None else findings,
                 logs,
                 baselines=baselines,
                 seed=seed,
@@ -81,7 +96,7 @@ def eval_command(
         except EvalInputError as exc:
             raise fail(str(exc)) from None
     render_report(report, console)
-    out = out or default_out(findings, truth)
+    out = out or default_out(findings or (db.with_suffix("") if db else None), truth)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.to_json())
     console.print(f"report written to [bold]{out}[/]")

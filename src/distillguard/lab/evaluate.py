@@ -123,6 +123,10 @@ def _validated(parts: dict[str, pa.Table | None], source: str) -> Findings:
         tables[name] = _conform(table, schema, f"{source}: {name}")
     _check_unique(tables["accounts"], "account_id", f"{source}: accounts")
     _check_unique(tables["campaigns"], "campaign_id", f"{source}: campaigns")
+    if tables["exchanges"] is not None and tables["exchanges"].num_rows == 0:
+        # No attribution listed: fall back to per-account attribution, so flagging an account
+        # without attributing its exchanges cannot hide its honest traffic.
+        tables["exchanges"] = None
     if tables["exchanges"] is not None:
         _check_unique(tables["exchanges"], "request_id", f"{source}: exchanges")
     return Findings(tables["accounts"], tables["campaigns"], tables["exchanges"], source)
@@ -198,6 +202,26 @@ def load_findings(path: str | Path) -> Findings:
         for name, (schema, _) in _FINDING_PARTS.items()
     }
     return _validated(parts, str(path))
+
+
+def load_findings_from_store(db_path: str | Path) -> Findings:
+    """Read the findings a scan left in the store's finding_* tables."""
+    from distillguard import store  # the store is only needed for this entry point
+
+    try:
+        con = store.connect(db_path, read_only=True)
+    except (FileNotFoundError, duckdb.Error) as exc:
+        raise EvalInputError(f"{db_path}: cannot open the store ({exc})") from exc
+    try:
+        parts = {
+            name: con.execute(f"SELECT * FROM finding_{name}").arrow().read_all()
+            for name in _FINDING_PARTS
+        }
+    except duckdb.Error as exc:
+        raise EvalInputError(f"{db_path}: no findings tables ({exc})") from exc
+    finally:
+        con.close()
+    return _validated(parts, f"{db_path} (store)")
 
 
 def write_findings(findings: Findings, out_dir: str | Path) -> Path:
@@ -704,7 +728,7 @@ class EvalReport:
 
 def evaluate(
     truth_dir: str | Path,
-    findings_dir: str | Path | None,
+    findings_dir: str | Path | Findings | None,
     logs_dir: str | Path | None = None,
     baselines: bool = True,
     *,
@@ -712,7 +736,8 @@ def evaluate(
     baseline_findings_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
-    """Score `findings_dir` (a findings directory or JSON file; None: baselines only) against
+    """Score `findings_dir` (a findings directory, JSON file or loaded `Findings`; None:
+    baselines only) against
     the labels in `truth_dir`, with the two baselines computed from the logs beside it
     (`logs_dir`, default the parent of `truth_dir`) at their natural operating point and,
     when a detector is given, re-thresholded to the detector's false-positive rate.
@@ -727,7 +752,9 @@ def evaluate(
     detector = None
     if findings_dir is not None:
         step("scoring findings")
-        findings = load_findings(findings_dir)
+        findings = (
+            findings_dir if isinstance(findings_dir, Findings) else load_findings(findings_dir)
+        )
         detector = score_findings(truth, findings, "detector", warnings=warnings)
     baseline_scores: list[DetectorScore] = []
     if baselines:
@@ -761,7 +788,11 @@ def evaluate(
     truth.con.close()
     return EvalReport(
         truth_dir=str(truth_dir),
-        findings=str(findings_dir) if findings_dir is not None else None,
+        findings=None
+        if findings_dir is None
+        else findings_dir.source
+        if isinstance(findings_dir, Findings)
+        else str(findings_dir),
         detector=detector,
         baselines=baseline_scores,
         warnings=warnings,
