@@ -1,0 +1,97 @@
+"""Vectorised Arrow building blocks for the simulator: identifiers, list columns, text banks.
+
+Everything here works on whole numpy arrays so the simulator never loops per exchange.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_SHIFTS = np.arange(60, -4, -4, dtype=np.uint64)
+
+
+def mix64(values: np.ndarray, salt: int) -> np.ndarray:
+    """splitmix64 finaliser of `values ^ salt`: a bijection on uint64, so distinct counters give
+    distinct, random-looking identifiers without any collision check."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) ^ np.uint64(salt & 0xFFFFFFFFFFFFFFFF)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def fixed_width_strings(matrix: np.ndarray) -> pa.StringArray:
+    """An Arrow string array whose i-th value is the ASCII bytes of row i of `matrix`."""
+    n, width = matrix.shape
+    offsets = np.arange(n + 1, dtype=np.int32) * np.int32(width)
+    data = np.ascontiguousarray(matrix, dtype=np.uint8)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def hex_ids(prefix: str, counters: np.ndarray, salt: int, digits: int = 16) -> pa.StringArray:
+    """`prefix` + `digits` hex characters of mix64(counter): unique per counter and salt."""
+    mixed = mix64(np.asarray(counters, dtype=np.uint64), salt)
+    nibbles = ((mixed[:, None] >> _SHIFTS[None, :]) & np.uint64(0xF)).astype(np.intp)
+    chars = _HEX[nibbles[:, 16 - digits :]]
+    head = np.frombuffer(prefix.encode("ascii"), dtype=np.uint8)
+    matrix = np.concatenate([np.broadcast_to(head, (len(mixed), len(head))), chars], axis=1)
+    return fixed_width_strings(matrix)
+
+
+def list_array(lengths: np.ndarray, values: pa.Array, valid: np.ndarray | None = None) -> pa.Array:
+    """A list array with row i holding the next `lengths[i]` items of `values`; rows where
+    `valid` is False are null."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    mask = None if valid is None else pa.array(~valid)
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
+
+
+def positions_within(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For groups of the given lengths laid end to end: (group index, position in group) of
+    every item."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    group = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    return group, np.arange(int(lengths.sum()), dtype=np.int64) - starts[group]
+
+
+class TextBank:
+    """Named pools of strings concatenated into one Arrow array, so a single `take` can gather
+    text from any mix of pools."""
+
+    def __init__(self) -> None:
+        self._pools: list[pa.Array] = []
+        self.offset: dict[str, int] = {}
+        self.size: dict[str, int] = {}
+        self._array: pa.Array | None = None
+
+    def add(self, name: str, values: list[str] | pa.Array) -> None:
+        if name in self.offset:
+            raise ValueError(f"text pool {name!r} added twice")
+        array = values if isinstance(values, pa.Array) else pa.array(values, pa.large_string())
+        if len(array) == 0:
+            raise ValueError(f"text pool {name!r} is empty")
+        self.offset[name] = sum(len(p) for p in self._pools)
+        self.size[name] = len(array)
+        self._pools.append(array.cast(pa.large_string()))
+        self._array = None
+
+    @property
+    def array(self) -> pa.Array:
+        if self._array is None:
+            self._array = pa.concat_arrays(self._pools)
+        return self._array
+
+    @property
+    def byte_lengths(self) -> np.ndarray:
+        """Byte length of every entry, for token estimates without touching the text."""
+        offsets = np.frombuffer(self.array.buffers()[1], dtype=np.int64)
+        offsets = offsets[self.array.offset : self.array.offset + len(self.array) + 1]
+        return np.diff(offsets)
+
+    def index(self, name: str, local: np.ndarray) -> np.ndarray:
+        """Bank-wide indices of entries `local % size` of pool `name`."""
+        return self.offset[name] + (np.asarray(local, dtype=np.int64) % self.size[name])

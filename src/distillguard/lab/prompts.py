@@ -1,0 +1,460 @@
+"""Prompt and response pools for the traffic lab.
+
+Prompts come from the public corpora in `--corpus DIR` (see `/work/shared/data/README.md` for
+the layout: organic/, tasks/, tool_use/) when present, and from small seeded grammars otherwise,
+so the lab runs on a fresh machine. Responses are always synthetic text of realistic length: no
+model is ever run. Every pool lands in one `TextBank`, so the simulator gathers text with
+`take` instead of a loop per exchange.
+
+Corpus resolution (`find_corpus`): an explicit directory wins; otherwise `./../shared/data`
+relative to the current working directory, then `../shared/data` next to the repository that
+holds this package. Nothing is found -> built-in generators.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from distillguard.contract import IMAGE_PLACEHOLDER
+from distillguard.lab._arrow import TextBank
+
+#: Pool sizes for generated text. Large enough that repeats are rare within an account-day.
+GENERATED_PROMPTS = 3000
+RESPONSES_PER_KIND = 1500
+WRAPPER_VARIANTS = 4000
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one session asks for: base prompt pool, the wrapper around it, the kind of reply."""
+
+    base: str  # prompt pool
+    wrapper: str  # wrapper grammar ("plain" = the prompt as is)
+    response: str  # response pool kind
+    capability: str  # contract.CAPABILITIES value (for documentation and tests)
+    toolset: str | None = None  # "agent", "computer" or "bfcl" (tools from the prompt)
+    loop: bool = False  # a tool-use loop: assistant tool calls + tool results in the history
+    second: str | None = None  # pool filling the wrapper's second slot (answers, candidates)
+
+
+FAMILIES: dict[str, Family] = {
+    # honest everyday use
+    "chat": Family("organic", "plain", "chat", "general_chat"),
+    "technical": Family("technical", "plain", "chat", "general_chat"),
+    "redteam": Family("redteam", "plain", "refusal", "general_chat"),
+    "homework": Family("homework", "plain", "chat", "reasoning_math"),
+    "instruction": Family("instruction", "plain", "chat", "creative"),
+    "coding": Family("coding", "plain", "code", "coding"),
+    "agentic_coding": Family("agent_tasks", "plain", "tool_step", "coding", "agent", True),
+    "tool_use": Family("tool_use", "plain", "tool_step", "agentic_tool_use", "bfcl"),
+    "data_analysis": Family("data_analysis", "plain", "analysis", "data_analysis"),
+    "computer_use": Family(
+        "computer_use", "plain", "tool_step", "computer_use_vision", "computer", True
+    ),
+    "vision": Family("vision", "plain", "chat", "computer_use_vision"),
+    # evaluation harnesses and batch jobs (honest, but templated)
+    "eval_math": Family("math", "harness_cot", "cot", "reasoning_math"),
+    "eval_code": Family("coding", "harness_code", "code", "coding"),
+    "batch": Family("batch_records", "batch", "batch", "data_analysis"),
+    # distillation
+    "cot": Family("reasoning_tasks", "cot", "cot", "reasoning_math"),
+    "reasoning_reconstruction": Family("math", "reconstruct", "cot", "reasoning_math", None,
+                                       False, "math_answer"),
+    "rubric": Family("instruction", "rubric", "rubric", "general_chat", None, False, "chat"),
+    "safe_rewrite": Family("sensitive", "safe_rewrite", "rewrite", "general_chat"),
+    "trace_reconstruction": Family("agent_tasks", "trace", "cot", "agentic_tool_use", None,
+                                   False, "tool_result"),
+}
+
+AGENT_TOOLS = ["read_file", "write_file", "edit_file", "run_shell", "search_code", "list_dir",
+               "run_tests", "git_diff"]
+COMPUTER_TOOLS = ["screenshot", "click", "type_text", "scroll", "key_press", "open_url"]
+
+#: The system prompt shipped by a popular open-source coding agent: thousands of honest users
+#: send it verbatim, so a shared system prompt is not by itself evidence of common control.
+AGENT_SYSTEM_PROMPT = (
+    "You are Forge, an autonomous software engineering agent running in the user's terminal. "
+    "Use the provided tools to read and modify files, run commands and tests. Make minimal, "
+    "correct changes, explain what you did, and never run destructive commands without "
+    "confirmation. Working directory: the user's repository."
+)
+COMPUTER_SYSTEM_PROMPT = (
+    "You control a virtual desktop through screenshots and input actions. Describe what you see "
+    "before acting, prefer keyboard shortcuts, and stop when the task is complete."
+)
+
+# ----------------------------------------------------------------------------------------
+# Grammars: "{a|b}" picks one alternative; <Q> and <A> are the wrapper's slots.
+# ----------------------------------------------------------------------------------------
+WRAPPERS: dict[str, list[str]] = {
+    "plain": ["<Q>"],
+    "harness_cot": [
+        "Question: <Q>\nAnswer: Let's think step by step.",
+        "<Q>\nPlease reason step by step, and put your final answer within \\boxed{}.",
+    ],
+    "harness_code": [
+        "Complete the following Python function. Return only code.\n\n<Q>",
+    ],
+    "batch": [
+        "Classify the sentiment of the following customer review as positive, negative or "
+        "neutral. Respond with one word.\n\nReview: <Q>",
+        "Extract the product name, price and currency from this listing as JSON with keys "
+        "name, price, currency.\n\nListing: <Q>",
+        "Summarise this support ticket in one sentence for the triage queue.\n\nTicket: <Q>",
+        "Translate the following product description into German. Keep formatting.\n\n<Q>",
+    ],
+    "cot": [
+        "{Solve|Work through|Answer|Tackle} {the following|this} {problem|question|task}. "
+        "{Think step by step|Reason step by step|Show every step of your reasoning|Explain your "
+        "reasoning carefully, one step at a time}{ before answering|| in detail|, leaving nothing "
+        "out}.{| Put the final answer on its own line.| End with 'Final answer:'.}\n\n<Q>",
+        "<Q>\n\n{Let's think step by step.|Walk me through your full reasoning, step by step."
+        "|Please give a detailed step-by-step derivation, then the answer.|Think it through "
+        "carefully and show all intermediate steps.}",
+        "{I need|Give me|Provide} a {complete|thorough|detailed} {chain of thought|step-by-step "
+        "solution|worked solution} for {this|the following}{| problem}:\n<Q>",
+    ],
+    "reconstruct": [
+        "{Here is|Below is} a {question|problem} and its {final|finished|correct} answer. "
+        "{Write out|Reconstruct|Explain in full} the {reasoning|step-by-step reasoning|chain of "
+        "thought} {behind|that leads to|that justifies} this {finished |final |}answer.\n\n"
+        "{Question|Problem}: <Q>\n{Final answer|Answer}: <A>",
+        "<Q>\n\n{The answer is|We already know the final answer:} <A>. {Write out the "
+        "reasoning behind this finished answer|Show the full derivation that reaches it|Produce "
+        "the detailed thinking that arrives at it}, step by step.",
+    ],
+    "rubric": [
+        "{Score|Rate|Grade} {this|the following} response {from 1 to 10|on a 1-10 scale|1-10} "
+        "against the rubric{ below|}. {Rubric|Criteria}: {correctness, completeness, clarity|"
+        "helpfulness, honesty, harmlessness|accuracy, depth, concision}.{ Explain the score.|"
+        " Give the score first, then a justification.| Output JSON with score and rationale.}"
+        "\n\n{Prompt|Instruction|Task}: <Q>\n\n{Response|Answer|Candidate}: <A>",
+        "{Which is better|Compare these}: {response A or response B|the two responses}? "
+        "{Judge|Evaluate} them as a reward model would{, citing the rubric|| and explain why}."
+        "\n\n{Task|Prompt}: <Q>\n\nResponse A: <A>\n\nResponse B: {Same as A but shorter.|"
+        "A brief answer without details.|It declines to answer.}",
+    ],
+    "safe_rewrite": [
+        "{Rewrite|Reformulate|Rephrase} {the following|this} {question|query|request} so that "
+        "{it avoids politically sensitive framing|it is acceptable under strict content rules|"
+        "a censored model could answer it}, then answer the {rewritten|safe} version{| "
+        "neutrally}.\n\n<Q>",
+        "{Give|Write} a {politically safe|neutral, officially acceptable|censorship-compliant} "
+        "answer to: <Q>{| Avoid any criticism of the government.| Keep to the official position.}",
+    ],
+    "trace": [
+        "{Below is|Here is} an agent transcript {that ended in success|with its final tool "
+        "output}. {Reconstruct|Write out} the {hidden reasoning|step-by-step thinking|internal "
+        "plan} the agent {must have followed|used} at each step.\n\nTask: <Q>\n\nLast tool "
+        "output:\n<A>",
+    ],
+}
+
+_ALT = re.compile(r"\{([^{}]*\|[^{}]*)\}")
+
+
+def expand(grammar: str, rng: np.random.Generator) -> str:
+    """One random expansion of `grammar` (every "{a|b|...}" replaced by one alternative)."""
+    return _ALT.sub(lambda m: m.group(1).split("|")[rng.integers(m.group(1).count("|") + 1)],
+                    grammar)
+
+
+def wrapper_variants(name: str, count: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """`count` expansions of wrapper `name`, each split into (prefix, middle, suffix) around
+    the <Q> and <A> slots, which every grammar uses in that order (middle is empty for
+    one-slot wrappers)."""
+    grammars = WRAPPERS[name]
+    out = []
+    for i in range(count):
+        text = expand(grammars[i % len(grammars)] if i < len(grammars) else
+                      grammars[rng.integers(len(grammars))], rng)
+        head, _, rest = text.partition("<Q>")
+        middle, _, tail = rest.partition("<A>")
+        out.append((head, middle, tail))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Built-in prompt generators (no corpus) and always-generated pools.
+# ----------------------------------------------------------------------------------------
+_NAMES = ["Maya", "Liam", "Aisha", "Kenji", "Sofia", "Omar", "Elena", "Ravi", "Chloe", "Tomas"]
+_ITEMS = ["apples", "stickers", "books", "marbles", "cupcakes", "pencils", "tickets", "shells"]
+_TOPICS = ["sourdough starters", "the French revolution", "index funds", "sleep hygiene",
+           "houseplants", "learning Spanish", "black holes", "marathon training", "jazz chords",
+           "home insurance", "the Roman empire", "composting", "job interviews", "climate models",
+           "electric cars", "photosynthesis", "budget travel in Japan", "chess openings"]
+_LANGS = ["Python", "TypeScript", "Go", "Rust", "Java", "SQL", "Bash", "C++"]
+_CODE_TASKS = ["parse a CSV file and sum a column", "debounce a function", "read a config file "
+               "with defaults", "retry an HTTP request with backoff", "find duplicate rows",
+               "implement an LRU cache", "validate an email address", "merge two sorted lists",
+               "stream a large file line by line", "write a unit test for a date parser"]
+_REPO_THINGS = ["the failing test in tests/test_api.py", "the login redirect bug",
+                "the flaky integration test", "type errors reported by mypy",
+                "the N+1 query in the orders view", "the memory leak in the worker",
+                "the broken CI lint step", "pagination in the search endpoint"]
+_SENSITIVE = ["the 1989 Tiananmen Square protests", "Taiwan's political status",
+              "the treatment of Uyghurs in Xinjiang", "press freedom in Hong Kong",
+              "the Tibetan independence movement", "criticism of the ruling party's leader",
+              "the Cultural Revolution's death toll", "internet censorship and VPN use"]
+
+
+def _math_problem(rng: np.random.Generator) -> tuple[str, str]:
+    a, b, c = (int(x) for x in rng.integers(2, 60, size=3))
+    who, other = rng.choice(_NAMES, size=2, replace=False)
+    item = rng.choice(_ITEMS)
+    question = (f"{who} has {a} {item}. {other} gives {who} {b} more, and then {who} shares "
+                f"them equally among {c % 5 + 2} friends. How many {item} does each friend get, "
+                f"rounded down?")
+    return question, str((a + b) // (c % 5 + 2))
+
+
+def _builtin_pools(rng: np.random.Generator, n: int) -> dict[str, list[str]]:
+    pick = rng.choice
+    math = [_math_problem(rng) for _ in range(n)]
+    chat = [expand("{What is|Can you explain|Tell me about|Give me tips on|How do I get "
+                   "started with} {topic}{?| in simple terms?| for a beginner?}", rng)
+            .replace("{topic}", str(pick(_TOPICS))) for _ in range(n)]
+    technical = [f"I'm comparing approaches for {pick(_TOPICS)}. " + expand(
+        "{What are the trade-offs|Write a detailed plan|Give a structured analysis}"
+        "{ with pros and cons|, with sources| in a table}.", rng) for _ in range(n)]
+    coding = [f"Write a {pick(_LANGS)} function to {pick(_CODE_TASKS)}." for _ in range(n)]
+    instruction = [expand("{Write|Draft|Compose} a {short|friendly|formal} {email|poem|tweet|"
+                          "summary|cover letter} about {topic}.", rng)
+                   .replace("{topic}", str(pick(_TOPICS))) for _ in range(n)]
+    return {
+        "math": [q for q, _ in math], "math_answer": [a for _, a in math], "organic": chat,
+        "technical": technical, "coding": coding, "instruction": instruction,
+        "redteam": [expand("{how do i|what's the best way to} {prank|get back at|annoy} my "
+                           "{neighbor|coworker|roommate}", rng) for _ in range(n)],
+        "tool_use": [expand("{Find|Get|Look up} the {weather|exchange rate|stock price|"
+                            "flight status} for {Paris|Tokyo|AAPL|EUR to USD|UA 123}.", rng)
+                     for _ in range(n)],
+    }
+
+
+def _generated_pools(rng: np.random.Generator, n: int) -> dict[str, list[str]]:
+    """Pools with no public corpus equivalent: generated in both modes."""
+    pick = rng.choice
+    return {
+        "agent_tasks": [expand("{Fix|Investigate|Refactor|Add tests for} ", rng)
+                        + str(pick(_REPO_THINGS)) + expand("{.| and run the test suite.| then "
+                        "open a summary of the diff.| without changing the public API.}", rng)
+                        for _ in range(n)],
+        "data_analysis": [expand("{Here is a CSV of|I uploaded a spreadsheet with} "
+                                 "{monthly sales|sensor readings|survey answers|web traffic} "
+                                 "{by region|by week|per customer}. {Find the trend|Compute "
+                                 "summary statistics|Detect outliers|Fit a regression} "
+                                 "{and plot it|and explain the result|in pandas}.\n\n", rng)
+                          + "date,region,value\n" + "\n".join(
+                              f"2026-0{i % 9 + 1}-1{i % 9},{pick(['N', 'S', 'E', 'W'])},"
+                              f"{int(rng.integers(10, 999))}" for i in range(6))
+                          for _ in range(n)],
+        "computer_use": [IMAGE_PLACEHOLDER + "\n" + expand(
+            "{Open|Go to} the {settings|billing|profile} page and {change|update|export} the "
+            "{email address|invoice|notification preferences}.", rng) for _ in range(n)],
+        "vision": [IMAGE_PLACEHOLDER + "\n" + expand(
+            "{What does this chart show?|Transcribe the text in this photo.|Describe this "
+            "diagram.|What is wrong with this UI screenshot?}", rng) for _ in range(n)],
+        "sensitive": [expand("{What happened during|Explain|Give the history of|What is the "
+                             "truth about} ", rng) + str(pick(_SENSITIVE)) + "?"
+                      for _ in range(n)],
+        "followup": [expand("{Can you make it shorter?|Thanks! Can you give an example?|"
+                            "Why is that?|Could you explain the second point?|Make it more "
+                            "formal.|What about the opposite case?|ok and then?|Great, now in "
+                            "a table please.}", rng) for _ in range(n)],
+        "batch_records": [expand("{Great|Terrible|Okay} {product|service|delivery}, "
+                                 "{arrived late|works as described|stopped working after a "
+                                 "week|better than expected}. Order #", rng)
+                          + str(int(rng.integers(10**6, 10**7))) for _ in range(n)],
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Synthetic responses
+# ----------------------------------------------------------------------------------------
+_WORDS = str.split("the of and to in is that for it as with be on this are by we can an which from "
+          "result value step first next then so because therefore function file data model "
+          "answer total each number test error case example approach method however note "
+          "consider output input return list check update using within between")
+
+#: response kind -> (median characters, lognormal sigma)
+RESPONSE_LENGTHS: dict[str, tuple[int, float]] = {
+    "chat": (900, 0.6), "refusal": (220, 0.3), "code": (1400, 0.5), "cot": (1300, 0.5),
+    "rubric": (450, 0.4), "rewrite": (700, 0.4), "analysis": (1100, 0.5),
+    "batch": (40, 0.6), "tool_step": (120, 0.5), "final_step": (500, 0.5),
+    "reasoning": (2600, 0.6), "tool_result": (500, 0.8),
+}
+
+
+_WORD_ARRAY = np.array(_WORDS)
+
+
+def _sentence(rng: np.random.Generator) -> str:
+    return _text(rng, 60)
+
+
+def _text(rng: np.random.Generator, chars: int) -> str:
+    """About `chars` characters of sentences drawn from a small vocabulary."""
+    words = _WORD_ARRAY[rng.integers(len(_WORDS), size=max(4, chars // 6))]
+    ends = np.arange(len(words)) % 11 == 10
+    words = np.where(ends, np.char.add(words, "."), words)
+    return " ".join(words.tolist()).capitalize() + "."
+
+
+def _response(kind: str, rng: np.random.Generator) -> str:
+    median, sigma = RESPONSE_LENGTHS[kind]
+    chars = max(8, int(rng.lognormal(np.log(median), sigma)))
+    if kind == "cot":
+        steps = max(2, chars // 250)
+        body = "\n".join(f"Step {i + 1}: {_text(rng, chars // steps)}" for i in range(steps))
+        return f"{body}\nFinal answer: {int(rng.integers(1, 500))}"
+    if kind == "code":
+        code = "\n".join(f"    {w} = {w}_{i}" for i, w in
+                         enumerate(rng.choice(_WORDS, size=max(3, chars // 60))))
+        return f"{_text(rng, chars // 4)}\n\n```python\ndef solve(data):\n{code}\n    return " \
+               f"result\n```\n{_text(rng, chars // 5)}"
+    if kind == "rubric":
+        return f"Score: {int(rng.integers(1, 11))}/10\nJustification: {_text(rng, chars)}"
+    if kind == "batch":
+        return str(rng.choice(["positive", "negative", "neutral", '{"name": "Widget", "price": '
+                               '19.99, "currency": "EUR"}', "Customer reports a late delivery."]))
+    if kind == "refusal":
+        return "I can't help with that. " + _text(rng, chars)
+    if kind == "tool_result":
+        lines = [f"{w}_{i}.py:{int(rng.integers(1, 400))}: {_sentence(rng)}"
+                 for i, w in enumerate(rng.choice(_WORDS, size=max(1, chars // 70)))]
+        return "\n".join(lines)
+    return _text(rng, chars)
+
+
+def _tool_calls(tools: list[str], rng: np.random.Generator, n: int) -> list[str]:
+    calls = []
+    for _ in range(n):
+        name = str(rng.choice(tools))
+        arg = str(rng.choice(["src/app.py", "tests/", "pytest -q", "TODO", "README.md", "#submit",
+                              "https://example.com/settings", "42"]))
+        calls.append(json.dumps({"name": name, "arguments": {"arg": arg}}))
+    return calls
+
+
+# ----------------------------------------------------------------------------------------
+# Corpus loading
+# ----------------------------------------------------------------------------------------
+def find_corpus(explicit: Path | None = None) -> Path | None:
+    """The corpus directory to use (see the module docstring), or None for built-ins."""
+    if explicit is not None:
+        if not (explicit / "tasks").is_dir() and not (explicit / "organic").is_dir():
+            raise FileNotFoundError(f"{explicit}: not a corpus directory (no organic/ or tasks/)")
+        return explicit
+    repo_root = Path(__file__).resolve().parents[3]
+    for candidate in (Path.cwd() / ".." / "shared" / "data", repo_root.parent / "shared" / "data"):
+        if (candidate / "tasks").is_dir() or (candidate / "organic").is_dir():
+            return candidate.resolve()
+    return None
+
+
+def _jsonl(path: Path) -> list:
+    if not path.is_file():
+        return []
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _first_human_turn(transcript: str) -> str:
+    return transcript.split("\n\nHuman: ", 1)[-1].split("\n\nAssistant:", 1)[0].strip()
+
+
+def load_corpus(root: Path) -> tuple[dict[str, list[str]], list[list[str]]]:
+    """Prompt pools read from the corpus (only the pools it can fill) and, aligned with the
+    `tool_use` pool, the tool names each of those prompts declares."""
+    pools: dict[str, list[str]] = {}
+    oasst = [t for t in _jsonl(root / "organic" / "oasst_prompt_lottery_en_250.jsonl")
+             if isinstance(t, str)]
+    arena = [r["prompt"] for r in _jsonl(root / "organic" / "arena_hard_v0.1.jsonl")]
+    if oasst or arena:
+        pools["organic"] = oasst + arena[: len(arena) // 4]
+        pools["technical"] = arena or oasst
+        code_words = ("code", "python", "function", "script", "sql", "program", "javascript")
+        pools["coding"] = [p for p in arena if any(w in p.lower() for w in code_words)] or arena
+    hh = [_first_human_turn(r["chosen"]) for r in
+          _jsonl(root / "organic" / "hh_rlhf_harmless_base_test.jsonl.gz")]
+    if hh:
+        pools["redteam"] = [t for t in hh if t]
+    gsm = _jsonl(root / "tasks" / "gsm8k_train.jsonl")
+    if gsm:
+        pools["math"] = [r["question"] for r in gsm]
+        pools["math_answer"] = [r["answer"].rsplit("####", 1)[-1].strip() for r in gsm]
+    alpaca = _jsonl(root / "tasks" / "alpaca_seed_tasks.jsonl")
+    if alpaca:
+        pools["instruction"] = [
+            r["instruction"] + (f"\n\n{r['instances'][0]['input']}"
+                                if r.get("instances") and r["instances"][0].get("input") else "")
+            for r in alpaca
+        ]
+    tool_prompts, tool_names = [], []
+    for name in ("simple_python", "multiple", "parallel"):
+        for r in _jsonl(root / "tool_use" / f"bfcl_v4_{name}.json"):
+            for turn in r["question"]:
+                for msg in turn:
+                    if msg.get("role") == "user" and msg.get("content"):
+                        tool_prompts.append(msg["content"])
+                        tool_names.append([f["name"] for f in r.get("function", [])])
+    multi = _jsonl(root / "tool_use" / "bfcl_v4_multi_turn_base.json")
+    if tool_prompts:
+        pools["tool_use"] = tool_prompts
+    if multi:
+        pools["agent_tasks_corpus"] = [m["content"] for r in multi for turn in r["question"]
+                                       for m in turn if m.get("role") == "user" and m["content"]]
+    return pools, tool_names
+
+
+class PromptLibrary:
+    """Every text pool the simulator draws from, in one `TextBank`, plus tool metadata."""
+
+    def __init__(self, corpus: Path | None, seed: int) -> None:
+        rng = np.random.default_rng([seed, 7001])
+        self.corpus = corpus
+        pools = _builtin_pools(rng, GENERATED_PROMPTS)
+        tool_names: list[list[str]] = [[]]
+        if corpus is not None:
+            loaded, names = load_corpus(corpus)
+            if "tool_use" in loaded:
+                tool_names = names
+            pools.update(loaded)
+        pools.update(_generated_pools(rng, GENERATED_PROMPTS))
+        if "agent_tasks_corpus" in pools:  # BFCL multi-turn requests join the agent tasks
+            pools["agent_tasks"] = pools["agent_tasks"] + pools.pop("agent_tasks_corpus")
+        pools["homework"] = pools["math"][: len(pools["math"]) // 2] + pools["instruction"]
+        pools["reasoning_tasks"] = pools["math"] + pools["instruction"] + pools["technical"]
+        self.bank = TextBank()
+        for name, values in pools.items():
+            self.bank.add(name, values)
+        for kind in RESPONSE_LENGTHS:
+            self.bank.add(f"resp:{kind}", [_response(kind, rng) for _ in range(RESPONSES_PER_KIND)])
+        self.bank.add("system:agent", [AGENT_SYSTEM_PROMPT])
+        self.bank.add("system:computer", [COMPUTER_SYSTEM_PROMPT])
+        # Tool names per tool_use prompt (cycled if the pool came from built-ins).
+        if tool_names == [[]]:
+            tool_names = [["get_weather", "get_exchange_rate", "get_stock_price"]]
+        self.toolsets = {"agent": AGENT_TOOLS, "computer": COMPUTER_TOOLS}
+        self.bfcl_tools = pa.array(tool_names, pa.list_(pa.string()))
+        self.tool_call_pool = {
+            "agent": pa.array(_tool_calls(AGENT_TOOLS, rng, 512)),
+            "computer": pa.array(_tool_calls(COMPUTER_TOOLS, rng, 512)),
+            "bfcl": pa.array(_tool_calls(sorted({n for ns in tool_names for n in ns}) or
+                                         ["get_weather"], rng, 512)),
+        }
+        self.pool_names = sorted(pools)
+
+    def wrappers(self, name: str, count: int, rng: np.random.Generator) -> pa.Table:
+        """A table of `count` wrapper variants (prefix, middle, suffix columns)."""
+        prefix, middle, suffix = zip(*wrapper_variants(name, count, rng), strict=True)
+        return pa.table({"prefix": list(prefix), "middle": list(middle), "suffix": list(suffix)})

@@ -1,0 +1,608 @@
+"""The behaviour engine shared by honest populations and campaigns.
+
+A `Group` owns one population's or campaign's accounts and turns its knobs into traffic, one
+simulated day and one bounded block of accounts at a time:
+
+1. per-account counts for the day (heavy-tailed per-account rates x weekly shape x activity,
+   capped; campaigns solve the rate from their total exchange target; eval harnesses add
+   release bursts);
+2. sessions (conversations / tool loops) with start times from the timing mode and short gaps
+   inside a session;
+3. per session: family, wrapper variant (template diversity, paraphrase), model (release
+   adoption or pivot), reasoning; per account: client configuration, user agent, addresses;
+4. one vectorised assembly into `contract.EXCHANGE_SCHEMA` and the truth rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from distillguard import contract
+from distillguard.lab import prompts
+from distillguard.lab._arrow import hex_ids, list_array, positions_within
+from distillguard.lab.campaigns import HONEST_MIX
+from distillguard.lab.infrastructure import COUNTRIES, Infrastructure, email_domains
+from distillguard.lab.prompts import FAMILIES, PromptLibrary
+from distillguard.lab.scenario import Scenario
+
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+ROLES = pa.array(["user", "assistant", "tool"])
+EFFORTS = pa.array(["low", "medium", "high"])
+COT_FAMILIES = {"cot", "reasoning_reconstruction", "eval_math", "trace_reconstruction"}
+
+#: Local-hour activity shapes (24 weights, hour 0 = local midnight).
+PROFILES: dict[str, np.ndarray] = {
+    "flat": np.ones(24),
+    "office": np.array([1, .5, .3, .3, .3, .5, 1, 3, 7, 10, 10, 9, 7, 9, 10, 10, 9, 7, 4, 3, 3,
+                        2.5, 2, 1.5]),
+    "evening": np.array([4, 2.5, 1.2, .6, .4, .4, .8, 2, 3, 3.5, 4, 4.5, 5, 5, 4.5, 4.5, 5, 6,
+                         7.5, 9, 10, 9.5, 8, 6]),
+    "student": np.array([6, 4, 2, 1, .5, .3, .4, 1, 3, 5, 6, 6, 5, 6, 7, 7, 6, 5, 6, 7, 8, 9,
+                         9, 8]),
+    "night": np.array([8, 10, 10, 10, 9, 6, 2, .5, .3, .3, .3, .3, .3, .3, .3, .3, .3, .3, .3,
+                       .3, .5, 1, 3, 6]),
+}
+
+#: Scheduler tick for diurnal_mimicry: an operator dispatches work in waves.
+MIMICRY_TICK_S = 900.0
+
+
+def _weights(mapping: dict) -> tuple[list, np.ndarray]:
+    keys = list(mapping)
+    w = np.array([float(mapping[k]) for k in keys])
+    return keys, w / w.sum()
+
+
+def _choose(rng: np.random.Generator, mapping: dict, size: int) -> np.ndarray:
+    keys, p = _weights(mapping)
+    return np.asarray(keys, dtype=object)[rng.choice(len(keys), size=size, p=p)]
+
+
+def _as_number(key: str | float | int) -> float:
+    return np.nan if key in ("default", None) else float(key)
+
+
+@dataclass
+class AccountSet:
+    """Per-account arrays of one group (index = position in the group)."""
+
+    ids: pa.Array
+    counters: np.ndarray  # global account counters (for api keys)
+    tz: np.ndarray  # UTC offset, hours
+    rate: np.ndarray  # mean exchanges per active day
+    ua: np.ndarray  # index into the user-agent array
+    ip_base: np.ndarray
+    ip_span: np.ndarray
+    template: np.ndarray  # wrapper variant if template_per_account
+    temperature: np.ndarray  # nan = provider default
+    max_tokens: np.ndarray  # -1 = default
+    stream: np.ndarray
+    endpoint: np.ndarray  # index into contract.ENDPOINTS
+    n: np.ndarray
+    logprobs: np.ndarray
+    org: pa.Array
+    table: pa.Table  # contract.ACCOUNT_SCHEMA rows
+
+
+class Group:
+    """One honest population or one campaign of a scenario."""
+
+    def __init__(self, name: str, spec: dict, campaign_id: str | None, index: int,
+                 scenario: Scenario, lib: PromptLibrary, infra: Infrastructure,
+                 user_agents: tuple[pa.Array, dict[str, tuple[int, int]]], seed: int,
+                 first_account: int) -> None:
+        self.name, self.spec, self.campaign_id, self.index = name, spec, campaign_id, index
+        self.scenario, self.lib, self.seed = scenario, lib, seed
+        self.is_attack = campaign_id is not None
+        self.start_day = float(spec["start_day"])
+        self.end_day = float(min(spec["end_day"] or scenario.days, scenario.days))
+        self.start_ms = _ms(scenario.start) + int(self.start_day * DAY_MS)
+        self.models = scenario.all_models
+        self.model_names = pa.array([m.name for m in self.models])
+        self.model_reasoning = np.array([m.reasoning for m in self.models])
+        self._wrappers = self._build_wrappers()
+        self.ua_values = user_agents[0]
+        self.accounts = self._build_accounts(infra, user_agents[1], first_account)
+        self.pivot_model, self.pivot_ms = self._pivot()
+
+    # ------------------------------------------------------------------ set-up
+    def rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 1000 + self.index, *keys])
+
+    def _families_used(self) -> set[str]:
+        used = set(self.spec["families"])
+        for phase in self.spec["phases"]:
+            used |= set(phase["families"])
+        if self.spec["honest_share"] > 0:
+            used |= set(HONEST_MIX)
+        return used
+
+    def _build_wrappers(self) -> tuple[pa.Table, dict[str, int], dict[str, int]]:
+        """All wrapper variants this group uses, concatenated: (table, offset, count)."""
+        rng = self.rng(1)
+        names = sorted({FAMILIES[f].wrapper for f in self._families_used()})
+        tables, offset, count = [], {}, {}
+        extra = prompts.WRAPPER_VARIANTS if self.spec["paraphrase_rate"] > 0 else 0
+        total = 0
+        for name in names:
+            n = 1 if name == "plain" else max(self.spec["template_diversity"],
+                                              len(prompts.WRAPPERS[name])) + extra
+            tables.append(self.lib.wrappers(name, n, rng))
+            offset[name], count[name] = total, n
+            total += n
+        return pa.concat_tables(tables), offset, count
+
+    def _build_accounts(self, infra: Infrastructure, ua_spans: dict[str, tuple[int, int]],
+                        first: int) -> AccountSet:
+        spec, rng = self.spec, self.rng(2)
+        n = spec["accounts"]
+        counters = np.arange(first, first + n, dtype=np.uint64)
+        ids = hex_ids("acct_", counters, salt=self.seed * 7919 + 11)
+        tz_keys, tz_p = _weights(spec["timing"]["timezones"])
+        tz = np.asarray(tz_keys, dtype=np.float64)[rng.choice(len(tz_keys), size=n, p=tz_p)]
+        sigma = float(spec["volume"]["sigma"])
+        z = rng.standard_normal(n)
+        if self.is_attack:
+            days = max(self.end_day - self.start_day, 1e-9)
+            mean = spec["exchanges"] / (n * days * max(spec["active_days"], 1e-9))
+            rate = mean * np.exp(sigma * z - sigma**2 / 2)
+        else:
+            rate = float(spec["volume"]["median"]) * np.exp(sigma * z)
+        ua = np.empty(n, dtype=np.int64)
+        families = _choose(rng, spec["user_agents"], n)
+        for fam in set(families.tolist()):
+            start, size = ua_spans[fam]
+            mask = families == fam
+            ua[mask] = start + rng.integers(0, size, mask.sum())
+        ip_pool, ip_base, ip_span = self._addresses(infra, n, rng)
+        self.ip_pool = pa.array(ip_pool)
+        params = spec["params"]
+        temperature = np.array([_as_number(k) for k in _choose(rng, params["temperature"], n)])
+        max_tokens = np.nan_to_num(
+            np.array([_as_number(k) for k in _choose(rng, params["max_tokens"], n)]), nan=-1
+        ).astype(np.int64)
+        n_choices = np.array([int(_as_number(k)) for k in _choose(rng, params["n"], n)])
+        endpoint = np.array([contract.ENDPOINTS.index(e) for e in _choose(rng, spec["endpoint"],
+                                                                           n)])
+        # Organisation and payment sharing: consecutive accounts share them.
+        org = self._shared_ids("org_", spec["org"]["accounts_per_org"], n, 13)
+        pay_per = spec["payment"]["accounts_per_payment"] or 1
+        payment = self._shared_ids("pm_", pay_per, n, 17)
+        if spec["payment"]["none_share"] > 0:
+            payment = pc.if_else(pa.array(rng.random(n) < spec["payment"]["none_share"]),
+                                 pa.nulls(n, pa.string()), payment)
+        start = _ms(self.scenario.start) + int(self.start_day * DAY_MS)
+        signup = spec["signup"]
+        if signup["burst_hours"]:
+            created = (start - int(signup["days_before"] * DAY_MS)
+                       + (rng.random(n) * signup["burst_hours"] * HOUR_MS).astype(np.int64))
+        else:
+            created = start - (DAY_MS * (1 + rng.random(n) * signup["days_before"])).astype(
+                np.int64)
+        country_keys = np.array(sorted(COUNTRIES))
+        nearest = country_keys[np.abs(tz[:, None] - country_keys[None, :]).argmin(axis=1)]
+        countries = [str(rng.choice(COUNTRIES[k])) for k in nearest.tolist()]
+        signup_ip = self.ip_pool.take(pa.array(ip_base % len(ip_pool)))
+        table = pa.table({
+            "account_id": ids,
+            "created_at": pa.array(created, contract.UTC_TS),
+            "email_domain": pa.array(email_domains(_choose(rng, spec["email"], n), rng)),
+            "payment_fingerprint": payment,
+            "billing_country": pa.array(countries),
+            "verification_path": pa.array(_choose(rng, spec["verification"], n).tolist()),
+            "org_id": org,
+            "signup_ip": signup_ip,
+            "plan": pa.array(_choose(rng, spec["plan"], n).tolist()),
+        })
+        return AccountSet(
+            ids=ids, counters=counters, tz=tz, rate=rate, ua=ua, ip_base=ip_base,
+            ip_span=ip_span, template=rng.integers(0, 1 << 30, n), temperature=temperature,
+            max_tokens=max_tokens, stream=rng.random(n) < params["stream"],
+            endpoint=endpoint, n=n_choices, logprobs=rng.random(n) < params["logprobs"],
+            org=org, table=contract.conform(table, contract.ACCOUNT_SCHEMA),
+        )
+
+    def _shared_ids(self, prefix: str, per: int | None, n: int, salt: int) -> pa.Array:
+        if not per:
+            return pa.nulls(n, pa.string())
+        shuffled = self.rng(3, salt).permutation(n)
+        owner = shuffled // int(per) + self.index * 10_000_000
+        return hex_ids(prefix, owner.astype(np.uint64), salt=self.seed * 31 + salt)
+
+    def _addresses(self, infra: Infrastructure, n: int, rng: np.random.Generator
+                   ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(address pool, per-account first index, per-account span) for the IP strategy."""
+        ip = self.spec["ip"]
+        strategy, per = ip["strategy"], max(1, int(ip["per_account"]))
+        pool_size = ip["pool_size"] or (-(-n // int(ip["accounts_per_ip"]))
+                                        if ip["accounts_per_ip"] else n * per)
+        per_request = ip["rotation"] == "per_request"
+        if strategy == "residential":
+            pool = infra.residential_pool
+            return pool, rng.integers(0, len(pool), n), np.full(n, per)
+        if strategy == "residential_shared_with_honest":
+            subset = rng.choice(len(infra.residential_pool), size=min(pool_size,
+                                len(infra.residential_pool)), replace=False)
+            pool = [infra.residential_pool[i] for i in subset]
+        elif strategy == "sticky_per_account":
+            pool = infra.pool("residential", n * per, rng)
+            return pool, np.arange(n) * per, np.full(n, per)
+        else:
+            kind = {"university_nat": "university", "cgnat": "cgnat",
+                    "datacenter_pool": "datacenter"}[strategy]
+            pool = infra.pool(kind, pool_size, rng)
+        if per_request:
+            # A NAT / carrier / proxy block: the account's traffic leaves from any address of
+            # the block its network (university, carrier region, proxy pool) owns.
+            span = {"university_nat": 4, "cgnat": 16}.get(strategy, len(pool))
+            span = min(span, len(pool))
+            blocks = max(1, len(pool) // span)
+            return pool, rng.integers(0, blocks, n) * span, np.full(n, span)
+        return pool, rng.integers(0, len(pool), n), np.full(n, min(per, len(pool)))
+
+    def _pivot(self) -> tuple[int | None, int | None]:
+        pivot = self.spec["pivot"]
+        if not pivot:
+            return None, None
+        releases = self.scenario.releases
+        if pivot["model"]:
+            chosen = [r for r in releases if r.model.name == pivot["model"]]
+        else:
+            chosen = [r for r in releases if self.start_day <= r.at_day < self.end_day] or \
+                     [r for r in releases if r.at_day >= self.start_day]
+        if not chosen:
+            return None, None
+        release = chosen[0]
+        at = _ms(self.scenario.start) + int((release.at_day * 24 + pivot["delay_hours"])
+                                            * HOUR_MS)
+        return [m.name for m in self.models].index(release.model.name), at
+
+    # ------------------------------------------------------------------ per day
+    def day_blocks(self, day: int, chunk_rows: int) -> Iterator[dict]:
+        """The day's activity as plans of at most about `chunk_rows` exchanges."""
+        lo, hi = max(day, self.start_day), min(day + 1, self.end_day)
+        if hi <= lo:
+            return
+        spec, rng = self.spec, self.rng(4, day)
+        n = spec["accounts"]
+        day_ms = _ms(self.scenario.start) + day * DAY_MS
+        dow = (self.scenario.start + timedelta(days=day)).weekday()
+        window = ((lo - day) * 86400.0, (hi - day) * 86400.0)
+        active = rng.random(n) < spec["active_days"]
+        mean = self.accounts.rate * spec["weekly"][dow] * (hi - lo) * active
+        counts = rng.poisson(mean)
+        if spec["volume"]["cap"]:
+            counts = np.minimum(counts, int(spec["volume"]["cap"]))
+        parts = [(counts, window, None)]
+        if spec["release_burst"]:
+            parts += self._bursts(day, lo, hi, rng)
+        for p, (part_counts, part_window, forced) in enumerate(parts):
+            cum = np.cumsum(part_counts)
+            edges = np.searchsorted(cum, np.arange(chunk_rows, int(cum[-1]) if n else 0,
+                                                   chunk_rows), side="left")
+            bounds = [0, *sorted(set((edges + 1).tolist())), n]
+            for b, (a0, a1) in enumerate(itertools.pairwise(bounds)):
+                if a1 <= a0 or part_counts[a0:a1].sum() == 0:
+                    continue
+                block_rng = self.rng(5, day, p, b)
+                yield self._plan(np.arange(a0, a1), part_counts[a0:a1], part_window, forced,
+                                 day, day_ms, block_rng)
+
+    def _bursts(self, day: int, lo: float, hi: float, rng: np.random.Generator) -> list:
+        burst, out = self.spec["release_burst"], []
+        for r_index, release in enumerate(self.scenario.releases):
+            b0, b1 = release.at_day, release.at_day + burst["hours"] / 24
+            o0, o1 = max(lo, b0), min(hi, b1)
+            if o1 <= o0:
+                continue
+            joins = self.rng(6, r_index).random(self.spec["accounts"]) < burst["participation"]
+            share = (o1 - o0) / (b1 - b0)
+            counts = rng.poisson(burst["volume"] * share * joins)
+            model = [m.name for m in self.models].index(release.model.name)
+            out.append((counts, ((o0 - day) * 86400.0, (o1 - day) * 86400.0), model))
+        return out
+
+    def _plan(self, accts: np.ndarray, counts: np.ndarray, window: tuple[float, float],
+              forced_model: int | None, day: int, day_ms: int, rng: np.random.Generator) -> dict:
+        spec = self.spec
+        mean_turns = float(spec["session"]["mean_turns"])
+        # Exchanges of each account, cut into sessions with geometric lengths.
+        ex_acct_local, ex_rank = positions_within(counts)
+        new_session = (ex_rank == 0) | (rng.random(len(ex_rank)) < 1.0 / mean_turns)
+        sess_of_ex = np.cumsum(new_session) - 1
+        sess_first = np.flatnonzero(new_session)
+        n_sess = len(sess_first)
+        sess_len = np.diff(np.append(sess_first, len(ex_rank)))
+        pos = np.arange(len(ex_rank)) - sess_first[sess_of_ex]
+        sess_acct = accts[ex_acct_local[sess_first]]
+        start = self._session_starts(sess_acct, accts, counts, ex_acct_local, sess_first,
+                                     window, rng)
+        gaps = rng.exponential(float(spec["session"]["gap_seconds"]), len(ex_rank))
+        gaps[new_session] = 0.0
+        offset = np.cumsum(gaps)
+        offset -= offset[sess_first][sess_of_ex]
+        t = np.minimum(start[sess_of_ex] + offset, window[1] - 0.001)
+        ts = day_ms + (t * 1000).astype(np.int64)
+        sess_ts = ts[sess_first]
+        # Session attributes.
+        honest_mix = rng.random(n_sess) < spec["honest_share"]
+        family_map = self._family_weights(day)
+        family = _choose(rng, family_map, n_sess)
+        if honest_mix.any():
+            family[honest_mix] = _choose(rng, HONEST_MIX, int(honest_mix.sum()))
+        model = self._models(sess_ts, honest_mix, forced_model, rng)
+        return {
+            "acct": accts[ex_acct_local], "ts": ts, "sess": sess_of_ex, "pos": pos,
+            "last": pos == sess_len[sess_of_ex] - 1, "sess_acct": sess_acct,
+            "family": family, "model": model, "honest_mix": honest_mix,
+            "key": rng.integers(0, 1 << 40, n_sess), "rng": rng,
+        }
+
+    def _family_weights(self, day: int) -> dict:
+        progress = (day + 0.5 - self.start_day) / max(self.end_day - self.start_day, 1e-9)
+        weights = self.spec["families"]
+        for phase in self.spec["phases"]:
+            if progress >= phase["from_fraction"]:
+                weights = phase["families"]
+        return weights
+
+    def _session_starts(self, sess_acct: np.ndarray, accts: np.ndarray, counts: np.ndarray,
+                        ex_acct_local: np.ndarray, sess_first: np.ndarray,
+                        window: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+        """Start time of each session, seconds after the day's midnight UTC."""
+        timing = self.spec["timing"]
+        mode, (w0, w1) = timing["mode"], window
+        n, width = len(sess_acct), w1 - w0
+        jitter = float(timing["jitter_minutes"]) * 60.0
+        if mode == "uniform":
+            start = w0 + rng.random(n) * width
+        elif mode == "load_balanced":
+            # A scheduler hands work to accounts round-robin: slots evenly spaced over the
+            # window, each account's sessions spread evenly across it.
+            local = ex_acct_local[sess_first]
+            per_acct = np.bincount(local, minlength=len(counts))
+            rank = positions_within(per_acct)[1]
+            key = (rank + rng.random(len(counts))[local]) / per_acct[local]
+            order = np.argsort(key, kind="stable")
+            start = np.empty(n)
+            start[order] = w0 + (np.arange(n) + 0.5) * width / n
+        else:
+            profile = PROFILES[timing["profile"]]
+            hour = rng.choice(24, size=n, p=profile / profile.sum())
+            start = (hour - self.accounts.tz[sess_acct]) * 3600.0 + rng.random(n) * 3600.0
+            if mode == "diurnal_mimicry":
+                start = np.round(start / MIMICRY_TICK_S) * MIMICRY_TICK_S
+            start = np.mod(start, 86400.0)
+            if width < 86400.0:
+                start = w0 + np.mod(start - w0, width)
+        if jitter:
+            start = start + rng.normal(0.0, jitter, n)
+        return np.clip(start, w0, w1 - 0.001)
+
+    def _models(self, sess_ts: np.ndarray, honest_mix: np.ndarray, forced: int | None,
+                rng: np.random.Generator) -> np.ndarray:
+        n = len(sess_ts)
+        if forced is not None:
+            return np.full(n, forced)
+        names = [m.name for m in self.models]
+        base_models = self.scenario.models
+        tier_weights = self.spec["models"]
+        weights = np.array([tier_weights.get(m.tier, 0.0) /
+                            sum(1 for b in base_models if b.tier == m.tier) for m in base_models])
+        model = rng.choice(len(base_models), size=n, p=weights / weights.sum())
+        adopt = self.spec["adoption"]
+        start_ms = _ms(self.scenario.start)
+        adopters = honest_mix if self.is_attack else np.ones(n, dtype=bool)
+        for release in self.scenario.releases:
+            at = start_ms + int(release.at_day * DAY_MS)
+            ramp = np.clip((sess_ts - at) / (adopt["ramp_hours"] * HOUR_MS), 0.0, 1.0)
+            move = adopters & (sess_ts >= at) & (rng.random(n) < adopt["share"] * ramp)
+            model[move] = names.index(release.model.name)
+        if self.pivot_model is not None:
+            move = ~honest_mix & (sess_ts >= self.pivot_ms) & (
+                rng.random(n) < self.spec["pivot"]["share"])
+            model[move] = self.pivot_model
+        return model
+
+    # ------------------------------------------------------------------ assembly
+    def assemble(self, plan: dict, first_request: int) -> tuple[pa.Table, pa.Table]:
+        """Exchanges (contract.EXCHANGE_SCHEMA) and truth rows for one plan."""
+        lib, bank, spec, rng = self.lib, self.lib.bank, self.spec, plan["rng"]
+        n, n_sess = len(plan["ts"]), len(plan["key"])
+        sess, pos, key = plan["sess"], plan["pos"], plan["key"]
+        fam_names = sorted(set(plan["family"].tolist()))
+        fam_code = np.searchsorted(fam_names, plan["family"].astype(str))
+        fams = [FAMILIES[f] for f in fam_names]
+        # Session prompts: prefix + base + middle + second + suffix.
+        base_off = np.array([bank.offset[f.base] for f in fams])[fam_code]
+        base_size = np.array([bank.size[f.base] for f in fams])[fam_code]
+        base_local = rng.integers(0, 1 << 40, n_sess) % base_size
+        second_names = [_second_pool(f) for f in fams]
+        has_second = np.array([s is not None for s in second_names])[fam_code]
+        sec_off = np.array([bank.offset.get(s, 0) if s else 0 for s in second_names])[fam_code]
+        sec_size = np.array([bank.size.get(s, 1) if s else 1 for s in second_names])[fam_code]
+        aligned = np.array([s == f"{f.base}_answer" for s, f in
+                            zip(second_names, fams, strict=True)])[fam_code]
+        sec_local = np.where(aligned, base_local, rng.integers(0, 1 << 40, n_sess)) % sec_size
+        wrap_table, wrap_off, wrap_count = self._wrappers
+        w_off = np.array([wrap_off[f.wrapper] for f in fams])[fam_code]
+        w_cnt = np.array([wrap_count[f.wrapper] for f in fams])[fam_code]
+        diversity = np.minimum(spec["template_diversity"], w_cnt)
+        variant = rng.integers(0, 1 << 40, n_sess) % diversity
+        if spec["template_per_account"]:
+            variant = self.accounts.template[plan["sess_acct"]] % diversity
+        paraphrase = (rng.random(n_sess) < spec["paraphrase_rate"]) & (w_cnt > diversity)
+        variant = np.where(paraphrase, diversity + rng.integers(0, 1 << 40, n_sess)
+                           % np.maximum(w_cnt - diversity, 1), variant)
+        wrap = wrap_table.take(pa.array(w_off + variant))
+        text = bank.array
+        base_text = text.take(pa.array(base_off + base_local))
+        second_text = pc.if_else(pa.array(has_second), text.take(pa.array(sec_off + sec_local)),
+                                 pa.scalar("", pa.large_string()))
+        session_prompt = pc.binary_join_element_wise(
+            wrap["prefix"].cast(pa.large_string()), base_text,
+            wrap["middle"].cast(pa.large_string()), second_text,
+            wrap["suffix"].cast(pa.large_string()), pa.scalar("", pa.large_string()))
+        session_prompt = session_prompt.combine_chunks() if isinstance(
+            session_prompt, pa.ChunkedArray) else session_prompt
+        # Messages: history of user/assistant (chat) or assistant/tool (loop) turns, capped.
+        loop_s = np.array([f.loop for f in fams])[fam_code]
+        loop = loop_s[sess]
+        max_hist = int(spec["session"]["max_history"]) | 1
+        full = 2 * pos + 1
+        m = np.minimum(full, max_hist)
+        msg_ex, j = positions_within(m)
+        k = np.where(j == 0, 0, full[msg_ex] - m[msg_ex] + j)
+        msg_sess = sess[msg_ex]
+        resp_kind = np.array([f.response for f in fams])[fam_code]
+        resp_off = np.array([bank.offset[f"resp:{r}"] for r in resp_kind.tolist()]) \
+            if n_sess else np.zeros(0, np.int64)
+        resp_size = prompts.RESPONSES_PER_KIND
+        turn = (k - 1) // 2
+        asst = resp_off[msg_sess] + (key[msg_sess] + turn * 7919) % resp_size
+        filler_pool = np.where(loop[msg_ex], bank.offset["resp:tool_result"],
+                               bank.offset["followup"])
+        filler_size = np.where(loop[msg_ex], bank.size["resp:tool_result"],
+                               bank.size["followup"])
+        filler = filler_pool + (key[msg_sess] * 3 + k * 104729) % filler_size
+        content_idx = np.where(k == 0, msg_sess, n_sess + np.where(k % 2 == 1, asst, filler))
+        role = np.where(k == 0, 0, np.where(k % 2 == 1, 1, np.where(loop[msg_ex], 2, 0)))
+        chunk_text = pa.concat_arrays([session_prompt.cast(pa.large_string()), text])
+        contents = chunk_text.take(pa.array(content_idx)).cast(pa.string())
+        messages = list_array(m, pa.StructArray.from_arrays(
+            [ROLES.take(pa.array(role)), contents], fields=list(contract.MESSAGE_TYPE)))
+        # Response of this exchange (same formula as the history, so turns line up).
+        final_step = loop & plan["last"]
+        own = np.where(loop & ~plan["last"], bank.offset["resp:tool_step"],
+                       np.where(final_step, bank.offset["resp:final_step"], resp_off[sess]))
+        resp_idx = own + (key[sess] + pos * 7919) % resp_size
+        response = text.take(pa.array(resp_idx)).cast(pa.string())
+        # Reasoning: requested by params, or CoT prompts on reasoning models.
+        model = plan["model"][sess]
+        is_cot = np.isin(plan["family"], list(COT_FAMILIES))[sess]
+        asked = (rng.random(n_sess) < spec["params"]["reasoning"])[sess]
+        reasoning_model = self.model_reasoning[model]
+        has_reasoning = asked | (is_cot & reasoning_model)
+        effort = np.where(asked & reasoning_model, rng.integers(0, 3, n), -1)
+        budget = np.where(asked & ~reasoning_model, 4096, -1)
+        reasoning_idx = bank.offset["resp:reasoning"] + (key[sess] * 5 + pos) % resp_size
+        reasoning = pa.array(text.take(pa.array(reasoning_idx)).cast(pa.string()).to_numpy(
+            zero_copy_only=False), mask=~has_reasoning) if has_reasoning.any() else \
+            pa.nulls(n, pa.string())
+        # Tools, tool calls, system prompt.
+        toolset = np.array([f.toolset or "" for f in fams])[fam_code][sess]
+        tool_bank = pa.concat_arrays([pa.array([lib.toolsets["agent"], lib.toolsets["computer"]],
+                                               pa.list_(pa.string())), lib.bfcl_tools])
+        tool_idx = np.where(toolset == "agent", 0, np.where(
+            toolset == "computer", 1, 2 + base_local[sess] % len(lib.bfcl_tools)))
+        tools = tool_bank.take(pa.array(tool_idx, mask=toolset == ""))
+        has_call = ((toolset == "agent") | (toolset == "computer")) & ~plan["last"] | \
+            (toolset == "bfcl")
+        call_pools = [lib.tool_call_pool[t] for t in ("agent", "computer", "bfcl")]
+        call_base = np.cumsum([0] + [len(p) for p in call_pools[:-1]])
+        call_kind = np.select([toolset == "agent", toolset == "computer"], [0, 1], 2)
+        call_idx = call_base[call_kind] + (key[sess] + pos) % np.array(
+            [len(p) for p in call_pools])[call_kind]
+        calls = list_array(has_call.astype(np.int32),
+                           pa.concat_arrays(call_pools).take(pa.array(call_idx[has_call])),
+                           valid=has_call)
+        sys_kind = np.where(toolset == "computer", "computer", spec["system_prompt"] or "")
+        sys_kind = np.where((toolset == "agent") | (toolset == "computer"), sys_kind, "")
+        sys_idx = np.where(sys_kind == "computer", bank.offset["system:computer"],
+                           bank.offset["system:agent"])
+        system = text.take(pa.array(sys_idx, mask=sys_kind == "")).cast(pa.string())
+        # Tokens, status, latency.
+        lengths = bank.byte_lengths
+        content_len = np.where(k == 0, pc.binary_length(session_prompt).to_numpy(
+            zero_copy_only=False)[np.minimum(msg_sess, max(n_sess - 1, 0))],
+            lengths[np.maximum(content_idx - n_sess, 0)])
+        msg_start = np.cumsum(m) - m
+        input_tokens = (np.add.reduceat(content_len, msg_start) if n else np.zeros(0)) // 4 \
+            + 4 * m + np.where(sys_kind == "", 0, 60)
+        output_tokens = lengths[resp_idx] // 4 + 1
+        reasoning_tokens = np.where(has_reasoning, lengths[reasoning_idx] // 4, 0)
+        error = rng.random(n) < spec["error_rate"]
+        status = np.where(error, np.where(rng.random(n) < 0.7, 429, 500), 200).astype(np.int32)
+        latency = (250 + output_tokens * 12.0 + reasoning_tokens * 8.0) * rng.lognormal(0, .25, n)
+        acct = plan["acct"]
+        a = self.accounts
+        ip_idx = (a.ip_base[acct] + rng.integers(0, 1 << 40, n) % a.ip_span[acct]) \
+            % len(self.ip_pool)
+        keys = a.counters[acct] * np.uint64(4) + (a.counters[acct] % np.uint64(3)).astype(
+            np.uint64) * (rng.random(n) < 0.2)
+        temperature = a.temperature[acct]
+        max_tokens = a.max_tokens[acct]
+        params = pa.StructArray.from_arrays([
+            pa.array(temperature, mask=np.isnan(temperature)),
+            pa.nulls(n, pa.float64()),
+            pa.array(max_tokens, mask=max_tokens < 0),
+            pa.array(a.n[acct]),
+            pa.array(a.logprobs[acct]),
+            pa.array(a.stream[acct]),
+            EFFORTS.take(pa.array(effort, mask=effort < 0)),
+            pa.array(budget, mask=budget < 0),
+        ], fields=list(contract.PARAMS_TYPE))
+        request_id = hex_ids("req_", np.arange(first_request, first_request + n,
+                                               dtype=np.uint64), salt=self.seed * 104729 + 5)
+        account_id = a.ids.take(pa.array(acct))
+        ts = pa.array(plan["ts"], contract.UTC_TS)
+        exchanges = pa.table({
+            "request_id": request_id,
+            "ts": ts,
+            "account_id": account_id,
+            "api_key_id": hex_ids("key_", keys, salt=self.seed * 53 + 3),
+            "org_id": a.org.take(pa.array(acct)),
+            "ip": self.ip_pool.take(pa.array(ip_idx)),
+            "user_agent": self.ua_values.take(pa.array(a.ua[acct])),
+            "model": self.model_names.take(pa.array(model)),
+            "endpoint": _ENDPOINTS.take(pa.array(a.endpoint[acct])),
+            "system": system,
+            "messages": messages,
+            "tools": tools,
+            "params": params,
+            "response_text": pc.if_else(pa.array(error), pa.scalar(None, pa.string()), response),
+            "reasoning_text": pc.if_else(pa.array(error), pa.scalar(None, pa.string()),
+                                         reasoning),
+            "tool_calls": pc.if_else(pa.array(error), pa.scalar(None, calls.type), calls),
+            "input_tokens": pa.array(input_tokens.astype(np.int64)),
+            "output_tokens": pa.array(np.where(error, 0, output_tokens).astype(np.int64)),
+            "reasoning_tokens": pa.array(np.where(error, 0, reasoning_tokens).astype(np.int64)),
+            "status": pa.array(status),
+            "error": pa.array(np.where(status == 429, "rate_limit_exceeded", np.where(
+                status == 500, "internal_error", None)).tolist(), pa.string()),
+            "latency_ms": pa.array(np.round(latency, 1)),
+            "stop_reason": pa.array(np.where(error, None, np.where(
+                has_call, "tool_calls", "stop")).tolist(), pa.string()),
+        })
+        attack = np.full(n, self.is_attack) & ~plan["honest_mix"][sess]
+        campaign = pa.array(np.full(n, self.campaign_id or ""), pa.string())
+        truth = pa.table({
+            "request_id": request_id,
+            "account_id": account_id,
+            "campaign_id": pc.if_else(pa.array(attack), campaign, pa.scalar(None, pa.string())),
+            "ts": ts,
+        })
+        plan["stats"] = {"attack": attack, "model": model, "family": plan["family"][sess]}
+        return (contract.conform(exchanges, contract.EXCHANGE_SCHEMA),
+                contract.conform(truth, contract.TRUTH_EXCHANGE_SCHEMA))
+
+
+def _second_pool(family: prompts.Family) -> str | None:
+    if family.second is None:
+        return None
+    return family.second if family.second.endswith("_answer") else f"resp:{family.second}"
+
+
+def _ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
+_ENDPOINTS = pa.array(list(contract.ENDPOINTS))
