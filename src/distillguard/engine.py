@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -185,13 +187,16 @@ def spark_session():
     """A local Spark session in UTC with Arrow enabled (the `spark` engine's default)."""
     from pyspark.sql import SparkSession
 
+    # Workers must run this interpreter (the one with distillguard installed).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return (
         SparkSession.builder.master("local[2]")
         .appName("distillguard-scan")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.sql.shuffle.partitions", "2")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.driver.host", "127.0.0.1")
         .getOrCreate()
@@ -204,8 +209,6 @@ def _spark_backend(
     """Export the store's rows to Parquet, annotate missing signals in Spark (`mapInArrow`),
     write the new signals back to the store, and expose all three tables to Ibis-on-Spark."""
     from pyspark.sql.pandas.types import from_arrow_schema
-
-    from distillguard.signals import annotate
 
     tmp = tempfile.TemporaryDirectory(prefix="distillguard-spark-")
     root = Path(tmp.name)
@@ -223,6 +226,8 @@ def _spark_backend(
     def annotate_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             if batch.num_rows:
+                from distillguard.signals import annotate
+
                 table = contract.conform(pa.Table.from_batches([batch]), contract.EXCHANGE_SCHEMA)
                 yield from contract.conform(annotate(table), contract.SIGNAL_SCHEMA).to_batches()
 
@@ -232,7 +237,7 @@ def _spark_backend(
     fresh = pq.read_table(new_path) if any(new_path.glob("*.parquet")) else None
     n_new = 0
     if fresh is not None and fresh.num_rows:
-        fresh = contract.conform(fresh, contract.SIGNAL_SCHEMA)  # noqa: F841
+        fresh = contract.conform(fresh, contract.SIGNAL_SCHEMA)
         con.execute("INSERT INTO signals SELECT * FROM fresh")
         n_new = fresh.num_rows
     signals = known.unionByName(spark.read.parquet(str(new_path)))
