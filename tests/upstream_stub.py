@@ -226,14 +226,15 @@ def free_port() -> int:
 class ThreadedServer:
     """Run an ASGI app with uvicorn in a background thread of this process (tests)."""
 
-    def __init__(self, asgi_app, port: int | None = None):
+    def __init__(self, asgi_app, port: int | None = None, **uvicorn_options):
         import uvicorn
 
+        self.app = asgi_app
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(
             asgi_app, host="127.0.0.1", port=self.port, log_level="warning", loop="asyncio",
-            http="h11", lifespan="on"))
+            http="h11", lifespan="on", **uvicorn_options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ThreadedServer:

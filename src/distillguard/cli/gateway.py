@@ -114,7 +114,8 @@ def gateway(
         raise fail(str(exc)) from exc
     uvicorn.run(application, host=cfg.host, port=cfg.port, loop="uvloop", http="httptools",
                 access_log=False, log_config=None, timeout_graceful_shutdown=30,
-                backlog=4096)
+                backlog=4096, server_header=False, date_header=False,
+                proxy_headers=False)  # X-Forwarded-For is judged by trusted_proxies
 
 
 @app.command("gateway-flush")

@@ -161,7 +161,9 @@ class ResponseAccumulator:
     def _usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
-        self.input_tokens = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+        inp = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+        if inp is not None:
+            self.input_tokens = inp
         out = _int(usage.get("completion_tokens", usage.get("output_tokens")))
         if out is not None:
             self.output_tokens = out

@@ -1,0 +1,157 @@
+"""Helpers shared by the gateway test modules (imported explicitly; not a pytest conftest)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import yaml
+from upstream_stub import ThreadedServer, free_port
+
+from distillguard.gateway.app import create_app
+from distillguard.gateway.config import config_from_dict, hash_key
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ADMIN = "admin-token-for-tests"
+DECIDE = "decide-token-for-tests"
+KEYS = {f"key-{i}": f"acct-{i}" for i in range(60)}
+
+
+def keys_config(orgs: dict[str, str] | None = None) -> list[dict]:
+    orgs = orgs or {}
+    return [{"key_sha256": hash_key(k), "account_id": a, "org_id": orgs.get(a)}
+            for k, a in KEYS.items()]
+
+
+def controlled_signals(exchange: dict) -> dict:
+    """Deterministic request signals from marker words, so each decision path is reachable
+    on purpose. The real `distillguard.signals.annotate_request` is exercised separately."""
+    text = " ".join(m["content"] for m in exchange["messages"])
+    params = exchange.get("params") or {}
+    return {
+        "cot": "step by step" in text,
+        "rubric": "grade this" in text,
+        "template_sig": "tpl-" + hashlib.sha1(text.split(":")[0].encode()).hexdigest()[:8],
+        "extraction_params": bool(params.get("logprobs")) or (params.get("n") or 1) > 1,
+        "rule_hits": ["cot.step_by_step"] if "step by step" in text else [],
+        "capability": "reasoning_math",
+        "distill_score": 0.9 if "step by step" in text else 0.1,
+    }
+
+
+def write_policy(path: Path, policy: dict) -> Path:
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path
+
+
+def write_snapshot(wal_dir: Path, accounts: list, campaigns: list) -> None:
+    """Put an enforcement snapshot where the gateway reads it (what the store worker writes)."""
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    (wal_dir / "enforcement.json").write_bytes(
+        orjson.dumps({"accounts": accounts, "campaigns": campaigns}))
+
+
+@contextlib.contextmanager
+def running_gateway(tmp: Path, upstream: str, policy: dict | None = None, *,
+                    annotate=controlled_signals, **cfg_extra) -> Iterator[ThreadedServer]:
+    """A gateway on a free loopback port in this process (spool mode: no store worker)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    policy_path = write_policy(tmp / "policy.yaml", policy or {})
+    raw = {"upstream": upstream, "policy": str(policy_path),
+           "wal": {"dir": str(tmp / "wal"), "mode": "spool", "segment_max_age_s": 0.2},
+           "keys": keys_config(cfg_extra.pop("orgs", None)), **cfg_extra}
+    cfg = config_from_dict(raw, tmp)
+    cfg.admin_token, cfg.decide_token = ADMIN, DECIDE
+    with ThreadedServer(create_app(cfg, annotate=annotate, start_worker=False),
+                        server_header=False, date_header=False, proxy_headers=False) as server:
+        yield server
+
+
+def client(server: ThreadedServer, key: str = "key-0", **kw) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {key}"},
+                        timeout=30, **kw)
+
+
+def chat(model: str = "stub-model", text: str = "hello", **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def wal_records(wal_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted(wal_dir.glob("seg-*")):
+        records.extend(orjson.loads(line) for line in path.read_bytes().splitlines() if line)
+    return records
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+class GatewayProcess:
+    """`distillguard gateway` as a real subprocess (durability and multi-replica tests)."""
+
+    def __init__(self, config: dict, tmp: Path, name: str = "gw"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = tmp / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(
+            {**config, "listen": {"host": "127.0.0.1", "port": self.port},
+             "auth": {"admin_token_env": "DG_TEST_ADMIN", "decide_token_env": "DG_TEST_DECIDE",
+                      **config.get("auth", {})}}))
+        self.log_path = tmp / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> GatewayProcess:
+        env = {**os.environ, "DG_TEST_ADMIN": ADMIN, "DG_TEST_DECIDE": DECIDE}
+        self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop/kill)
+        self.proc = subprocess.Popen(
+            [str(Path(PYTHON).parent / "distillguard"), "gateway", "-c", str(self.config_path),
+             "--log-level", "warning"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gateway did not become ready: {self.log_path.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if hasattr(self, "_log") and not self._log.closed:
+            self._log.close()
+
+    def admin(self, method: str, path: str, **kw) -> httpx.Response:
+        return httpx.request(method, self.url + path,
+                             headers={"authorization": f"Bearer {ADMIN}"}, timeout=10, **kw)
