@@ -38,6 +38,7 @@ from distillguard.clustering import fraudar, leiden_clusters
 from distillguard.fingerprints import account_fingerprints, exchange_view, model_first_seen
 from distillguard.linking import EVIDENCE_SCHEMA, AccountGraph, Linker, activity_cells, evidence
 from distillguard.linking import synchrony_evidence as sync_evidence
+from distillguard.reports import to_plain
 from distillguard.scoring import AccountScores, BehaviourScorer, ClusterScorer, ClusterVerdict
 
 ENGINES = ("duckdb", "spark")
@@ -87,24 +88,12 @@ class Findings:
 
 def campaigns_json(findings: Findings) -> dict:
     """The JSON document written beside the Parquet files (campaigns with their evidence)."""
-
-    def plain(v):
-        if isinstance(v, datetime):
-            return v.isoformat()
-        if isinstance(v, list) and v and isinstance(v[0], tuple):
-            return {k: plain(x) for k, x in v}
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
     return {
         "until": findings.until.isoformat() if findings.until else None,
         "n_exchanges_scanned": findings.n_exchanges,
         "n_accounts_flagged": int(pc.sum(findings.accounts["flagged"]).as_py() or 0),
         "allow_listed": findings.allow_listed,
-        "campaigns": [plain(row) for row in findings.campaigns.to_pylist()],
+        "campaigns": [to_plain(row) for row in findings.campaigns.to_pylist()],
     }
 
 
