@@ -239,6 +239,7 @@ def duckdb_connection() -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB whose day boundaries and timestamp output are UTC."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET enable_progress_bar = false")
     return con
 
 
