@@ -60,7 +60,8 @@ def positions_within(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class TextBank:
     """Named pools of strings concatenated into one Arrow array, so a single `take` can gather
-    text from any mix of pools."""
+    text from any mix of pools. 32-bit offsets: the bank (and any chunk gathered from it) stays
+    far below 2 GiB, and takes then produce the contract's `string` type without a cast."""
 
     def __init__(self) -> None:
         self._pools: list[pa.Array] = []
@@ -71,12 +72,12 @@ class TextBank:
     def add(self, name: str, values: list[str] | pa.Array) -> None:
         if name in self.offset:
             raise ValueError(f"text pool {name!r} added twice")
-        array = values if isinstance(values, pa.Array) else pa.array(values, pa.large_string())
+        array = values if isinstance(values, pa.Array) else pa.array(values, pa.string())
         if len(array) == 0:
             raise ValueError(f"text pool {name!r} is empty")
         self.offset[name] = sum(len(p) for p in self._pools)
         self.size[name] = len(array)
-        self._pools.append(array.cast(pa.large_string()))
+        self._pools.append(array.cast(pa.string()))
         self._array = None
 
     @property
@@ -88,7 +89,7 @@ class TextBank:
     @property
     def byte_lengths(self) -> np.ndarray:
         """Byte length of every entry, for token estimates without touching the text."""
-        offsets = np.frombuffer(self.array.buffers()[1], dtype=np.int64)
+        offsets = np.frombuffer(self.array.buffers()[1], dtype=np.int32)
         offsets = offsets[self.array.offset : self.array.offset + len(self.array) + 1]
         return np.diff(offsets)
 

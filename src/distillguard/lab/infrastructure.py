@@ -9,7 +9,6 @@ IP strategy is `residential_shared_with_honest` really does reuse addresses hone
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +61,20 @@ COUNTRIES = {-8: ["US", "CA"], -5: ["US", "CA"], -3: ["BR", "AR"], 0: ["GB", "PT
 
 
 def _networks(cidrs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
-    nets = [n for n in nets if n.version == 4 and n.num_addresses >= 4]
-    return (np.array([int(n.network_address) for n in nets], dtype=np.int64),
-            np.array([n.num_addresses for n in nets], dtype=np.int64))
+    """(network address, size) of each IPv4 CIDR; malformed lines are skipped."""
+    bases, sizes = [], []
+    for cidr in cidrs:
+        address, _, prefix = cidr.partition("/")
+        octets = address.split(".")
+        if len(octets) != 4 or not prefix.isdigit() or not all(o.isdigit() for o in octets):
+            continue
+        bits = int(prefix)
+        if not 0 <= bits <= 30 or any(int(o) > 255 for o in octets):
+            continue
+        value = int.from_bytes(bytes(int(o) for o in octets), "big")
+        bases.append(value & ~((1 << (32 - bits)) - 1) & 0xFFFFFFFF)
+        sizes.append(1 << (32 - bits))
+    return np.array(bases, dtype=np.int64), np.array(sizes, dtype=np.int64)
 
 
 def _format_ipv4(values: np.ndarray) -> list[str]:

@@ -160,10 +160,18 @@ WRAPPERS: dict[str, list[str]] = {
 _ALT = re.compile(r"\{([^{}]*\|[^{}]*)\}")
 
 
-def expand(grammar: str, rng: np.random.Generator) -> str:
-    """One random expansion of `grammar` (every "{a|b|...}" replaced by one alternative)."""
-    return _ALT.sub(lambda m: m.group(1).split("|")[rng.integers(m.group(1).count("|") + 1)],
-                    grammar)
+def expand_many(grammar: str, count: int, rng: np.random.Generator) -> list[str]:
+    """`count` random expansions of `grammar` (every "{a|b|...}" replaced by one
+    alternative), one vectorised choice per alternative slot."""
+    pieces = _ALT.split(grammar)  # literal, alternatives, literal, alternatives, ...
+    columns = []
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            columns.append(np.full(count, piece, dtype=object))
+        else:
+            options = np.array(piece.split("|"), dtype=object)
+            columns.append(options[rng.integers(len(options), size=count)])
+    return ["".join(parts) for parts in zip(*columns, strict=True)]
 
 
 def wrapper_variants(name: str, count: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
@@ -171,10 +179,16 @@ def wrapper_variants(name: str, count: int, rng: np.random.Generator) -> list[tu
     the <Q> and <A> slots, which every grammar uses in that order (middle is empty for
     one-slot wrappers)."""
     grammars = WRAPPERS[name]
+    # The first variants are one expansion of each grammar, so a count of len(grammars) covers
+    # every shape; the rest draw grammars at random.
+    which = np.concatenate([np.arange(min(count, len(grammars))),
+                            rng.integers(len(grammars), size=max(count - len(grammars), 0))])
+    texts = np.empty(count, dtype=object)
+    for g, grammar in enumerate(grammars):
+        rows = np.flatnonzero(which == g)
+        texts[rows] = expand_many(grammar, len(rows), rng)
     out = []
-    for i in range(count):
-        text = expand(grammars[i % len(grammars)] if i < len(grammars) else
-                      grammars[rng.integers(len(grammars))], rng)
+    for text in texts:
         head, _, rest = text.partition("<Q>")
         middle, _, tail = rest.partition("<A>")
         out.append((head, middle, tail))
@@ -205,74 +219,84 @@ _SENSITIVE = ["the 1989 Tiananmen Square protests", "Taiwan's political status",
               "the Cultural Revolution's death toll", "internet censorship and VPN use"]
 
 
-def _math_problem(rng: np.random.Generator) -> tuple[str, str]:
-    a, b, c = (int(x) for x in rng.integers(2, 60, size=3))
-    who, other = rng.choice(_NAMES, size=2, replace=False)
-    item = rng.choice(_ITEMS)
-    question = (f"{who} has {a} {item}. {other} gives {who} {b} more, and then {who} shares "
-                f"them equally among {c % 5 + 2} friends. How many {item} does each friend get, "
-                f"rounded down?")
-    return question, str((a + b) // (c % 5 + 2))
+def _alts(options: list[str]) -> str:
+    """A grammar alternative choosing one of `options`."""
+    return "{" + "|".join(options) + "}"
+
+
+def _math_problems(rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
+    a, b, c = rng.integers(2, 60, size=(3, n))
+    share = c % 5 + 2
+    names = rng.permuted(np.tile(np.arange(len(_NAMES)), (n, 1)), axis=1)[:, :2]
+    items = rng.integers(len(_ITEMS), size=n)
+    questions = [
+        f"{_NAMES[w]} has {x} {_ITEMS[i]}. {_NAMES[o]} gives {_NAMES[w]} {y} more, and then "
+        f"{_NAMES[w]} shares them equally among {k} friends. How many {_ITEMS[i]} does each "
+        f"friend get, rounded down?"
+        for (w, o), x, y, k, i in zip(names.tolist(), a.tolist(), b.tolist(), share.tolist(),
+                                      items.tolist(), strict=True)
+    ]
+    return questions, [str(v) for v in ((a + b) // share).tolist()]
 
 
 def _builtin_pools(rng: np.random.Generator, n: int) -> dict[str, list[str]]:
-    pick = rng.choice
-    math = [_math_problem(rng) for _ in range(n)]
-    chat = [expand("{What is|Can you explain|Tell me about|Give me tips on|How do I get "
-                   "started with} {topic}{?| in simple terms?| for a beginner?}", rng)
-            .replace("{topic}", str(pick(_TOPICS))) for _ in range(n)]
-    technical = [f"I'm comparing approaches for {pick(_TOPICS)}. " + expand(
-        "{What are the trade-offs|Write a detailed plan|Give a structured analysis}"
-        "{ with pros and cons|, with sources| in a table}.", rng) for _ in range(n)]
-    coding = [f"Write a {pick(_LANGS)} function to {pick(_CODE_TASKS)}." for _ in range(n)]
-    instruction = [expand("{Write|Draft|Compose} a {short|friendly|formal} {email|poem|tweet|"
-                          "summary|cover letter} about {topic}.", rng)
-                   .replace("{topic}", str(pick(_TOPICS))) for _ in range(n)]
+    """Stand-ins for the corpus pools on a machine without the corpus."""
+    questions, answers = _math_problems(rng, n)
+    topics = _alts(_TOPICS)
     return {
-        "math": [q for q, _ in math], "math_answer": [a for _, a in math], "organic": chat,
-        "technical": technical, "coding": coding, "instruction": instruction,
-        "redteam": [expand("{how do i|what's the best way to} {prank|get back at|annoy} my "
-                           "{neighbor|coworker|roommate}", rng) for _ in range(n)],
-        "tool_use": [expand("{Find|Get|Look up} the {weather|exchange rate|stock price|"
-                            "flight status} for {Paris|Tokyo|AAPL|EUR to USD|UA 123}.", rng)
-                     for _ in range(n)],
+        "math": questions, "math_answer": answers,
+        "organic": expand_many("{What is|Can you explain|Tell me about|Give me tips on|How do I "
+                               f"get started with}} {topics}{{?| in simple terms?| for a "
+                               "beginner?}", n, rng),
+        "technical": expand_many(f"I'm comparing approaches for {topics}. {{What are the "
+                                 "trade-offs|Write a detailed plan|Give a structured analysis}"
+                                 "{ with pros and cons|, with sources| in a table}.", n, rng),
+        "coding": expand_many(f"Write a {_alts(_LANGS)} function to {_alts(_CODE_TASKS)}.", n,
+                              rng),
+        "instruction": expand_many("{Write|Draft|Compose} a {short|friendly|formal} {email|poem|"
+                                   f"tweet|summary|cover letter}} about {topics}.", n, rng),
+        "redteam": expand_many("{how do i|what's the best way to} {prank|get back at|annoy} my "
+                               "{neighbor|coworker|roommate}", n, rng),
+        "tool_use": expand_many("{Find|Get|Look up} the {weather|exchange rate|stock price|"
+                                "flight status} for {Paris|Tokyo|AAPL|EUR to USD|UA 123}.", n,
+                                rng),
     }
 
 
 def _generated_pools(rng: np.random.Generator, n: int) -> dict[str, list[str]]:
     """Pools with no public corpus equivalent: generated in both modes."""
-    pick = rng.choice
+    rows = [f"2026-0{m}-1{m},{r},{v}" for m, r, v in zip(
+        rng.integers(1, 10, 6 * n).tolist(), rng.choice(list("NSEW"), 6 * n).tolist(),
+        rng.integers(10, 999, 6 * n).tolist(), strict=True)]
+    tables = ["\n".join(rows[i * 6 : i * 6 + 6]) for i in range(n)]
+    analysis = expand_many("{Here is a CSV of|I uploaded a spreadsheet with} {monthly sales|"
+                           "sensor readings|survey answers|web traffic} {by region|by week|per "
+                           "customer}. {Find the trend|Compute summary statistics|Detect "
+                           "outliers|Fit a regression} {and plot it|and explain the result|in "
+                           "pandas}.\n\ndate,region,value\n", n, rng)
+    orders = rng.integers(10**6, 10**7, n).tolist()
     return {
-        "agent_tasks": [expand("{Fix|Investigate|Refactor|Add tests for} ", rng)
-                        + str(pick(_REPO_THINGS)) + expand("{.| and run the test suite.| then "
-                        "open a summary of the diff.| without changing the public API.}", rng)
-                        for _ in range(n)],
-        "data_analysis": [expand("{Here is a CSV of|I uploaded a spreadsheet with} "
-                                 "{monthly sales|sensor readings|survey answers|web traffic} "
-                                 "{by region|by week|per customer}. {Find the trend|Compute "
-                                 "summary statistics|Detect outliers|Fit a regression} "
-                                 "{and plot it|and explain the result|in pandas}.\n\n", rng)
-                          + "date,region,value\n" + "\n".join(
-                              f"2026-0{i % 9 + 1}-1{i % 9},{pick(['N', 'S', 'E', 'W'])},"
-                              f"{int(rng.integers(10, 999))}" for i in range(6))
-                          for _ in range(n)],
-        "computer_use": [IMAGE_PLACEHOLDER + "\n" + expand(
-            "{Open|Go to} the {settings|billing|profile} page and {change|update|export} the "
-            "{email address|invoice|notification preferences}.", rng) for _ in range(n)],
-        "vision": [IMAGE_PLACEHOLDER + "\n" + expand(
-            "{What does this chart show?|Transcribe the text in this photo.|Describe this "
-            "diagram.|What is wrong with this UI screenshot?}", rng) for _ in range(n)],
-        "sensitive": [expand("{What happened during|Explain|Give the history of|What is the "
-                             "truth about} ", rng) + str(pick(_SENSITIVE)) + "?"
-                      for _ in range(n)],
-        "followup": [expand("{Can you make it shorter?|Thanks! Can you give an example?|"
-                            "Why is that?|Could you explain the second point?|Make it more "
-                            "formal.|What about the opposite case?|ok and then?|Great, now in "
-                            "a table please.}", rng) for _ in range(n)],
-        "batch_records": [expand("{Great|Terrible|Okay} {product|service|delivery}, "
-                                 "{arrived late|works as described|stopped working after a "
-                                 "week|better than expected}. Order #", rng)
-                          + str(int(rng.integers(10**6, 10**7))) for _ in range(n)],
+        "agent_tasks": expand_many("{Fix|Investigate|Refactor|Add tests for} "
+                                   f"{_alts(_REPO_THINGS)}{{.| and run the test suite.| then "
+                                   "open a summary of the diff.| without changing the public "
+                                   "API.}", n, rng),
+        "data_analysis": [a + t for a, t in zip(analysis, tables, strict=True)],
+        "computer_use": expand_many(IMAGE_PLACEHOLDER + "\n{Open|Go to} the {settings|billing|"
+                                    "profile} page and {change|update|export} the {email "
+                                    "address|invoice|notification preferences}.", n, rng),
+        "vision": expand_many(IMAGE_PLACEHOLDER + "\n{What does this chart show?|Transcribe the "
+                              "text in this photo.|Describe this diagram.|What is wrong with "
+                              "this UI screenshot?}", n, rng),
+        "sensitive": expand_many("{What happened during|Explain|Give the history of|What is the "
+                                 f"truth about}} {_alts(_SENSITIVE)}?", n, rng),
+        "followup": expand_many("{Can you make it shorter?|Thanks! Can you give an example?|Why "
+                                "is that?|Could you explain the second point?|Make it more "
+                                "formal.|What about the opposite case?|ok and then?|Great, now "
+                                "in a table please.}", n, rng),
+        "batch_records": [r + str(o) for r, o in zip(expand_many(
+            "{Great|Terrible|Okay} {product|service|delivery}, {arrived late|works as "
+            "described|stopped working after a week|better than expected}. Order #", n, rng),
+            orders, strict=True)],
     }
 
 
@@ -296,42 +320,50 @@ RESPONSE_LENGTHS: dict[str, tuple[int, float]] = {
 _WORD_ARRAY = np.array(_WORDS)
 
 
-def _sentence(rng: np.random.Generator) -> str:
-    return _text(rng, 60)
+class _Lorem:
+    """One long seeded stream of sentences; a text of n characters is a slice of it, which is
+    orders of magnitude faster than sampling words per response."""
+
+    def __init__(self, rng: np.random.Generator, chars: int = 1 << 21) -> None:
+        words = _WORD_ARRAY[rng.integers(len(_WORDS), size=chars // 5)]
+        ends = np.arange(len(words)) % 11 == 10
+        self.text = " ".join(np.where(ends, np.char.add(words, "."), words).tolist())
+        self.rng = rng
+
+    def __call__(self, chars: int) -> str:
+        chars = min(chars, len(self.text) // 2)
+        start = self.text.find(". ", int(self.rng.integers(0, len(self.text) - chars))) + 2
+        return self.text[start : start + chars].capitalize().rstrip() + "."
 
 
-def _text(rng: np.random.Generator, chars: int) -> str:
-    """About `chars` characters of sentences drawn from a small vocabulary."""
-    words = _WORD_ARRAY[rng.integers(len(_WORDS), size=max(4, chars // 6))]
-    ends = np.arange(len(words)) % 11 == 10
-    words = np.where(ends, np.char.add(words, "."), words)
-    return " ".join(words.tolist()).capitalize() + "."
+def _sentence(lorem: _Lorem) -> str:
+    return lorem(60)
 
 
-def _response(kind: str, rng: np.random.Generator) -> str:
+def _response(kind: str, rng: np.random.Generator, lorem: _Lorem) -> str:
     median, sigma = RESPONSE_LENGTHS[kind]
     chars = max(8, int(rng.lognormal(np.log(median), sigma)))
     if kind == "cot":
         steps = max(2, chars // 250)
-        body = "\n".join(f"Step {i + 1}: {_text(rng, chars // steps)}" for i in range(steps))
+        body = "\n".join(f"Step {i + 1}: {lorem(chars // steps)}" for i in range(steps))
         return f"{body}\nFinal answer: {int(rng.integers(1, 500))}"
     if kind == "code":
         code = "\n".join(f"    {w} = {w}_{i}" for i, w in
                          enumerate(rng.choice(_WORDS, size=max(3, chars // 60))))
-        return f"{_text(rng, chars // 4)}\n\n```python\ndef solve(data):\n{code}\n    return " \
-               f"result\n```\n{_text(rng, chars // 5)}"
+        return f"{lorem(chars // 4)}\n\n```python\ndef solve(data):\n{code}\n    return " \
+               f"result\n```\n{lorem(chars // 5)}"
     if kind == "rubric":
-        return f"Score: {int(rng.integers(1, 11))}/10\nJustification: {_text(rng, chars)}"
+        return f"Score: {int(rng.integers(1, 11))}/10\nJustification: {lorem(chars)}"
     if kind == "batch":
         return str(rng.choice(["positive", "negative", "neutral", '{"name": "Widget", "price": '
                                '19.99, "currency": "EUR"}', "Customer reports a late delivery."]))
     if kind == "refusal":
-        return "I can't help with that. " + _text(rng, chars)
+        return "I can't help with that. " + lorem(chars)
     if kind == "tool_result":
-        lines = [f"{w}_{i}.py:{int(rng.integers(1, 400))}: {_sentence(rng)}"
+        lines = [f"{w}_{i}.py:{int(rng.integers(1, 400))}: {_sentence(lorem)}"
                  for i, w in enumerate(rng.choice(_WORDS, size=max(1, chars // 70)))]
         return "\n".join(lines)
-    return _text(rng, chars)
+    return lorem(chars)
 
 
 def _tool_calls(tools: list[str], rng: np.random.Generator, n: int) -> list[str]:
@@ -435,10 +467,12 @@ class PromptLibrary:
         pools["homework"] = pools["math"][: len(pools["math"]) // 2] + pools["instruction"]
         pools["reasoning_tasks"] = pools["math"] + pools["instruction"] + pools["technical"]
         self.bank = TextBank()
+        lorem = _Lorem(rng)
         for name, values in pools.items():
             self.bank.add(name, values)
         for kind in RESPONSE_LENGTHS:
-            self.bank.add(f"resp:{kind}", [_response(kind, rng) for _ in range(RESPONSES_PER_KIND)])
+            self.bank.add(f"resp:{kind}", [_response(kind, rng, lorem)
+                                           for _ in range(RESPONSES_PER_KIND)])
         self.bank.add("system:agent", [AGENT_SYSTEM_PROMPT])
         self.bank.add("system:computer", [COMPUTER_SYSTEM_PROMPT])
         # Tool names per tool_use prompt (cycled if the pool came from built-ins).

@@ -37,6 +37,10 @@ HOUR_MS = 3_600_000
 ROLES = pa.array(["user", "assistant", "tool"])
 EFFORTS = pa.array(["low", "medium", "high"])
 COT_FAMILIES = {"cot", "reasoning_reconstruction", "eval_math", "trace_reconstruction"}
+FAMILY_NAMES = list(FAMILIES)
+TOOLSETS = ["", "agent", "computer", "bfcl"]
+STOP_REASONS = pa.array([None, "stop", "tool_calls"], pa.string())
+ERRORS = pa.array([None, "rate_limit_exceeded", "internal_error"], pa.string())
 
 #: Local-hour activity shapes (24 weights, hour 0 = local midnight).
 PROFILES: dict[str, np.ndarray] = {
@@ -64,6 +68,13 @@ def _weights(mapping: dict) -> tuple[list, np.ndarray]:
 def _choose(rng: np.random.Generator, mapping: dict, size: int) -> np.ndarray:
     keys, p = _weights(mapping)
     return np.asarray(keys, dtype=object)[rng.choice(len(keys), size=size, p=p)]
+
+
+def _choose_family(rng: np.random.Generator, mapping: dict, size: int) -> np.ndarray:
+    """Family codes (indices into FAMILY_NAMES) drawn by the weights of `mapping`."""
+    keys, p = _weights(mapping)
+    codes = np.array([FAMILY_NAMES.index(k) for k in keys])
+    return codes[rng.choice(len(keys), size=size, p=p)]
 
 
 def _as_number(key: str | float | int) -> float:
@@ -109,6 +120,7 @@ class Group:
         self.model_names = pa.array([m.name for m in self.models])
         self.model_reasoning = np.array([m.reasoning for m in self.models])
         self._wrappers = self._build_wrappers()
+        self._family_table = self._family_attributes()
         self.ua_values = user_agents[0]
         self.accounts = self._build_accounts(infra, user_agents[1], first_account)
         self.pivot_model, self.pivot_ms = self._pivot()
@@ -140,6 +152,28 @@ class Group:
             total += n
         return pa.concat_tables(tables), offset, count
 
+    def _family_attributes(self) -> dict[str, np.ndarray]:
+        """Per family code: where its text lives in the bank and how it is wrapped."""
+        bank = self.lib.bank
+        _, wrap_off, wrap_count = self._wrappers
+        fams = [FAMILIES[name] for name in FAMILY_NAMES]
+        seconds = [_second_pool(f) for f in fams]
+        return {
+            "base_off": np.array([bank.offset[f.base] for f in fams]),
+            "base_size": np.array([bank.size[f.base] for f in fams]),
+            "has_second": np.array([sp is not None for sp in seconds]),
+            "sec_off": np.array([bank.offset[sp] if sp else 0 for sp in seconds]),
+            "sec_size": np.array([bank.size[sp] if sp else 1 for sp in seconds]),
+            "aligned": np.array([sp == f"{f.base}_answer" for sp, f in
+                                 zip(seconds, fams, strict=True)]),
+            "wrap_off": np.array([wrap_off.get(f.wrapper, 0) for f in fams]),
+            "wrap_count": np.array([wrap_count.get(f.wrapper, 1) for f in fams]),
+            "loop": np.array([f.loop for f in fams]),
+            "resp_off": np.array([bank.offset[f"resp:{f.response}"] for f in fams]),
+            "toolset": np.array([TOOLSETS.index(f.toolset or "") for f in fams]),
+            "cot": np.array([name in COT_FAMILIES for name in FAMILY_NAMES]),
+        }
+
     def _build_accounts(self, infra: Infrastructure, ua_spans: dict[str, tuple[int, int]],
                         first: int) -> AccountSet:
         spec, rng = self.spec, self.rng(2)
@@ -152,8 +186,10 @@ class Group:
         z = rng.standard_normal(n)
         if self.is_attack:
             days = max(self.end_day - self.start_day, 1e-9)
-            mean = spec["exchanges"] / (n * days * max(spec["active_days"], 1e-9))
-            rate = mean * np.exp(sigma * z - sigma**2 / 2)
+            # Normalised so the campaign's accounts together hit its exchange target.
+            weight = np.exp(sigma * z)
+            rate = spec["exchanges"] * weight / weight.sum() / (days * max(spec["active_days"],
+                                                                           1e-9))
         else:
             rate = float(spec["volume"]["median"]) * np.exp(sigma * z)
         ua = np.empty(n, dtype=np.int64)
@@ -335,9 +371,9 @@ class Group:
         # Session attributes.
         honest_mix = rng.random(n_sess) < spec["honest_share"]
         family_map = self._family_weights(day)
-        family = _choose(rng, family_map, n_sess)
+        family = _choose_family(rng, family_map, n_sess)
         if honest_mix.any():
-            family[honest_mix] = _choose(rng, HONEST_MIX, int(honest_mix.sum()))
+            family[honest_mix] = _choose_family(rng, HONEST_MIX, int(honest_mix.sum()))
         model = self._models(sess_ts, honest_mix, forced_model, rng)
         return {
             "acct": accts[ex_acct_local], "ts": ts, "sess": sess_of_ex, "pos": pos,
@@ -418,23 +454,16 @@ class Group:
         lib, bank, spec, rng = self.lib, self.lib.bank, self.spec, plan["rng"]
         n, n_sess = len(plan["ts"]), len(plan["key"])
         sess, pos, key = plan["sess"], plan["pos"], plan["key"]
-        fam_names = sorted(set(plan["family"].tolist()))
-        fam_code = np.searchsorted(fam_names, plan["family"].astype(str))
-        fams = [FAMILIES[f] for f in fam_names]
+        fam_code, ft = plan["family"], self._family_table
         # Session prompts: prefix + base + middle + second + suffix.
-        base_off = np.array([bank.offset[f.base] for f in fams])[fam_code]
-        base_size = np.array([bank.size[f.base] for f in fams])[fam_code]
+        base_off, base_size = ft["base_off"][fam_code], ft["base_size"][fam_code]
         base_local = rng.integers(0, 1 << 40, n_sess) % base_size
-        second_names = [_second_pool(f) for f in fams]
-        has_second = np.array([s is not None for s in second_names])[fam_code]
-        sec_off = np.array([bank.offset.get(s, 0) if s else 0 for s in second_names])[fam_code]
-        sec_size = np.array([bank.size.get(s, 1) if s else 1 for s in second_names])[fam_code]
-        aligned = np.array([s == f"{f.base}_answer" for s, f in
-                            zip(second_names, fams, strict=True)])[fam_code]
-        sec_local = np.where(aligned, base_local, rng.integers(0, 1 << 40, n_sess)) % sec_size
-        wrap_table, wrap_off, wrap_count = self._wrappers
-        w_off = np.array([wrap_off[f.wrapper] for f in fams])[fam_code]
-        w_cnt = np.array([wrap_count[f.wrapper] for f in fams])[fam_code]
+        has_second = ft["has_second"][fam_code]
+        sec_off, sec_size = ft["sec_off"][fam_code], ft["sec_size"][fam_code]
+        sec_local = np.where(ft["aligned"][fam_code], base_local,
+                             rng.integers(0, 1 << 40, n_sess)) % sec_size
+        wrap_table = self._wrappers[0]
+        w_off, w_cnt = ft["wrap_off"][fam_code], ft["wrap_count"][fam_code]
         diversity = np.minimum(spec["template_diversity"], w_cnt)
         variant = rng.integers(0, 1 << 40, n_sess) % diversity
         if spec["template_per_account"]:
@@ -446,25 +475,20 @@ class Group:
         text = bank.array
         base_text = text.take(pa.array(base_off + base_local))
         second_text = pc.if_else(pa.array(has_second), text.take(pa.array(sec_off + sec_local)),
-                                 pa.scalar("", pa.large_string()))
+                                 pa.scalar("", pa.string()))
         session_prompt = pc.binary_join_element_wise(
-            wrap["prefix"].cast(pa.large_string()), base_text,
-            wrap["middle"].cast(pa.large_string()), second_text,
-            wrap["suffix"].cast(pa.large_string()), pa.scalar("", pa.large_string()))
+            wrap["prefix"], base_text, wrap["middle"], second_text, wrap["suffix"], "")
         session_prompt = session_prompt.combine_chunks() if isinstance(
             session_prompt, pa.ChunkedArray) else session_prompt
         # Messages: history of user/assistant (chat) or assistant/tool (loop) turns, capped.
-        loop_s = np.array([f.loop for f in fams])[fam_code]
-        loop = loop_s[sess]
+        loop = ft["loop"][fam_code][sess]
         max_hist = int(spec["session"]["max_history"]) | 1
         full = 2 * pos + 1
         m = np.minimum(full, max_hist)
         msg_ex, j = positions_within(m)
         k = np.where(j == 0, 0, full[msg_ex] - m[msg_ex] + j)
         msg_sess = sess[msg_ex]
-        resp_kind = np.array([f.response for f in fams])[fam_code]
-        resp_off = np.array([bank.offset[f"resp:{r}"] for r in resp_kind.tolist()]) \
-            if n_sess else np.zeros(0, np.int64)
+        resp_off = ft["resp_off"][fam_code]
         resp_size = prompts.RESPONSES_PER_KIND
         turn = (k - 1) // 2
         asst = resp_off[msg_sess] + (key[msg_sess] + turn * 7919) % resp_size
@@ -473,10 +497,12 @@ class Group:
         filler_size = np.where(loop[msg_ex], bank.size["resp:tool_result"],
                                bank.size["followup"])
         filler = filler_pool + (key[msg_sess] * 3 + k * 104729) % filler_size
-        content_idx = np.where(k == 0, msg_sess, n_sess + np.where(k % 2 == 1, asst, filler))
-        role = np.where(k == 0, 0, np.where(k % 2 == 1, 1, np.where(loop[msg_ex], 2, 0)))
-        chunk_text = pa.concat_arrays([session_prompt.cast(pa.large_string()), text])
-        contents = chunk_text.take(pa.array(content_idx)).cast(pa.string())
+        first = k == 0
+        content_idx = np.where(k % 2 == 1, asst, filler)
+        role = np.where(first, 0, np.where(k % 2 == 1, 1, np.where(loop[msg_ex], 2, 0)))
+        contents = pc.replace_with_mask(
+            text.take(pa.array(content_idx, mask=first)), pa.array(first),
+            session_prompt.take(pa.array(msg_sess[first])))
         messages = list_array(m, pa.StructArray.from_arrays(
             [ROLES.take(pa.array(role)), contents], fields=list(contract.MESSAGE_TYPE)))
         # Response of this exchange (same formula as the history, so turns line up).
@@ -484,52 +510,50 @@ class Group:
         own = np.where(loop & ~plan["last"], bank.offset["resp:tool_step"],
                        np.where(final_step, bank.offset["resp:final_step"], resp_off[sess]))
         resp_idx = own + (key[sess] + pos * 7919) % resp_size
-        response = text.take(pa.array(resp_idx)).cast(pa.string())
+        error = rng.random(n) < spec["error_rate"]
+        response = text.take(pa.array(resp_idx, mask=error))
         # Reasoning: requested by params, or CoT prompts on reasoning models.
         model = plan["model"][sess]
-        is_cot = np.isin(plan["family"], list(COT_FAMILIES))[sess]
+        is_cot = ft["cot"][fam_code][sess]
         asked = (rng.random(n_sess) < spec["params"]["reasoning"])[sess]
         reasoning_model = self.model_reasoning[model]
         has_reasoning = asked | (is_cot & reasoning_model)
         effort = np.where(asked & reasoning_model, rng.integers(0, 3, n), -1)
         budget = np.where(asked & ~reasoning_model, 4096, -1)
         reasoning_idx = bank.offset["resp:reasoning"] + (key[sess] * 5 + pos) % resp_size
-        reasoning = pa.array(text.take(pa.array(reasoning_idx)).cast(pa.string()).to_numpy(
-            zero_copy_only=False), mask=~has_reasoning) if has_reasoning.any() else \
-            pa.nulls(n, pa.string())
+        reasoning = text.take(pa.array(reasoning_idx, mask=~has_reasoning | error))
         # Tools, tool calls, system prompt.
-        toolset = np.array([f.toolset or "" for f in fams])[fam_code][sess]
+        toolset = ft["toolset"][fam_code][sess]  # index into TOOLSETS
         tool_bank = pa.concat_arrays([pa.array([lib.toolsets["agent"], lib.toolsets["computer"]],
                                                pa.list_(pa.string())), lib.bfcl_tools])
-        tool_idx = np.where(toolset == "agent", 0, np.where(
-            toolset == "computer", 1, 2 + base_local[sess] % len(lib.bfcl_tools)))
-        tools = tool_bank.take(pa.array(tool_idx, mask=toolset == ""))
-        has_call = ((toolset == "agent") | (toolset == "computer")) & ~plan["last"] | \
-            (toolset == "bfcl")
-        call_pools = [lib.tool_call_pool[t] for t in ("agent", "computer", "bfcl")]
+        tool_idx = np.where(toolset == 3, 2 + base_local[sess] % len(lib.bfcl_tools),
+                            toolset - 1)
+        tools = tool_bank.take(pa.array(tool_idx, mask=toolset == 0))
+        has_call = (((toolset == 1) | (toolset == 2)) & ~plan["last"] | (toolset == 3)) & ~error
+        call_pools = [lib.tool_call_pool[t] for t in TOOLSETS[1:]]
         call_base = np.cumsum([0] + [len(p) for p in call_pools[:-1]])
-        call_kind = np.select([toolset == "agent", toolset == "computer"], [0, 1], 2)
-        call_idx = call_base[call_kind] + (key[sess] + pos) % np.array(
-            [len(p) for p in call_pools])[call_kind]
+        call_size = np.array([len(p) for p in call_pools])
+        call_kind = np.maximum(toolset - 1, 0)
+        call_idx = call_base[call_kind] + (key[sess] + pos) % call_size[call_kind]
         calls = list_array(has_call.astype(np.int32),
                            pa.concat_arrays(call_pools).take(pa.array(call_idx[has_call])),
                            valid=has_call)
-        sys_kind = np.where(toolset == "computer", "computer", spec["system_prompt"] or "")
-        sys_kind = np.where((toolset == "agent") | (toolset == "computer"), sys_kind, "")
-        sys_idx = np.where(sys_kind == "computer", bank.offset["system:computer"],
+        # System prompt: the agent harness's (shared by its honest users) or the computer-use
+        # one; none for plain chat.
+        agent_sys = spec["system_prompt"] == "agent"
+        sys_none = ~((toolset == 2) | ((toolset == 1) & agent_sys))
+        sys_idx = np.where(toolset == 2, bank.offset["system:computer"],
                            bank.offset["system:agent"])
-        system = text.take(pa.array(sys_idx, mask=sys_kind == "")).cast(pa.string())
+        system = text.take(pa.array(sys_idx, mask=sys_none))
         # Tokens, status, latency.
         lengths = bank.byte_lengths
-        content_len = np.where(k == 0, pc.binary_length(session_prompt).to_numpy(
-            zero_copy_only=False)[np.minimum(msg_sess, max(n_sess - 1, 0))],
-            lengths[np.maximum(content_idx - n_sess, 0)])
+        content_len = lengths[content_idx]
+        content_len[first] = pc.binary_length(session_prompt).to_numpy()[msg_sess[first]]
         msg_start = np.cumsum(m) - m
         input_tokens = (np.add.reduceat(content_len, msg_start) if n else np.zeros(0)) // 4 \
-            + 4 * m + np.where(sys_kind == "", 0, 60)
+            + 4 * m + np.where(sys_none, 0, 60)
         output_tokens = lengths[resp_idx] // 4 + 1
         reasoning_tokens = np.where(has_reasoning, lengths[reasoning_idx] // 4, 0)
-        error = rng.random(n) < spec["error_rate"]
         status = np.where(error, np.where(rng.random(n) < 0.7, 429, 500), 200).astype(np.int32)
         latency = (250 + output_tokens * 12.0 + reasoning_tokens * 8.0) * rng.lognormal(0, .25, n)
         acct = plan["acct"]
@@ -568,26 +592,23 @@ class Group:
             "messages": messages,
             "tools": tools,
             "params": params,
-            "response_text": pc.if_else(pa.array(error), pa.scalar(None, pa.string()), response),
-            "reasoning_text": pc.if_else(pa.array(error), pa.scalar(None, pa.string()),
-                                         reasoning),
-            "tool_calls": pc.if_else(pa.array(error), pa.scalar(None, calls.type), calls),
+            "response_text": response,
+            "reasoning_text": reasoning,
+            "tool_calls": calls,
             "input_tokens": pa.array(input_tokens.astype(np.int64)),
             "output_tokens": pa.array(np.where(error, 0, output_tokens).astype(np.int64)),
             "reasoning_tokens": pa.array(np.where(error, 0, reasoning_tokens).astype(np.int64)),
             "status": pa.array(status),
-            "error": pa.array(np.where(status == 429, "rate_limit_exceeded", np.where(
-                status == 500, "internal_error", None)).tolist(), pa.string()),
+            "error": ERRORS.take(pa.array(np.select([status == 429, status == 500], [1, 2], 0))),
             "latency_ms": pa.array(np.round(latency, 1)),
-            "stop_reason": pa.array(np.where(error, None, np.where(
-                has_call, "tool_calls", "stop")).tolist(), pa.string()),
+            "stop_reason": STOP_REASONS.take(pa.array(np.where(error, 0, 1 + has_call))),
         })
         attack = np.full(n, self.is_attack) & ~plan["honest_mix"][sess]
-        campaign = pa.array(np.full(n, self.campaign_id or ""), pa.string())
         truth = pa.table({
             "request_id": request_id,
             "account_id": account_id,
-            "campaign_id": pc.if_else(pa.array(attack), campaign, pa.scalar(None, pa.string())),
+            "campaign_id": pc.if_else(pa.array(attack), pa.scalar(self.campaign_id, pa.string()),
+                                      pa.scalar(None, pa.string())),
             "ts": ts,
         })
         plan["stats"] = {"attack": attack, "model": model, "family": plan["family"][sess]}
