@@ -32,6 +32,7 @@ TINY = {
                    "ip": {"accounts_per_ip": 30}},
         "evals": {"kind": "eval_harness", "accounts": 2, "release_burst": {"volume": 300}},
         "batch": {"kind": "batch_job", "accounts": 1, "volume": {"median": 400, "sigma": 0.1}},
+        "coders": {"kind": "agentic_coder", "accounts": 3, "volume": {"median": 80}},
     },
     "campaigns": {
         "lb": {"kind": "reasoning_extraction", "accounts": 20, "exchanges": 1500,
