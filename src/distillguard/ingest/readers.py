@@ -29,8 +29,10 @@ FORMATS = ("auto", "jsonl", "parquet", "openai", "anthropic")
 JSON_FORMATS = ("jsonl", "openai", "anthropic")
 #: File names picked up when a directory is given.
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".gz", ".zst", ".zstd")
-CHUNK_BYTES = 32 << 20
-PARQUET_BATCH_ROWS = 65_536
+CHUNK_BYTES = 16 << 20  # read size
+#: Batch size: DuckDB's row group size in rows, or this many bytes, whichever comes first.
+BATCH_ROWS = 122_880
+BATCH_BYTES = 256 << 20
 SNIFF_BYTES = 64 << 10
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -40,8 +42,8 @@ PARQUET_MAGIC = b"PAR1"
 BATCH_SCHEMA = pa.schema(
     [
         ("row_number", pa.int64()),
-        ("line", pa.string()),  # the text to validate (adapted for pair formats)
-        ("raw", pa.string()),  # original text when it differs from `line` (or was rejected)
+        ("line", pa.large_string()),  # the text to validate (adapted for pair formats)
+        ("raw", pa.large_string()),  # original text when it differs from `line` / rejected
         ("raw_length", pa.int64()),
         ("pre_reason", pa.string()),  # bad_utf8 / oversize, decided here
         ("pre_detail", pa.string()),
@@ -147,21 +149,28 @@ def detect_format(path: Path, claimed: str, kind: str) -> str:
 # --------------------------------------------------------------------------------------
 # JSON Lines
 # --------------------------------------------------------------------------------------
-def _utf8_lines(binary: pa.BinaryArray) -> tuple[pa.StringArray, np.ndarray]:
-    """Cast lines to UTF-8 text; bad lines become null. Returns (text, bad mask)."""
+def _utf8_lines(data: bytes, offsets: np.ndarray, drop: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+    """Lines as UTF-8 text over `data` without copying; lines in `drop` and lines that are not
+    valid UTF-8 become null. Returns (text, bad-UTF-8 mask)."""
+    n = len(offsets) - 1
+    text = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+    bad = np.zeros(n, dtype=bool)
     try:
-        return binary.cast(pa.string()), np.zeros(len(binary), dtype=bool)
+        text.validate(full=True)  # whole-chunk UTF-8 check (SIMD)
     except pa.ArrowInvalid:
-        pass
-    bad = np.zeros(len(binary), dtype=bool)
-    for i, value in enumerate(binary.to_pylist()):  # only chunks that hold bad bytes
-        if value is not None:
+        for i in range(n):  # only chunks that hold bad bytes are checked line by line
             try:
-                value.decode("utf-8")
+                data[offsets[i] : offsets[i + 1]].decode("utf-8")
             except UnicodeDecodeError:
                 bad[i] = True
-    cleaned = pa.compute.if_else(pa.array(bad), pa.scalar(None, pa.binary()), binary)
-    return cleaned.cast(pa.string()), bad
+    nulls = drop | bad
+    if nulls.any():
+        binary = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+        )
+        cleaned = pa.compute.if_else(pa.array(nulls), pa.scalar(None, pa.large_binary()), binary)
+        text = cleaned.cast(pa.large_string())
+    return text, bad
 
 
 def _lines_batch(data: bytes, first_row: int, fmt: str, final: bool) -> tuple[pa.Table, int]:
@@ -180,13 +189,8 @@ def _lines_batch(data: bytes, first_row: int, fmt: str, final: bool) -> tuple[pa
     has_cr[nonempty] = buf[offsets[:-1][nonempty] + length[nonempty] - 1] == 13
     length = length - has_cr
     rows = first_row + np.arange(1, n + 1, dtype=np.int64)
-    binary = pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
-    )
     oversize = length > contract.LINE_CAP_BYTES
-    if oversize.any():
-        binary = pa.compute.if_else(pa.array(oversize), pa.scalar(None, pa.large_binary()), binary)
-    text, bad_utf8 = _utf8_lines(binary)
+    text, bad_utf8 = _utf8_lines(data, offsets, oversize)
     rejected = oversize | bad_utf8
     keep = (length > 0) | rejected
     blank = int(n - keep.sum())
@@ -202,7 +206,8 @@ def _lines_batch(data: bytes, first_row: int, fmt: str, final: bool) -> tuple[pa
             else:
                 reasons[i] = "bad_utf8"
                 details[i] = "line is not valid UTF-8"
-        pre_reason, pre_detail, raw = pa.array(reasons, pa.string()), pa.array(details, pa.string()), pa.array(raws, pa.string())
+        pre_reason, pre_detail = pa.array(reasons, pa.string()), pa.array(details, pa.string())
+        raw = pa.array(raws, pa.large_string())
     line = text
     if fmt in adapters.ADAPTERS:
         raw, line = _adapt(line, raw, adapters.ADAPTERS[fmt])
@@ -210,7 +215,7 @@ def _lines_batch(data: bytes, first_row: int, fmt: str, final: bool) -> tuple[pa
         [
             pa.array(rows),
             line,
-            raw if raw is not None else pa.nulls(n, pa.string()),
+            raw if raw is not None else pa.nulls(n, pa.large_string()),
             pa.array(length.astype(np.int64)),
             pre_reason if pre_reason is not None else pa.nulls(n, pa.string()),
             pre_detail if pre_detail is not None else pa.nulls(n, pa.string()),
@@ -222,7 +227,7 @@ def _lines_batch(data: bytes, first_row: int, fmt: str, final: bool) -> tuple[pa
     return table, blank
 
 
-def _adapt(line: pa.StringArray, raw: pa.Array | None, adapt) -> tuple[pa.Array, pa.Array]:
+def _adapt(line: pa.Array, raw: pa.Array | None, adapt) -> tuple[pa.Array, pa.Array]:
     """Pair lines -> native JSON text; the original line is kept as `raw` for the quarantine.
     Lines that are not JSON objects pass through unchanged (validation quarantines them)."""
     originals = line.to_pylist()
@@ -239,7 +244,7 @@ def _adapt(line: pa.StringArray, raw: pa.Array | None, adapt) -> tuple[pa.Array,
         adapted.append(orjson.dumps(adapt(obj)).decode() if isinstance(obj, dict) else text)
     raw_list = raw.to_pylist() if raw is not None else [None] * len(originals)
     merged_raw = [r if r is not None else o for r, o in zip(raw_list, originals, strict=True)]
-    return pa.array(merged_raw, pa.string()), pa.array(adapted, pa.string())
+    return pa.array(merged_raw, pa.large_string()), pa.array(adapted, pa.large_string())
 
 
 def _split_batches(table: pa.Table, rows: int = 16_384) -> pa.Table:
@@ -250,21 +255,34 @@ def _split_batches(table: pa.Table, rows: int = 16_384) -> pa.Table:
 def read_json_lines(path: Path, fmt: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
     """Yield batches of whole lines from a (possibly compressed) JSON Lines file.
 
+    Lines are gathered until a batch holds BATCH_ROWS lines or BATCH_BYTES bytes: large
+    batches let DuckDB write whole row groups instead of re-compressing partial ones.
     A line longer than LINE_CAP_BYTES is not buffered whole: its head is kept for the
     quarantine and the rest is skipped up to the next newline.
     """
     stream, fh, compression = _open_raw(path)
     row = 0
     pending = b""
+    parts: list[bytes] = []
+    part_lines = part_bytes = 0
     oversize_head: bytes | None = None
     oversize_len = 0
+
+    def flush(final: bool) -> Iterator[Batch]:
+        nonlocal row, parts, part_lines, part_bytes
+        if parts:
+            table, blank = _lines_batch(b"".join(parts), row, fmt, final)
+            row += len(table) + blank
+            parts, part_lines, part_bytes = [], 0, 0
+            yield Batch(_split_batches(table), fh.tell(), blank)
+
     try:
         while True:
             try:
                 chunk = stream.read(chunk_bytes)
             except (OSError, EOFError, zstandard.ZstdError) as exc:
                 raise IngestFileError(
-                    f"{path}: corrupt {compression} data after line {row} ({exc})"
+                    f"{path}: corrupt {compression} data after line {row + part_lines} ({exc})"
                 ) from None
             final = not chunk
             if oversize_head is not None:  # skipping the tail of an oversize line
@@ -272,7 +290,8 @@ def read_json_lines(path: Path, fmt: str, chunk_bytes: int = CHUNK_BYTES) -> Ite
                 if cut < 0 and not final:
                     oversize_len += len(chunk)
                     continue
-                oversize_len += cut if cut >= 0 else 0
+                oversize_len += max(cut, 0)
+                yield from flush(False)
                 row += 1
                 yield Batch(_oversize_row(row, oversize_head, oversize_len), fh.tell())
                 oversize_head = None
@@ -287,9 +306,11 @@ def read_json_lines(path: Path, fmt: str, chunk_bytes: int = CHUNK_BYTES) -> Ite
                     oversize_head = pending[: contract.QUARANTINE_RAW_CAP_BYTES]
                     oversize_len, pending = len(pending), b""
             if whole:
-                table, blank = _lines_batch(whole, row, fmt, final)
-                row += len(table) + blank
-                yield Batch(_split_batches(table), fh.tell(), blank)
+                parts.append(whole)
+                part_lines += whole.count(b"\n")
+                part_bytes += len(whole)
+            if final or part_lines >= BATCH_ROWS or part_bytes >= BATCH_BYTES:
+                yield from flush(final)
             if final:
                 return
     finally:
@@ -316,7 +337,7 @@ def _oversize_row(row: int, head: bytes, length: int) -> pa.Table:
 # --------------------------------------------------------------------------------------
 # Parquet
 # --------------------------------------------------------------------------------------
-def read_parquet(path: Path, batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[Batch]:
+def read_parquet(path: Path, batch_rows: int = BATCH_ROWS) -> Iterator[Batch]:
     """Yield record batches of a Parquet file, each with a 1-based `_dg_row` column."""
     try:
         pf = pq.ParquetFile(path)

@@ -168,15 +168,10 @@ EXCHANGES = KindSpec(
         ),
         Check(
             "messages",
-            "len(list_filter(messages, lambda m: NOT coalesce(list_contains("
-            f"{sql_list(contract.MESSAGE_ROLES)}, m.role), false))) = 0",
+            f"list_has_all({sql_list(contract.MESSAGE_ROLES)}, _roles)",
             "messages: role not one of " + ", ".join(contract.MESSAGE_ROLES),
         ),
-        Check(
-            "messages",
-            "list_contains(list_transform(messages, lambda m: m.role), 'user')",
-            "messages: no user message",
-        ),
+        Check("messages", "list_contains(_roles, 'user')", "messages: no user message"),
     ),
 )
 
@@ -273,9 +268,8 @@ def _json_field(f: pa.Field, t: str, v: str, duck_type: str) -> tuple[str, list[
     if kind == "str_list":
         elem_types = f"json_type({v}, '$[*]')"
         value = f"CASE WHEN {t} = 'ARRAY' THEN json_transform({v}, '[\"VARCHAR\"]') END"
-        wrong = (
-            f"{t} <> 'ARRAY' OR len(list_filter({elem_types}, lambda x: x <> 'VARCHAR')) > 0"
-        )
+        others = sql_list(["BIGINT", "UBIGINT", "DOUBLE", "BOOLEAN", "NULL", "ARRAY", "OBJECT"])
+        wrong = f"{t} <> 'ARRAY' OR list_has_any({elem_types}, {others})"
         return value, [problem(f"{present} AND ({wrong})", "bad_type", f"'{name}: expected list of strings'")]
     if kind == "messages":
         # role/content kept as JSON text here; converted in the next layer.
@@ -294,9 +288,7 @@ def _json_object(
 ) -> tuple[str, list[str]]:
     """A nested object of scalars (params): one parse for all sub-field types and values."""
     subs = list(f.type)
-    paths = sql_list([f'$."{s.name}"' for s in subs])
-    st = f"json_type({v}, {paths})"
-    sv = f"json_extract_string({v}, {paths})"
+    st, sv = _object_columns(f.name)
     sub_types = _struct_member_types(duck_type)
     parts, problems = [], [problem(f"{present} AND {t} <> 'OBJECT'", "bad_type", got)]
     for i, s in enumerate(subs, start=1):
@@ -316,6 +308,25 @@ def _json_object(
     return value, problems
 
 
+def _object_columns(name: str) -> tuple[str, str]:
+    """Columns holding the sub-field types / values of nested object `name` (one parse)."""
+    return f"_ot_{name}", f"_ov_{name}"
+
+
+def _object_extracts(fields: list[pa.Field]) -> str:
+    """SQL select items that parse every nested object field once (see `_object_columns`)."""
+    items = []
+    for i, f in enumerate(fields):
+        if value_kind(f.type) != "object":
+            continue
+        t, v = f"_t[{i + 2}]", f"_v[{i + 1}]"
+        paths = sql_list([f'$."{s.name}"' for s in f.type])
+        st, sv = _object_columns(f.name)
+        items.append(f"CASE WHEN {t} = 'OBJECT' THEN json_type({v}, {paths}) END AS {st}")
+        items.append(f"CASE WHEN {t} = 'OBJECT' THEN json_extract_string({v}, {paths}) END AS {sv}")
+    return "".join(", " + item for item in items)
+
+
 def _struct_member_types(duck_type: str) -> dict[str, str]:
     """Member name -> DuckDB type for a flat STRUCT(...) type string."""
     inner = duck_type[duck_type.index("(") + 1 : duck_type.rindex(")")]
@@ -328,10 +339,11 @@ def _struct_member_types(duck_type: str) -> dict[str, str]:
 
 def _unknown_entries(json_sql: str, known: str, prefix: str) -> str:
     """SQL: a MAP of the keys of JSON object `json_sql` not in `known`, values as JSON text."""
-    return f"""map_from_entries(list_transform(list_filter(
+    return f"""nullif(map_from_entries(list_transform(list_filter(
                     map_entries(json_transform({json_sql}, '"MAP(VARCHAR, JSON)"')),
                     lambda e: NOT list_contains({known}, e.key)),
-                    lambda e: {{'key': {sql_str(prefix)} || e.key, 'value': e.value::VARCHAR}}))"""
+                    lambda e: {{'key': {sql_str(prefix)} || e.key, 'value': e.value::VARCHAR}})),
+                    MAP {{}}::MAP(VARCHAR, VARCHAR))"""
 
 
 def _params_extra(spec: KindSpec, fields: list[pa.Field]) -> str:
@@ -342,19 +354,29 @@ def _params_extra(spec: KindSpec, fields: list[pa.Field]) -> str:
             continue
         t, v = f"_t[{i + 2}]", f"_v[{i + 1}]"
         known = sql_list([s.name for s in f.type])
+        st, _ = _object_columns(f.name)
         parts.append(
-            f"CASE WHEN {t} = 'OBJECT' AND len(list_filter(json_keys({v}), "
-            f"lambda k: NOT list_contains({known}, k))) > 0 "
+            f"CASE WHEN {t} = 'OBJECT' AND len(json_keys({v})) > list_count({st}) "
             f"THEN {_unknown_entries(v, known, f.name + '.')} END"
         )
     return ", ".join(parts) if parts else "NULL::MAP(VARCHAR, VARCHAR)"
 
 
+def _has_object_extra(fields: list[pa.Field]) -> str:
+    """SQL: does any nested object field (params) hold keys outside the contract?"""
+    tests = [
+        f"coalesce(len(json_keys(_v[{i + 1}])) > list_count({_object_columns(f.name)[0]}), false)"
+        for i, f in enumerate(fields)
+        if value_kind(f.type) == "object"
+    ]
+    return " OR ".join(tests) if tests else "false"
+
+
 def json_stage(spec: KindSpec, types: dict[str, str], source: str) -> str:
     """SQL: JSON line batch `source` -> typed contract columns + format problems."""
     fields = spec.fields
-    paths = sql_list(["$"] + [f'$."{f.name}"' for f in fields])
-    value_paths = sql_list([f'$."{f.name}"' for f in fields])
+    own = [f'$."{f.name}"' for f in fields] + ['$."extra"', '$."truncated_fields"']
+    paths, value_paths = sql_list(["$", *own]), sql_list(own)
     known = sql_list(spec.known_keys)
     cols, problems = [], []
     for i, f in enumerate(fields):
@@ -363,57 +385,54 @@ def json_stage(spec: KindSpec, types: dict[str, str], source: str) -> str:
         cols.append(f"{value} AS {ident(f.name)}")
         problems.extend(probs)
     extra_t, extra_v = "_t_extra", "_v_extra"
-    # Top-level keys not in the contract -> extra (JSON text per key); an "extra" object in
-    # the input (e.g. our own export) is merged in.
     # Top-level keys not in the contract -> extra (JSON text per key), unknown keys inside
     # params -> extra as "params.<key>"; an "extra" object in the input (e.g. our own
-    # export) is merged in.
-    extra = f"""map_concat(
-        CASE WHEN len(list_filter(_keys, lambda k: NOT list_contains({known}, k))) > 0
-             THEN {_unknown_entries("line", known, "")} END,
+    # export) is merged in. Cheap test first: more keys than known keys present.
+    extra = f"""CASE WHEN len(_keys) > list_count(_t) - 1 OR {extra_t} = 'OBJECT' OR _has_obj_extra
+        THEN map_concat(
+        CASE WHEN len(_keys) > list_count(_t) - 1 THEN {_unknown_entries("line", known, "")} END,
         {_params_extra(spec, fields)},
         CASE WHEN {extra_t} = 'OBJECT'
-             THEN json_transform({extra_v}, '"MAP(VARCHAR, VARCHAR)"') END)"""
+             THEN json_transform({extra_v}, '"MAP(VARCHAR, VARCHAR)"') END) END"""
     truncated_in = (
         "CASE WHEN _t_trunc = 'ARRAY' THEN json_transform(_v_trunc, '[\"VARCHAR\"]') END"
     )
     problem_list = ",\n            ".join(problems)
     return f"""
-    WITH _parsed AS (
+    WITH _typed AS (
         SELECT row_number, line, raw, raw_length, pre_reason, pre_detail,
-               pre_reason IS NULL AND json_valid(line) AS _valid
+               CASE WHEN pre_reason IS NULL THEN try(json_type(line, {paths})) END AS _t
         FROM {source}
-    ), _typed AS (
+    ), _values AS (
         SELECT *,
-            CASE WHEN _valid THEN json_type(line, {paths}) END AS _t,
-            CASE WHEN _valid AND _t[1] = 'OBJECT'
-                 THEN json_extract_string(line, {value_paths}) END AS _v,
-            CASE WHEN _valid AND _t[1] = 'OBJECT' THEN json_keys(line) END AS _keys,
-            CASE WHEN _valid AND _t[1] = 'OBJECT'
-                 THEN json_type(line, ['$."extra"', '$."truncated_fields"']) END AS _t2,
-            _t2[1] AS {extra_t}, _t2[2] AS _t_trunc,
-            CASE WHEN {extra_t} = 'OBJECT' OR _t_trunc = 'ARRAY'
-                 THEN json_extract_string(line, ['$."extra"', '$."truncated_fields"']) END AS _v2,
-            _v2[1] AS {extra_v}, _v2[2] AS _v_trunc
-        FROM _parsed
+            CASE WHEN _t[1] = 'OBJECT' THEN json_extract_string(line, {value_paths}) END AS _v,
+            CASE WHEN _t[1] = 'OBJECT' THEN json_keys(line) END AS _keys,
+            _t[{len(fields) + 2}] AS {extra_t}, _t[{len(fields) + 3}] AS _t_trunc
+        FROM _typed
+    ), _values2 AS (
+        SELECT *, _v[{len(fields) + 1}] AS {extra_v}, _v[{len(fields) + 2}] AS _v_trunc
+            {_object_extracts(fields)}
+        FROM _values
+    ), _values3 AS (
+        SELECT *, {_has_object_extra(fields)} AS _has_obj_extra FROM _values2
     )
-    SELECT row_number, coalesce(raw, line) AS raw, raw_length,
+    SELECT row_number, coalesce(raw, line) AS raw, raw_length, raw_length > {CAP} AS _may_exceed,
         CASE WHEN pre_reason IS NOT NULL THEN pre_reason
-             WHEN NOT _valid OR _t[1] <> 'OBJECT' THEN 'bad_json' END AS pre_reason,
+             WHEN _t[1] IS DISTINCT FROM 'OBJECT' THEN 'bad_json' END AS pre_reason,
         CASE WHEN pre_reason IS NOT NULL THEN pre_detail
-             WHEN NOT _valid THEN 'not valid JSON'
+             WHEN _t IS NULL THEN 'not valid JSON'
              WHEN _t[1] <> 'OBJECT' THEN 'a JSON ' || lower(_t[1]) || ', not an object'
              END AS pre_detail,
         {", ".join(cols)},
         {extra} AS extra,
         {truncated_in} AS _truncated_in,
-        list_filter([
+        concat_ws(chr(31),
             {problem_list},
             {problem(f"{extra_t} NOT IN ('OBJECT', 'NULL')", "bad_type", "'extra: expected object'")},
             {problem("_t_trunc NOT IN ('ARRAY', 'NULL')", "bad_type",
                      "'truncated_fields: expected list of strings'")}
-        ], lambda p: p IS NOT NULL) AS _format_problems
-    FROM _typed
+        ) AS _format_problems
+    FROM _values3
     """
 
 
@@ -482,14 +501,15 @@ def parquet_stage(
     truncated_in = "NULL::VARCHAR[]"
     if source_types.get("truncated_fields") == "VARCHAR[]":
         truncated_in = "truncated_fields"
-    problem_list = ", ".join(problems) if problems else ""
+    problem_list = ", ".join(problems) if problems else "NULL"
     return f"""
     SELECT _dg_row AS row_number, NULL::VARCHAR AS raw, NULL::BIGINT AS raw_length,
+        true AS _may_exceed,
         NULL::VARCHAR AS pre_reason, NULL::VARCHAR AS pre_detail,
         {", ".join(cols)},
         {extra} AS extra,
         {truncated_in} AS _truncated_in,
-        list_filter([{problem_list}]::VARCHAR[], lambda p: p IS NOT NULL) AS _format_problems
+        concat_ws(chr(31), {problem_list}) AS _format_problems
     FROM {source}
     """
 
@@ -514,6 +534,35 @@ def _messages_layer(spec: KindSpec, from_json: bool) -> tuple[str, list[str]]:
     return value, [bad]
 
 
+def _cap_columns(spec: KindSpec) -> tuple[list[str], list[str]]:
+    """(select items that cut text to the cap, SQL names of truncated fields or NULL).
+
+    Only rows that may exceed the cap (`_may_exceed`: a JSON line over the cap, or any
+    Parquet row) pay for the per-field tests.
+    """
+    capped, flags = [], []
+    for f in spec.fields:
+        col, kind = ident(f.name), value_kind(f.type)
+        if kind == "str":
+            over = f"_may_exceed AND strlen({col}) > {CAP}"
+            capped.append(f"CASE WHEN {over} THEN dg_cap({col}, {CAP}) ELSE {col} END AS {col}")
+            flags.append(f"CASE WHEN {over} THEN {sql_str(f.name)} END")
+        elif kind == "messages":
+            over = (
+                f"_may_exceed AND list_max(list_transform(messages, "
+                f"lambda m: strlen(m.content))) > {CAP}"
+            )
+            capped.append(
+                f"CASE WHEN {over} THEN list_transform(messages, lambda m: "
+                f"{{'role': m.role, 'content': dg_cap(m.content, {CAP})}}) "
+                "ELSE messages END AS messages"
+            )
+            flags.append(f"CASE WHEN {over} THEN 'messages' END")
+        else:
+            capped.append(col)
+    return capped, flags
+
+
 def validation_sql(spec: KindSpec, stage_sql: str, *, from_json: bool) -> str:
     """Wrap a format stage with the common rules; yields contract columns + reason/detail."""
     msg_value, msg_problems = _messages_layer(spec, from_json)
@@ -521,10 +570,10 @@ def validation_sql(spec: KindSpec, stage_sql: str, *, from_json: bool) -> str:
     conv = [msg_value + " AS messages" if n == "messages" else ident(n) for n in names]
     conv_problems = "_format_problems"
     if msg_problems:
-        conv_problems = (
-            f"list_concat(_format_problems, list_filter([{', '.join(msg_problems)}], "
-            "lambda p: p IS NOT NULL))"
-        )
+        conv_problems = f"concat_ws(chr(31), nullif(_format_problems, ''), {', '.join(msg_problems)})"
+    roles = "NULL::VARCHAR[]"
+    if "messages" in names:
+        roles = "list_transform(messages, lambda m: m.role)"
 
     # Required fields: absent / null / empty, unless already reported as the wrong type.
     problems: list[str] = []
@@ -535,63 +584,47 @@ def validation_sql(spec: KindSpec, stage_sql: str, *, from_json: bool) -> str:
             empty = f"({ident(name)} IS NULL OR {ident(name)} = '')"
         elif kind == "messages":
             empty = f"({ident(name)} IS NULL OR len({ident(name)}) = 0)"
-        not_typed_wrong = (
-            f"len(list_filter(_format_problems, lambda p: p LIKE '%|{name}:%')) = 0"
-        )
+        typed_wrong = f"contains(_format_problems, '|{name}:')"
         problems.append(
-            problem(f"{empty} AND {not_typed_wrong}", "missing_field", f"'{name}: required'")
+            problem(f"{empty} AND NOT {typed_wrong}", "missing_field", f"'{name}: required'")
         )
     for check in spec.checks:
         cond = f"{ident(check.column)} IS NOT NULL AND NOT coalesce({check.predicate}, false)"
         problems.append(problem(cond, "bad_value", sql_str(check.detail)))
 
-    # Text caps: cut to TEXT_FIELD_CAP_BYTES, list the field in truncated_fields.
-    text_fields = [f.name for f in spec.fields if value_kind(f.type) == "str"]
-    capped, trunc_flags = [], []
-    for name in names:
-        col = ident(name)
-        if name in text_fields:
-            capped.append(f"dg_cap({col}, {CAP}) AS {col}")
-            trunc_flags.append(f"CASE WHEN strlen({col}) > {CAP} THEN {sql_str(name)} END")
-        elif name == "messages":
-            over = f"coalesce(list_max(list_transform(messages, lambda m: strlen(m.content))), 0) > {CAP}"
-            capped.append(
-                f"CASE WHEN {over} THEN list_transform(messages, lambda m: "
-                f"{{'role': m.role, 'content': dg_cap(m.content, {CAP})}}) "
-                "ELSE messages END AS messages"
-            )
-            trunc_flags.append(f"CASE WHEN {over} THEN 'messages' END")
-        else:
-            capped.append(col)
-    has_truncation = "truncated_fields" in spec.known_keys
+    capped, flags = _cap_columns(spec)
     trunc_sql = ""
-    if has_truncation:
+    if "truncated_fields" in spec.known_keys:
+        computed = f"list_filter([{', '.join(flags)}], lambda x: x IS NOT NULL)" if flags else "[]"
         trunc_sql = f""",
-        nullif(list_distinct(list_concat(coalesce(_truncated_in, []), list_filter([
-            {", ".join(trunc_flags)}], lambda x: x IS NOT NULL))), []) AS truncated_fields"""
+            CASE WHEN _may_exceed OR _truncated_in IS NOT NULL THEN nullif(list_distinct(
+                list_concat(coalesce(_truncated_in, []), {computed})), []) END
+            AS truncated_fields"""
     out_cols = ", ".join(ident(f.name) for f in spec.schema)
     problem_list = ",\n                ".join(problems)
+    sorted_problems = "list_sort(string_split(_problems, chr(31)))"
     return f"""
     WITH _stage AS ({stage_sql}
     ), _conv AS (
-        SELECT row_number, raw, raw_length, pre_reason,
-               pre_detail, {conv_problems} AS _format_problems,
+        SELECT row_number, raw, raw_length, _may_exceed, pre_reason, pre_detail,
+               {conv_problems} AS _format_problems,
                {", ".join(conv)}, extra, _truncated_in
         FROM _stage
     ), _checked AS (
-        SELECT *, list_sort(list_concat(_format_problems, list_filter([
+        SELECT *, {roles} AS _roles FROM _conv
+    ), _judged AS (
+        SELECT *, concat_ws(chr(31), nullif(_format_problems, ''),
                 {problem_list}
-            ], lambda p: p IS NOT NULL))) AS _problems
-        FROM _conv
+            ) AS _problems
+        FROM _checked
     ), _verdict AS (
         SELECT *,
             CASE WHEN pre_reason IS NOT NULL THEN pre_reason
-                 WHEN len(_problems) > 0 THEN split_part(_problems[1], '|', 2) END AS reason,
+                 WHEN _problems <> '' THEN split_part({sorted_problems}[1], '|', 2) END AS reason,
             CASE WHEN pre_reason IS NOT NULL THEN pre_detail
-                 WHEN len(_problems) > 0 THEN array_to_string(
-                    list_transform(_problems, lambda p: regexp_replace(p, '^\\d+\\|\\w+\\|', '')),
-                    '; ') END AS detail
-        FROM _checked
+                 WHEN _problems <> '' THEN array_to_string(list_transform({sorted_problems},
+                    lambda p: regexp_replace(p, '^\\d+\\|\\w+\\|', '')), '; ') END AS detail
+        FROM _judged
     ), _final AS (
         SELECT row_number, reason, detail,
             CASE WHEN reason IS NOT NULL
