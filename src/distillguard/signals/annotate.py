@@ -1,0 +1,313 @@
+"""Per-exchange request signals (contract.SIGNAL_SCHEMA), for a batch or for one live request.
+
+Both paths share one per-text analysis (`SignalAnnotator.analyse`): rules (one Hyperscan scan),
+template signature + LSH keys, language and classifier score depend only on the user turns, so
+they are computed once per DISTINCT prompt text (traffic repeats prompts a lot, distillation
+traffic most of all) and cached across calls. Everything that depends on the rest of the exchange
+(tools, tool calls, parameters, system prompt) is vectorised in Arrow for batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from distillguard import contract
+from distillguard.signals.classifier import DistillClassifier, default_artifact_path
+from distillguard.signals.language import detect_language
+from distillguard.signals.matcher import RuleMatcher
+from distillguard.signals.params import extraction_mask, is_extraction
+from distillguard.signals.rules import RulePack, load_rule_packs
+from distillguard.signals.templates import skeleton, template_signatures, text_hash
+
+log = logging.getLogger(__name__)
+
+#: When rules of several capabilities match, the most specific one wins (first in this order).
+CAPABILITY_PRIORITY = (
+    "computer_use_vision",
+    "agentic_tool_use",
+    "data_analysis",
+    "coding",
+    "reasoning_math",
+    "creative",
+    "general_chat",
+)
+DEFAULT_CAPABILITY = "general_chat"
+#: Boolean signals a rule can set (rules.RULE_SIGNALS minus capability/context).
+BOOLEAN_SIGNALS = ("cot", "reasoning_reconstruction", "rubric", "safe_rewrite")
+
+#: Very long prompts are analysed on their head and tail only: bounded cost per prompt, and a
+#: template's instructions sit at the start or the end of the data they wrap.
+HEAD_CHARS = 64_000
+TAIL_CHARS = 16_000
+#: Per-text results are cached for texts up to this length, at most CACHE_ENTRIES of them.
+CACHE_MAX_TEXT_CHARS = 8_192
+CACHE_ENTRIES = 200_000
+
+USER_JOIN = "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class TextSignals:
+    """Everything derived from the user turns alone."""
+
+    flags: tuple[bool, bool, bool, bool]  # BOOLEAN_SIGNALS, in that order
+    capability: str  # from text rules alone (structure is applied per exchange)
+    template_sig: str | None
+    template_lsh: tuple[str, ...]
+    language: str | None
+    distill_score: float | None
+    rule_hits: tuple[str, ...]
+
+
+def analysis_view(text: str) -> str:
+    """The part of a prompt that is analysed (all of it unless it is very long)."""
+    if len(text) <= HEAD_CHARS + TAIL_CHARS:
+        return text
+    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
+
+
+def _table_column(table: pa.Table, name: str) -> pa.Array | None:
+    if name not in table.column_names:
+        return None
+    column = table[name]
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def user_text_column(messages: pa.Array) -> pa.Array:
+    """Per row: the contents of the user turns joined by a newline ("" if none), vectorised."""
+    num_rows = len(messages)
+    flat = pc.list_flatten(messages)
+    parents = pc.list_parent_indices(messages)
+    is_user = pc.fill_null(pc.equal(pc.struct_field(flat, "role"), "user"), False)
+    content = pc.fill_null(pc.filter(pc.struct_field(flat, "content"), is_user), "")
+    counts = np.bincount(
+        pc.filter(parents, is_user).to_numpy(zero_copy_only=False), minlength=num_rows
+    )
+    offsets = np.zeros(num_rows + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    lists = pa.ListArray.from_arrays(pa.array(offsets), content.cast(pa.string()))
+    return pc.binary_join(lists, USER_JOIN)
+
+
+def user_text(messages: Sequence[Any] | None) -> str:
+    """The single-request twin of `user_text_column`."""
+    return USER_JOIN.join(
+        (m.get("content") or "")
+        for m in messages or ()
+        if isinstance(m, Mapping) and m.get("role") == "user"
+    )
+
+
+def system_hash(system: str | None) -> str | None:
+    """Hash of the system prompt's skeleton (dates, names, ids masked), None if there is none."""
+    if system is None or not system.strip():
+        return None
+    return text_hash(skeleton(analysis_view(system)))
+
+
+class SignalAnnotator:
+    """Compiled rules + classifier + per-text cache; thread-safe for the gateway."""
+
+    def __init__(
+        self,
+        packs: Sequence[RulePack] | None = None,
+        classifier: DistillClassifier | None = None,
+        *,
+        load_classifier: bool = True,
+    ):
+        self.packs = list(load_rule_packs() if packs is None else packs)
+        self.matcher = RuleMatcher.from_packs(self.packs)
+        rules = self.matcher.rules
+        self._rule_signal = [BOOLEAN_SIGNALS.index(r.signal) if r.signal in BOOLEAN_SIGNALS
+                             else -1 for r in rules]
+        self._rule_capability_rank = [
+            CAPABILITY_PRIORITY.index(r.capability) if r.capability else len(CAPABILITY_PRIORITY)
+            for r in rules
+        ]
+        if classifier is None and load_classifier:
+            path = default_artifact_path()
+            if path.exists():
+                classifier = DistillClassifier.load(path)
+            else:
+                log.warning("no classifier artifact at %s: distill_score will be null", path)
+        self.classifier = classifier
+        self._cache: dict[str, TextSignals] = {}
+        self._cache_lock = threading.Lock()
+
+    # -- per text --------------------------------------------------------------------------
+    def analyse(self, texts: Sequence[str]) -> list[TextSignals]:
+        """Signals of each text (cached); the one place per-text work happens."""
+        out: list[TextSignals | None] = [self._cache.get(t) for t in texts]
+        missing = [i for i, hit in enumerate(out) if hit is None]
+        if missing:
+            fresh = self._analyse_uncached([texts[i] for i in missing])
+            for i, signals in zip(missing, fresh, strict=True):
+                out[i] = signals
+            self._remember([texts[i] for i in missing], fresh)
+        return out  # type: ignore[return-value]
+
+    def _analyse_uncached(self, texts: Sequence[str]) -> list[TextSignals]:
+        views = [analysis_view(t) for t in texts]
+        sigs, lsh = template_signatures(views)
+        scores: Sequence[float | None]
+        if self.classifier is not None:
+            scores = self.classifier.predict_proba(views).tolist()
+        else:
+            scores = [None] * len(views)
+        results = []
+        for view, sig, keys, score in zip(views, sigs, lsh, scores, strict=True):
+            hit_indices = self.matcher.scan_indices(view)
+            flags = [False] * len(BOOLEAN_SIGNALS)
+            rank = len(CAPABILITY_PRIORITY) - 1
+            for i in hit_indices:
+                if self._rule_signal[i] >= 0:
+                    flags[self._rule_signal[i]] = True
+                rank = min(rank, self._rule_capability_rank[i])
+            results.append(
+                TextSignals(
+                    flags=tuple(flags),  # type: ignore[arg-type]
+                    capability=CAPABILITY_PRIORITY[rank],
+                    template_sig=sig,
+                    template_lsh=tuple(keys),
+                    language=detect_language(view) if view.strip() else None,
+                    distill_score=None if score is None or not view.strip() else score,
+                    rule_hits=tuple(self.matcher.rules[i].id for i in hit_indices),
+                )
+            )
+        return results
+
+    def _remember(self, texts: Sequence[str], results: Sequence[TextSignals]) -> None:
+        with self._cache_lock:
+            if len(self._cache) + len(texts) > CACHE_ENTRIES:
+                for key in list(islice(self._cache, CACHE_ENTRIES // 2)):
+                    self._cache.pop(key, None)
+            for text, signals in zip(texts, results, strict=True):
+                if len(text) <= CACHE_MAX_TEXT_CHARS:
+                    self._cache[text] = signals
+
+    # -- batch -----------------------------------------------------------------------------
+    def annotate(self, exchanges: pa.Table | pa.RecordBatch) -> pa.Table:
+        """Signals for every exchange, as a SIGNAL_SCHEMA table in the same row order."""
+        table = pa.Table.from_batches([exchanges]) if isinstance(exchanges, pa.RecordBatch) \
+            else exchanges
+        num_rows = table.num_rows
+        for name in ("request_id", "account_id", "ts", "model", "messages"):
+            if name not in table.column_names:
+                raise ValueError(f"exchanges have no {name!r} column (see contract.EXCHANGE_SCHEMA)")
+        messages = _table_column(table, "messages")
+        texts = user_text_column(messages)
+        encoded = pc.dictionary_encode(texts)
+        distinct = self.analyse(encoded.dictionary.to_pylist())
+        indices = encoded.indices
+
+        def per_text(values: list, type_: pa.DataType) -> pa.Array:
+            return pc.take(pa.array(values, type_), indices)
+
+        columns: dict[str, pa.Array] = {
+            name: _table_column(table, name).cast(contract.SIGNAL_SCHEMA.field(name).type)
+            for name in ("request_id", "account_id", "ts", "model")
+        }
+        columns["prompt_chars"] = pc.utf8_length(texts).cast(pa.int64())
+        for k, name in enumerate(BOOLEAN_SIGNALS):
+            columns[name] = per_text([s.flags[k] for s in distinct], pa.bool_())
+        text_capability = per_text([s.capability for s in distinct], pa.string())
+        columns["capability"] = pc.if_else(
+            pc.and_(self._has_tools(table), pc.not_equal(text_capability, CAPABILITY_PRIORITY[0])),
+            pa.scalar("agentic_tool_use"),
+            text_capability,
+        )
+        columns["extraction_params"] = extraction_mask(_table_column(table, "params"), num_rows)
+        columns["template_sig"] = per_text([s.template_sig for s in distinct], pa.string())
+        columns["template_lsh"] = per_text(
+            [list(s.template_lsh) for s in distinct], pa.list_(pa.string())
+        )
+        columns["system_hash"] = self._system_hashes(_table_column(table, "system"), num_rows)
+        columns["language"] = per_text([s.language for s in distinct], pa.string())
+        columns["distill_score"] = per_text([s.distill_score for s in distinct], pa.float64())
+        columns["rule_hits"] = per_text([list(s.rule_hits) for s in distinct],
+                                        pa.list_(pa.string()))
+        return pa.Table.from_pydict(
+            {f.name: columns[f.name] for f in contract.SIGNAL_SCHEMA},
+            schema=contract.SIGNAL_SCHEMA,
+        )
+
+    @staticmethod
+    def _has_tools(table: pa.Table) -> pa.Array:
+        present = pa.array(np.zeros(table.num_rows, dtype=bool))
+        for name in ("tools", "tool_calls"):
+            column = _table_column(table, name)
+            if column is not None and pa.types.is_list(column.type):
+                present = pc.or_(present, pc.fill_null(pc.greater(pc.list_value_length(column), 0),
+                                                       False))
+        return present
+
+    @staticmethod
+    def _system_hashes(system: pa.Array | None, num_rows: int) -> pa.Array:
+        if system is None:
+            return pa.nulls(num_rows, pa.string())
+        encoded = pc.dictionary_encode(system.cast(pa.string()))
+        hashes = pa.array([system_hash(s) for s in encoded.dictionary.to_pylist()], pa.string())
+        return pc.take(hashes, encoded.indices)
+
+    # -- one live request ------------------------------------------------------------------
+    def annotate_request(self, exchange: Mapping[str, Any]) -> dict[str, Any]:
+        """Signals of one exchange given as a contract-shaped dict (keys of SIGNAL_SCHEMA)."""
+        text = user_text(exchange.get("messages"))
+        signals = self.analyse([text])[0]
+        capability = signals.capability
+        if (exchange.get("tools") or exchange.get("tool_calls")) and \
+                capability != CAPABILITY_PRIORITY[0]:
+            capability = "agentic_tool_use"
+        system = exchange.get("system")
+        return {
+            "request_id": exchange.get("request_id"),
+            "account_id": exchange.get("account_id"),
+            "ts": exchange.get("ts"),
+            "model": exchange.get("model"),
+            "prompt_chars": len(text),
+            "cot": signals.flags[0],
+            "reasoning_reconstruction": signals.flags[1],
+            "rubric": signals.flags[2],
+            "safe_rewrite": signals.flags[3],
+            "capability": capability,
+            "extraction_params": is_extraction(exchange.get("params")),
+            "template_sig": signals.template_sig,
+            "template_lsh": list(signals.template_lsh),
+            "system_hash": system_hash(system) if isinstance(system, str) else None,
+            "language": signals.language,
+            "distill_score": signals.distill_score,
+            "rule_hits": list(signals.rule_hits),
+        }
+
+
+_default: SignalAnnotator | None = None
+_default_lock = threading.Lock()
+
+
+def default_annotator() -> SignalAnnotator:
+    """The process-wide annotator with the built-in rule packs and classifier (built once)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = SignalAnnotator()
+    return _default
+
+
+def annotate(exchanges: pa.Table | pa.RecordBatch) -> pa.Table:
+    """contract.SIGNAL_SCHEMA rows for `exchanges` (EXCHANGE_SCHEMA columns), same row order."""
+    return default_annotator().annotate(exchanges)
+
+
+def annotate_request(exchange: Mapping[str, Any]) -> dict[str, Any]:
+    """One exchange (contract-shaped dict) -> one signal row dict; same code path as `annotate`."""
+    return default_annotator().annotate_request(exchange)

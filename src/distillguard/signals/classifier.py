@@ -1,0 +1,89 @@
+"""The learned text classifier: hashed word n-grams + logistic regression.
+
+It scores how much a prompt reads like a *task / benchmark / data-generation* prompt rather than a
+person's organic question (see model/MODEL_CARD.md for data, metrics and limits). The artifact is a
+small `.npz` of the non-zero coefficients plus the vectorizer settings, so loading it never
+unpickles code; `signals train` (distillguard.signals.training) rebuilds it reproducibly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from sklearn.feature_extraction.text import HashingVectorizer
+
+ARTIFACT_NAME = "distill_classifier.npz"
+
+#: Vectorizer settings: fixed here and stored in the artifact, checked on load.
+VECTORIZER_CONFIG = {
+    "n_features": 2**18,
+    "ngram_range": [1, 2],
+    "alternate_sign": False,
+    "norm": "l2",
+    "lowercase": True,
+}
+#: Characters of a prompt the classifier reads (the start carries the style; caps the cost).
+MAX_CHARS = 4000
+
+
+def make_vectorizer(config: dict | None = None) -> HashingVectorizer:
+    """The HashingVectorizer used both to train and to score (stateless: nothing to fit)."""
+    cfg = dict(VECTORIZER_CONFIG if config is None else config)
+    cfg["ngram_range"] = tuple(cfg["ngram_range"])
+    return HashingVectorizer(dtype=np.float32, **cfg)
+
+
+def default_artifact_path() -> Path:
+    return Path(str(resources.files("distillguard.signals") / "model" / ARTIFACT_NAME))
+
+
+@dataclass
+class DistillClassifier:
+    """Linear model over hashed n-grams; `predict_proba(texts)` gives P(task-style prompt)."""
+
+    weights: np.ndarray  # dense, float32, one per hashed feature
+    intercept: float
+    config: dict
+    metadata: dict
+
+    def __post_init__(self) -> None:
+        self._vectorizer = make_vectorizer(self.config)
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """Probability per text (float64); empty input gives an empty array."""
+        if not texts:
+            return np.zeros(0)
+        features = self._vectorizer.transform([t[:MAX_CHARS] for t in texts])
+        logits = features @ self.weights + self.intercept
+        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+    def save(self, path: Path) -> None:
+        """Write the artifact: non-zero coefficients (float16) + settings as JSON."""
+        nonzero = np.flatnonzero(self.weights).astype(np.int32)
+        np.savez_compressed(
+            path,
+            indices=nonzero,
+            values=self.weights[nonzero].astype(np.float16),
+            intercept=np.array([self.intercept], dtype=np.float64),
+            config=np.array(json.dumps(self.config)),
+            metadata=np.array(json.dumps(self.metadata)),
+        )
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> DistillClassifier:
+        """Load an artifact written by `save` (no pickle: `allow_pickle=False`)."""
+        path = default_artifact_path() if path is None else Path(path)
+        with np.load(path, allow_pickle=False) as data:
+            config = json.loads(str(data["config"]))
+            weights = np.zeros(int(config["n_features"]), dtype=np.float32)
+            weights[data["indices"]] = data["values"].astype(np.float32)
+            return cls(
+                weights=weights,
+                intercept=float(data["intercept"][0]),
+                config=config,
+                metadata=json.loads(str(data["metadata"])),
+            )

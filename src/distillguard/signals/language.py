@@ -1,0 +1,70 @@
+"""A cheap language guess: Unicode script counts, then stopword sets for Latin-script text.
+
+Deliberately a heuristic (no model in the hot path): it tells the big languages apart well enough
+for an account's language mix, not dialects or short mixed-language prompts. Returns an ISO 639-1
+code, or None when the text has too few letters to say.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Characters examined: the language of a prompt is clear from its start.
+SAMPLE_CHARS = 2000
+
+# Non-Latin scripts and the language each one most likely means.
+_SCRIPTS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("ja", re.compile(r"[\u3040-\u30ff]")),
+    ("ko", re.compile(r"[\uac00-\ud7af\u1100-\u11ff]")),
+    ("zh", re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf]")),
+    ("ru", re.compile(r"[\u0400-\u04ff]")),
+    ("el", re.compile(r"[\u0370-\u03ff]")),
+    ("ar", re.compile(r"[\u0600-\u06ff]")),
+    ("he", re.compile(r"[\u0590-\u05ff]")),
+    ("hi", re.compile(r"[\u0900-\u097f]")),
+    ("th", re.compile(r"[\u0e00-\u0e7f]")),
+)
+_UKRAINIAN = re.compile(r"[іїєґІЇЄҐ]")
+_PERSIAN = re.compile(r"[پچژگ]")
+_LATIN_LETTER = re.compile(r"[A-Za-z\u00c0-\u024f]")
+_WORD = re.compile(r"[a-zà-öø-ÿ]+")
+
+_STOPWORDS: dict[str, frozenset[str]] = {
+    lang: frozenset(words.split())
+    for lang, words in {
+        "en": "the and is are of to in that it for with on this be you what how can do not",
+        "es": "el la los las de que y en es por para una un con no se del al como más qué",
+        "fr": "le la les des de et est que une un dans pour pas sur qui du au avec ce vous",
+        "de": "der die das und ist nicht ein eine zu mit den auf für von sich ich es dem wie",
+        "pt": "o os as de que e em um uma para com não por se do da dos das mais é você",
+        "it": "il lo la gli le di che e un una per con non si del della sono è come più",
+        "nl": "de het een en van is dat niet op te met voor zijn er aan ik je wat hoe",
+        "id": "yang dan di ini itu dengan untuk tidak dari ada saya akan pada juga bisa",
+        "tr": "ve bir bu da de için ile ne mi çok daha gibi ama olan var ben sen nasıl",
+        "pl": "i w nie się na to jest że z do co jak ale tak czy po od dla jestem",
+    }.items()
+}
+
+
+def detect_language(text: str) -> str | None:
+    """ISO 639-1 guess for `text` (see module docstring for what it can and cannot do)."""
+    sample = text[:SAMPLE_CHARS]
+    latin = len(_LATIN_LETTER.findall(sample))
+    counts = {lang: len(pattern.findall(sample)) for lang, pattern in _SCRIPTS}
+    # Japanese mixes kana with Han characters: a little kana is enough to tell it from Chinese.
+    if counts["ja"] >= 2 and counts["ja"] * 10 >= counts["zh"]:
+        counts["ja"] += counts.pop("zh")
+    best_script, best_count = max(counts.items(), key=lambda item: item[1])
+    if best_count >= max(2, latin // 2):
+        if best_script == "ru" and _UKRAINIAN.search(sample):
+            return "uk"
+        if best_script == "ar" and _PERSIAN.search(sample):
+            return "fa"
+        return best_script
+    if latin < 3:
+        return None
+    words = _WORD.findall(sample.lower())
+    scores = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS.items()}
+    lang, score = max(scores.items(), key=lambda item: item[1])
+    # Latin-script text without enough stopwords (code, lists of names) is most often English.
+    return lang if score > 0 else "en"

@@ -1,0 +1,113 @@
+"""Template signatures: a prompt's skeleton (data masked) hashed, plus MinHash/LSH band keys.
+
+Distillers fill one prompt template with many questions, numbers and names. Masking the parts that
+vary (numbers, names, code identifiers, quoted or fenced data, URLs, e-mail addresses) leaves the
+skeleton the operator wrote; its hash is `template_sig`, shared by every fill of a template. The
+MinHash (rensa) of the skeleton's word shingles, cut into LSH bands, gives `template_lsh`: prompts
+whose skeletons are near-duplicates (Jaccard ≳ 0.75) share at least one band key with high
+probability, unrelated prompts almost never do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from rensa import RMinHash
+
+#: MinHash size and LSH banding: 8 bands of 8 rows gives a match probability of ~0.5 at Jaccard
+#: 0.77, ~0.99 at 0.9 and ~0.03 at 0.5 (S-curve 1 - (1 - J^8)^8).
+NUM_PERM = 64
+LSH_BANDS = 8
+LSH_ROWS = NUM_PERM // LSH_BANDS
+MINHASH_SEED = 20260223
+SHINGLE_WORDS = 3
+
+# Order matters: blocks of data first (they may contain numbers and names), then tokens.
+_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"```.*?(```|\Z)", re.S), " <code> "),
+    (re.compile(r"<(\w{1,30})>.*?</\1>", re.S), r" <\1><data></\1> "),
+    (re.compile(r"`[^`\n]{1,300}`"), " <code> "),
+    (re.compile(r"https?://\S+|www\.\S+"), " <url> "),
+    (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), " <email> "),
+    (re.compile(r"\"[^\"\n]{1,500}\"|“[^”\n]{1,500}”|«[^»\n]{1,500}»|„[^“\n]{1,500}“"), " <q> "),
+    (re.compile(r"(?<!\w)'[^'\n]{1,300}'(?!\w)"), " <q> "),
+    (re.compile(r"\b[A-Za-z_]\w*(?:\.\w+)+\(?|\b[a-z]+_\w+\b|\b[a-z]+[A-Z]\w*\b|\b\w+\(\)"), " <id> "),
+    (re.compile(r"[$€£¥]?[-+]?\d[\d,._:/]*(?:%|st|nd|rd|th)?"), " <num> "),
+)
+# Capitalised words that are not common English words are taken to be names (people, places,
+# products). A cheap heuristic: no NER model in the hot path.
+_CAPITALISED = re.compile(r"\b[A-Z][a-zA-Z]+\b")
+_COMMON_WORDS = """a about above after again against all also an and any are as at be because been before
+    being below between both but by can could did do does doing down during each few for from
+    further had has have having he her here hers herself him himself his how i if in into is it its
+    itself just let me more most my myself no nor not now of off on once only or other our ours out
+    over own same she should so some such than that the their theirs them then there these they
+    this those through to too under until up very was we were what when where which while who whom
+    why will with would you your yours yourself yourselves yes ok okay hi hello hey dear please
+    thanks thank write solve explain describe give list provide generate create make find tell show
+    answer question questions rate compare evaluate summarize summarise translate rewrite rephrase
+    imagine consider assume suppose given calculate compute determine prove use act pretend step
+    steps task instructions instruction note context example examples input output response
+    responses assistant user system human final problem solution option options true false none
+    first second third next finally also however therefore thus one two three
+"""
+_COMMON_CAPITALISED = frozenset(_COMMON_WORDS.split())
+_WS = re.compile(r"\s+")
+_WORD = re.compile(r"<\w+>|\w+|[^\w\s]")
+
+
+def _mask_name(match: re.Match[str]) -> str:
+    word = match.group(0)
+    return word if word.lower() in _COMMON_CAPITALISED else "<name>"
+
+
+def skeleton(text: str) -> str:
+    """The prompt with its variable data masked, lower-cased, whitespace collapsed."""
+    for pattern, replacement in _MASKS:
+        text = pattern.sub(replacement, text)
+    text = _CAPITALISED.sub(_mask_name, text)
+    return _WS.sub(" ", text).strip().lower()
+
+
+def _hex_hash(data: bytes, size: int = 8) -> str:
+    return hashlib.blake2b(data, digest_size=size).hexdigest()
+
+
+def text_hash(text: str) -> str:
+    """Stable 64-bit hex hash of a text (template_sig, system_hash)."""
+    return _hex_hash(text.encode("utf-8", errors="replace"))
+
+
+def shingles(skel: str) -> list[str]:
+    """Word shingles of a skeleton (the whole token list if it is shorter than one shingle)."""
+    tokens = _WORD.findall(skel)
+    if len(tokens) <= SHINGLE_WORDS:
+        return [" ".join(tokens)] if tokens else []
+    return [" ".join(tokens[i : i + SHINGLE_WORDS]) for i in range(len(tokens) - SHINGLE_WORDS + 1)]
+
+
+def lsh_keys_batch(shingle_sets: Sequence[list[str]]) -> list[list[str]]:
+    """LSH band keys (`"band:hash"`) of the MinHash of each shingle set; [] for an empty set."""
+    keys: list[list[str]] = [[] for _ in shingle_sets]
+    present = [i for i, s in enumerate(shingle_sets) if s]
+    if not present:
+        return keys
+    digests = RMinHash.digests_from_token_sets(
+        [shingle_sets[i] for i in present], num_perm=NUM_PERM, seed=MINHASH_SEED
+    )
+    bands = np.asarray(digests, dtype="<u4").reshape(len(present), LSH_BANDS, LSH_ROWS)
+    for row, i in enumerate(present):
+        keys[i] = [
+            f"{band}:{_hex_hash(bands[row, band].tobytes(), 6)}" for band in range(LSH_BANDS)
+        ]
+    return keys
+
+
+def template_signatures(texts: Sequence[str]) -> tuple[list[str | None], list[list[str]]]:
+    """`template_sig` and `template_lsh` for each text (None / [] when nothing is left)."""
+    skeletons = [skeleton(t) for t in texts]
+    sigs = [text_hash(s) if s else None for s in skeletons]
+    return sigs, lsh_keys_batch([shingles(s) for s in skeletons])
