@@ -58,6 +58,41 @@ def positions_within(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return group, np.arange(int(lengths.sum()), dtype=np.int64) - starts[group]
 
 
+def dictionary_take(values: pa.Array, indices: np.ndarray, null: np.ndarray | None = None,
+                    extra: pa.Array | None = None) -> pa.DictionaryArray:
+    """Rows `values[indices]` as a dictionary array holding only the values used.
+
+    A negative index -1-j picks `extra[j]` instead (text made for this chunk, e.g. wrapped
+    prompts). Rows where `null` is True are null. Only the distinct values are copied, which
+    is what makes gathering long repeated texts cheap, and Parquet then writes the dictionary
+    once per row group instead of hashing every row.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    from_values = indices >= 0
+    use = from_values if null is None else from_values & ~null
+    used = np.zeros(len(values), dtype=bool)
+    used[indices[use]] = True
+    keep = np.flatnonzero(used)
+    remap = np.cumsum(used, dtype=np.int64) - 1
+    codes = np.where(from_values, remap[np.maximum(indices, 0)], len(keep) - 1 - indices)
+    if null is not None:
+        codes[null] = 0
+    dictionary = values.take(pa.array(keep))
+    if extra is not None:
+        dictionary = pa.concat_arrays([dictionary, extra.cast(dictionary.type)])
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=null),
+                                          dictionary)
+
+
+def small_dictionary(codes: np.ndarray, values: pa.Array,
+                     null: np.ndarray | None = None) -> pa.DictionaryArray:
+    """Codes into a small fixed pool (roles, models, user agents...) as a dictionary array."""
+    codes = np.asarray(codes).astype(np.int32)
+    if null is not None:
+        codes = np.where(null, 0, codes).astype(np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(codes, mask=null), values)
+
+
 class TextBank:
     """Named pools of strings concatenated into one Arrow array, so a single `take` can gather
     text from any mix of pools. 32-bit offsets: the bank (and any chunk gathered from it) stays

@@ -34,16 +34,18 @@ from distillguard import contract
 from distillguard.lab.infrastructure import Infrastructure, user_agent_pool
 from distillguard.lab.prompts import PromptLibrary, find_corpus
 from distillguard.lab.scenario import Scenario, list_scenarios, load_scenario
-from distillguard.lab.traffic import DAY_MS, Group, _ms
+from distillguard.lab.traffic import DAY_MS, WRITE_SCHEMA, Group, _ms
 
 __all__ = ["SimulationSummary", "list_scenarios", "simulate"]
 
 #: Rows generated per block (bounds memory: a block is built, queued, written, dropped).
 CHUNK_ROWS = 100_000
+#: Rows buffered into one Parquet row group (dictionary-encoded, so a few hundred MB at most).
+ROW_GROUP_ROWS = 250_000
 #: Rows per exchanges part file.
 ROWS_PER_FILE = 2_000_000
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1,
-                   "dictionary_pagesize_limit": 8 << 20}
+                   "dictionary_pagesize_limit": 64 << 20}
 
 #: progress(done, total): called after each (day, group) step.
 Progress = Callable[[int, int], None]
@@ -108,21 +110,34 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         part: pq.ParquetWriter | None = None
         rows = 0
+        pending: list[pa.Table] = []
         truth = pq.ParquetWriter(self.out / "truth" / "exchanges.parquet",
                                  contract.TRUTH_EXCHANGE_SCHEMA, **PARQUET_OPTIONS)
         try:
-            while (item := self.queue.get()) is not None:
-                exchanges, truth_rows = item
-                if part is None or rows >= self.rows_per_file:
-                    if part is not None:
-                        part.close()
-                    path = self.out / "exchanges" / f"part-{len(self.files):05d}.parquet"
-                    self.files.append(path)
-                    part = pq.ParquetWriter(path, contract.EXCHANGE_SCHEMA, **PARQUET_OPTIONS)
-                    rows = 0
-                part.write_table(exchanges, row_group_size=CHUNK_ROWS)
-                truth.write_table(truth_rows, row_group_size=CHUNK_ROWS * 4)
-                rows += exchanges.num_rows
+            while True:
+                item = self.queue.get()
+                if item is not None:
+                    pending.append(item[0])
+                    truth.write_table(item[1], row_group_size=ROW_GROUP_ROWS)
+                    if sum(t.num_rows for t in pending) < ROW_GROUP_ROWS:
+                        continue
+                if pending:
+                    if part is None or rows >= self.rows_per_file:
+                        if part is not None:
+                            part.close()
+                        path = self.out / "exchanges" / f"part-{len(self.files):05d}.parquet"
+                        self.files.append(path)
+                        part = pq.ParquetWriter(path, WRITE_SCHEMA, store_schema=False,
+                                                **PARQUET_OPTIONS)
+                        rows = 0
+                    # One row group per buffer, its dictionaries merged: each distinct text is
+                    # stored once per row group instead of once per generated block.
+                    group = pa.concat_tables(pending).unify_dictionaries().combine_chunks()
+                    part.write_table(group, row_group_size=group.num_rows or 1)
+                    rows += group.num_rows
+                    pending = []
+                if item is None:
+                    break
         except BaseException as exc:  # surfaced by put()/finish()
             self.error = exc
             while self.queue.get() is not None:  # drain so the producer never blocks

@@ -26,7 +26,13 @@ import pyarrow.compute as pc
 
 from distillguard import contract
 from distillguard.lab import prompts
-from distillguard.lab._arrow import hex_ids, list_array, positions_within
+from distillguard.lab._arrow import (
+    dictionary_take,
+    hex_ids,
+    list_array,
+    positions_within,
+    small_dictionary,
+)
 from distillguard.lab.campaigns import HONEST_MIX
 from distillguard.lab.infrastructure import COUNTRIES, Infrastructure, email_domains
 from distillguard.lab.prompts import FAMILIES, PromptLibrary
@@ -39,8 +45,8 @@ EFFORTS = pa.array(["low", "medium", "high"])
 COT_FAMILIES = {"cot", "reasoning_reconstruction", "eval_math", "trace_reconstruction"}
 FAMILY_NAMES = list(FAMILIES)
 TOOLSETS = ["", "agent", "computer", "bfcl"]
-STOP_REASONS = pa.array([None, "stop", "tool_calls"], pa.string())
-ERRORS = pa.array([None, "rate_limit_exceeded", "internal_error"], pa.string())
+STOP_REASONS = pa.array(["stop", "tool_calls"])
+ERRORS = pa.array(["rate_limit_exceeded", "internal_error"])
 
 #: Local-hour activity shapes (24 weights, hour 0 = local midnight).
 PROFILES: dict[str, np.ndarray] = {
@@ -172,6 +178,7 @@ class Group:
             "resp_off": np.array([bank.offset[f"resp:{f.response}"] for f in fams]),
             "toolset": np.array([TOOLSETS.index(f.toolset or "") for f in fams]),
             "cot": np.array([name in COT_FAMILIES for name in FAMILY_NAMES]),
+            "plain": np.array([f.wrapper == "plain" for f in fams]),
         }
 
     def _build_accounts(self, infra: Infrastructure, ua_spans: dict[str, tuple[int, int]],
@@ -449,20 +456,16 @@ class Group:
         return model
 
     # ------------------------------------------------------------------ assembly
-    def assemble(self, plan: dict, first_request: int) -> tuple[pa.Table, pa.Table]:
-        """Exchanges (contract.EXCHANGE_SCHEMA) and truth rows for one plan."""
-        lib, bank, spec, rng = self.lib, self.lib.bank, self.spec, plan["rng"]
-        n, n_sess = len(plan["ts"]), len(plan["key"])
-        sess, pos, key = plan["sess"], plan["pos"], plan["key"]
-        fam_code, ft = plan["family"], self._family_table
-        # Session prompts: prefix + base + middle + second + suffix.
-        base_off, base_size = ft["base_off"][fam_code], ft["base_size"][fam_code]
-        base_local = rng.integers(0, 1 << 40, n_sess) % base_size
-        has_second = ft["has_second"][fam_code]
-        sec_off, sec_size = ft["sec_off"][fam_code], ft["sec_size"][fam_code]
+    def _session_prompts(self, plan: dict, rng: np.random.Generator
+                         ) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+        """Opening prompt of each session: (bank index or -1-j for the j-th wrapped prompt,
+        the wrapped prompts, the base prompt's index within its pool)."""
+        spec, bank, ft = self.spec, self.lib.bank, self._family_table
+        fam_code, n_sess = plan["family"], len(plan["key"])
+        base_local = rng.integers(0, 1 << 40, n_sess) % ft["base_size"][fam_code]
+        base_idx = ft["base_off"][fam_code] + base_local
         sec_local = np.where(ft["aligned"][fam_code], base_local,
-                             rng.integers(0, 1 << 40, n_sess)) % sec_size
-        wrap_table = self._wrappers[0]
+                             rng.integers(0, 1 << 40, n_sess)) % ft["sec_size"][fam_code]
         w_off, w_cnt = ft["wrap_off"][fam_code], ft["wrap_count"][fam_code]
         diversity = np.minimum(spec["template_diversity"], w_cnt)
         variant = rng.integers(0, 1 << 40, n_sess) % diversity
@@ -471,59 +474,57 @@ class Group:
         paraphrase = (rng.random(n_sess) < spec["paraphrase_rate"]) & (w_cnt > diversity)
         variant = np.where(paraphrase, diversity + rng.integers(0, 1 << 40, n_sess)
                            % np.maximum(w_cnt - diversity, 1), variant)
-        wrap = wrap_table.take(pa.array(w_off + variant))
+        wrapped = np.flatnonzero(~ft["plain"][fam_code])
         text = bank.array
-        base_text = text.take(pa.array(base_off + base_local))
-        second_text = pc.if_else(pa.array(has_second), text.take(pa.array(sec_off + sec_local)),
-                                 pa.scalar("", pa.string()))
-        session_prompt = pc.binary_join_element_wise(
-            wrap["prefix"], base_text, wrap["middle"], second_text, wrap["suffix"], "")
-        session_prompt = session_prompt.combine_chunks() if isinstance(
-            session_prompt, pa.ChunkedArray) else session_prompt
-        # Messages: history of user/assistant (chat) or assistant/tool (loop) turns, capped.
+        wrap = self._wrappers[0].take(pa.array((w_off + variant)[wrapped]))
+        second = pc.if_else(pa.array(ft["has_second"][fam_code][wrapped]),
+                            text.take(pa.array((ft["sec_off"][fam_code] + sec_local)[wrapped])),
+                            pa.scalar("", pa.string()))
+        joined = pc.binary_join_element_wise(
+            wrap["prefix"], text.take(pa.array(base_idx[wrapped])), wrap["middle"], second,
+            wrap["suffix"], "")
+        joined = joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+        opening = base_idx.copy()
+        opening[wrapped] = -1 - np.arange(len(wrapped))
+        return opening, joined, base_local
+
+    def _messages(self, plan: dict, opening: np.ndarray, wrapped: pa.Array
+                  ) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+        """The request history of every exchange (user/assistant turns for chat, assistant
+        tool calls and tool results for loops), capped at `session.max_history` messages with
+        the opening prompt always kept. Returns (messages, per-exchange input bytes, loop)."""
+        bank, ft = self.lib.bank, self._family_table
+        sess, pos, key, fam_code = plan["sess"], plan["pos"], plan["key"], plan["family"]
         loop = ft["loop"][fam_code][sess]
-        max_hist = int(spec["session"]["max_history"]) | 1
+        max_hist = int(self.spec["session"]["max_history"]) | 1
         full = 2 * pos + 1
         m = np.minimum(full, max_hist)
         msg_ex, j = positions_within(m)
         k = np.where(j == 0, 0, full[msg_ex] - m[msg_ex] + j)
-        msg_sess = sess[msg_ex]
-        resp_off = ft["resp_off"][fam_code]
-        resp_size = prompts.RESPONSES_PER_KIND
+        msg_sess, msg_loop = sess[msg_ex], loop[msg_ex]
         turn = (k - 1) // 2
-        asst = resp_off[msg_sess] + (key[msg_sess] + turn * 7919) % resp_size
-        filler_pool = np.where(loop[msg_ex], bank.offset["resp:tool_result"],
-                               bank.offset["followup"])
-        filler_size = np.where(loop[msg_ex], bank.size["resp:tool_result"],
-                               bank.size["followup"])
-        filler = filler_pool + (key[msg_sess] * 3 + k * 104729) % filler_size
-        first = k == 0
-        content_idx = np.where(k % 2 == 1, asst, filler)
-        role = np.where(first, 0, np.where(k % 2 == 1, 1, np.where(loop[msg_ex], 2, 0)))
-        contents = pc.replace_with_mask(
-            text.take(pa.array(content_idx, mask=first)), pa.array(first),
-            session_prompt.take(pa.array(msg_sess[first])))
-        messages = list_array(m, pa.StructArray.from_arrays(
-            [ROLES.take(pa.array(role)), contents], fields=list(contract.MESSAGE_TYPE)))
-        # Response of this exchange (same formula as the history, so turns line up).
-        final_step = loop & plan["last"]
-        own = np.where(loop & ~plan["last"], bank.offset["resp:tool_step"],
-                       np.where(final_step, bank.offset["resp:final_step"], resp_off[sess]))
-        resp_idx = own + (key[sess] + pos * 7919) % resp_size
-        error = rng.random(n) < spec["error_rate"]
-        response = text.take(pa.array(resp_idx, mask=error))
-        # Reasoning: requested by params, or CoT prompts on reasoning models.
-        model = plan["model"][sess]
-        is_cot = ft["cot"][fam_code][sess]
-        asked = (rng.random(n_sess) < spec["params"]["reasoning"])[sess]
-        reasoning_model = self.model_reasoning[model]
-        has_reasoning = asked | (is_cot & reasoning_model)
-        effort = np.where(asked & reasoning_model, rng.integers(0, 3, n), -1)
-        budget = np.where(asked & ~reasoning_model, 4096, -1)
-        reasoning_idx = bank.offset["resp:reasoning"] + (key[sess] * 5 + pos) % resp_size
-        reasoning = text.take(pa.array(reasoning_idx, mask=~has_reasoning | error))
-        # Tools, tool calls, system prompt.
-        toolset = ft["toolset"][fam_code][sess]  # index into TOOLSETS
+        assistant = ft["resp_off"][fam_code][msg_sess] + (key[msg_sess] + turn * 7919) \
+            % prompts.RESPONSES_PER_KIND
+        filler_off = np.where(msg_loop, bank.offset["resp:tool_result"], bank.offset["followup"])
+        filler_size = np.where(msg_loop, bank.size["resp:tool_result"], bank.size["followup"])
+        filler = filler_off + (key[msg_sess] * 3 + k * 104729) % filler_size
+        content = np.where(k == 0, opening[msg_sess], np.where(k % 2 == 1, assistant, filler))
+        role = np.where(k == 0, 0, np.where(k % 2 == 1, 1, np.where(msg_loop, 2, 0)))
+        lengths = np.where(content >= 0, bank.byte_lengths[np.maximum(content, 0)], 0)
+        from_wrapped = content < 0
+        lengths[from_wrapped] = pc.binary_length(wrapped).to_numpy()[-1 - content[from_wrapped]]
+        structs = pa.StructArray.from_arrays(
+            [small_dictionary(role, ROLES), dictionary_take(bank.array, content, extra=wrapped)],
+            fields=list(WRITE_MESSAGE_TYPE))
+        input_bytes = np.add.reduceat(lengths, np.cumsum(m) - m) if len(m) else np.zeros(0)
+        return list_array(m, structs), input_bytes + 16 * m, loop
+
+    def _tools(self, plan: dict, base_local: np.ndarray, error: np.ndarray
+               ) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray]:
+        """(declared tools, tool calls, has-call flag, system-prompt bank index or -1)."""
+        lib, bank, ft = self.lib, self.lib.bank, self._family_table
+        sess, pos, key = plan["sess"], plan["pos"], plan["key"]
+        toolset = ft["toolset"][plan["family"]][sess]  # index into TOOLSETS
         tool_bank = pa.concat_arrays([pa.array([lib.toolsets["agent"], lib.toolsets["computer"]],
                                                pa.list_(pa.string())), lib.bfcl_tools])
         tool_idx = np.where(toolset == 3, 2 + base_local[sess] % len(lib.bfcl_tools),
@@ -538,32 +539,50 @@ class Group:
         calls = list_array(has_call.astype(np.int32),
                            pa.concat_arrays(call_pools).take(pa.array(call_idx[has_call])),
                            valid=has_call)
-        # System prompt: the agent harness's (shared by its honest users) or the computer-use
-        # one; none for plain chat.
-        agent_sys = spec["system_prompt"] == "agent"
-        sys_none = ~((toolset == 2) | ((toolset == 1) & agent_sys))
-        sys_idx = np.where(toolset == 2, bank.offset["system:computer"],
-                           bank.offset["system:agent"])
-        system = text.take(pa.array(sys_idx, mask=sys_none))
-        # Tokens, status, latency.
-        lengths = bank.byte_lengths
-        content_len = lengths[content_idx]
-        content_len[first] = pc.binary_length(session_prompt).to_numpy()[msg_sess[first]]
-        msg_start = np.cumsum(m) - m
-        input_tokens = (np.add.reduceat(content_len, msg_start) if n else np.zeros(0)) // 4 \
-            + 4 * m + np.where(sys_none, 0, 60)
-        output_tokens = lengths[resp_idx] // 4 + 1
-        reasoning_tokens = np.where(has_reasoning, lengths[reasoning_idx] // 4, 0)
+        # System prompt: the agent harness's (shared by all its users, honest or not) or the
+        # computer-use one; none for plain chat.
+        agent_harness = self.spec["system_prompt"] == "agent"
+        system = np.where(toolset == 2, bank.offset["system:computer"],
+                          np.where((toolset == 1) & agent_harness, bank.offset["system:agent"],
+                                   -1))
+        return tools, calls, has_call, system
+
+    def assemble(self, plan: dict, first_request: int) -> tuple[pa.Table, pa.Table]:
+        """Exchanges (`WRITE_SCHEMA`: the contract with dictionary-encoded text) and truth
+        rows (contract.TRUTH_EXCHANGE_SCHEMA) for one plan."""
+        bank, spec, rng, ft = self.lib.bank, self.spec, plan["rng"], self._family_table
+        text, lengths = bank.array, bank.byte_lengths
+        n, sess, pos, key = len(plan["ts"]), plan["sess"], plan["pos"], plan["key"]
+        opening, wrapped, base_local = self._session_prompts(plan, rng)
+        messages, input_bytes, loop = self._messages(plan, opening, wrapped)
+        error = rng.random(n) < spec["error_rate"]
+        # This exchange's answer (the same formula as the history, so later turns line up).
+        last = plan["last"]
+        own = np.where(loop & ~last, bank.offset["resp:tool_step"],
+                       np.where(loop, bank.offset["resp:final_step"],
+                                ft["resp_off"][plan["family"]][sess]))
+        resp_idx = own + (key[sess] + pos * 7919) % prompts.RESPONSES_PER_KIND
+        # Reasoning: requested by params, or CoT prompts on reasoning models.
+        model = plan["model"][sess]
+        asked = (rng.random(len(key)) < spec["params"]["reasoning"])[sess]
+        reasoning_model = self.model_reasoning[model]
+        has_reasoning = asked | (ft["cot"][plan["family"]][sess] & reasoning_model)
+        effort = np.where(asked & reasoning_model, rng.integers(0, 3, n), -1)
+        budget = np.where(asked & ~reasoning_model, 4096, -1)
+        reasoning_idx = bank.offset["resp:reasoning"] + (key[sess] * 5 + pos) \
+            % prompts.RESPONSES_PER_KIND
+        tools, calls, has_call, system = self._tools(plan, base_local, error)
+        output_tokens = np.where(error, 0, lengths[resp_idx] // 4 + 1)
+        reasoning_tokens = np.where(has_reasoning & ~error, lengths[reasoning_idx] // 4, 0)
+        input_tokens = (input_bytes + np.where(system >= 0, lengths[system], 0)) // 4
         status = np.where(error, np.where(rng.random(n) < 0.7, 429, 500), 200).astype(np.int32)
         latency = (250 + output_tokens * 12.0 + reasoning_tokens * 8.0) * rng.lognormal(0, .25, n)
-        acct = plan["acct"]
-        a = self.accounts
+        a, acct = self.accounts, plan["acct"]
         ip_idx = (a.ip_base[acct] + rng.integers(0, 1 << 40, n) % a.ip_span[acct]) \
             % len(self.ip_pool)
-        keys = a.counters[acct] * np.uint64(4) + (a.counters[acct] % np.uint64(3)).astype(
-            np.uint64) * (rng.random(n) < 0.2)
-        temperature = a.temperature[acct]
-        max_tokens = a.max_tokens[acct]
+        # Most requests use the account's main key; a fifth use a second key.
+        keys = a.counters[acct] * np.uint64(4) + (rng.random(n) < 0.2).astype(np.uint64)
+        temperature, max_tokens = a.temperature[acct], a.max_tokens[acct]
         params = pa.StructArray.from_arrays([
             pa.array(temperature, mask=np.isnan(temperature)),
             pa.nulls(n, pa.float64()),
@@ -571,49 +590,49 @@ class Group:
             pa.array(a.n[acct]),
             pa.array(a.logprobs[acct]),
             pa.array(a.stream[acct]),
-            EFFORTS.take(pa.array(effort, mask=effort < 0)),
+            small_dictionary(effort, EFFORTS, null=effort < 0),
             pa.array(budget, mask=budget < 0),
-        ], fields=list(contract.PARAMS_TYPE))
+        ], fields=list(WRITE_PARAMS_TYPE))
         request_id = hex_ids("req_", np.arange(first_request, first_request + n,
                                                dtype=np.uint64), salt=self.seed * 104729 + 5)
-        account_id = a.ids.take(pa.array(acct))
         ts = pa.array(plan["ts"], contract.UTC_TS)
-        exchanges = pa.table({
+        columns = {
             "request_id": request_id,
             "ts": ts,
-            "account_id": account_id,
+            "account_id": dictionary_take(a.ids, acct),
             "api_key_id": hex_ids("key_", keys, salt=self.seed * 53 + 3),
             "org_id": a.org.take(pa.array(acct)),
-            "ip": self.ip_pool.take(pa.array(ip_idx)),
-            "user_agent": self.ua_values.take(pa.array(a.ua[acct])),
-            "model": self.model_names.take(pa.array(model)),
-            "endpoint": _ENDPOINTS.take(pa.array(a.endpoint[acct])),
-            "system": system,
+            "ip": dictionary_take(self.ip_pool, ip_idx),
+            "user_agent": small_dictionary(a.ua[acct], self.ua_values),
+            "model": small_dictionary(model, self.model_names),
+            "endpoint": small_dictionary(a.endpoint[acct], _ENDPOINTS),
+            "system": dictionary_take(text, system, null=system < 0),
             "messages": messages,
             "tools": tools,
             "params": params,
-            "response_text": response,
-            "reasoning_text": reasoning,
+            "response_text": dictionary_take(text, resp_idx, null=error),
+            "reasoning_text": dictionary_take(text, reasoning_idx, null=~has_reasoning | error),
             "tool_calls": calls,
             "input_tokens": pa.array(input_tokens.astype(np.int64)),
-            "output_tokens": pa.array(np.where(error, 0, output_tokens).astype(np.int64)),
-            "reasoning_tokens": pa.array(np.where(error, 0, reasoning_tokens).astype(np.int64)),
+            "output_tokens": pa.array(output_tokens.astype(np.int64)),
+            "reasoning_tokens": pa.array(reasoning_tokens.astype(np.int64)),
             "status": pa.array(status),
-            "error": ERRORS.take(pa.array(np.select([status == 429, status == 500], [1, 2], 0))),
+            "error": small_dictionary(status == 500, ERRORS, null=status == 200),
             "latency_ms": pa.array(np.round(latency, 1)),
-            "stop_reason": STOP_REASONS.take(pa.array(np.where(error, 0, 1 + has_call))),
-        })
+            "stop_reason": small_dictionary(has_call, STOP_REASONS, null=error),
+        }
+        exchanges = pa.Table.from_arrays(
+            [columns.get(f.name, pa.nulls(n, f.type)) for f in WRITE_SCHEMA], schema=WRITE_SCHEMA)
         attack = np.full(n, self.is_attack) & ~plan["honest_mix"][sess]
         truth = pa.table({
             "request_id": request_id,
-            "account_id": account_id,
+            "account_id": a.ids.take(pa.array(acct)),
             "campaign_id": pc.if_else(pa.array(attack), pa.scalar(self.campaign_id, pa.string()),
                                       pa.scalar(None, pa.string())),
             "ts": ts,
-        })
-        plan["stats"] = {"attack": attack, "model": model, "family": plan["family"][sess]}
-        return (contract.conform(exchanges, contract.EXCHANGE_SCHEMA),
-                contract.conform(truth, contract.TRUTH_EXCHANGE_SCHEMA))
+        }, schema=contract.TRUTH_EXCHANGE_SCHEMA)
+        plan["stats"] = {"attack": attack, "model": model}
+        return exchanges, truth
 
 
 def _second_pool(family: prompts.Family) -> str | None:
@@ -627,3 +646,22 @@ def _ms(when: datetime) -> int:
 
 
 _ENDPOINTS = pa.array(list(contract.ENDPOINTS))
+
+
+def _dictionary_encoded(field: pa.Field) -> pa.Field:
+    return field.with_type(pa.dictionary(pa.int32(), pa.string()))
+
+
+#: contract.EXCHANGE_SCHEMA with repeated text as dictionaries: what the simulator hands its
+#: Parquet writer. Written without the Arrow schema, every reader sees the contract types.
+DICTIONARY_TEXT = {"account_id", "ip", "user_agent", "model", "endpoint", "system",
+                   "response_text", "reasoning_text", "error", "stop_reason"}
+WRITE_MESSAGE_TYPE = pa.struct([_dictionary_encoded(f) for f in contract.MESSAGE_TYPE])
+WRITE_PARAMS_TYPE = pa.struct([_dictionary_encoded(f) if f.name == "reasoning_effort" else f
+                               for f in contract.PARAMS_TYPE])
+WRITE_SCHEMA = pa.schema([
+    _dictionary_encoded(f) if f.name in DICTIONARY_TEXT
+    else f.with_type(pa.list_(WRITE_MESSAGE_TYPE)) if f.name == "messages"
+    else f.with_type(WRITE_PARAMS_TYPE) if f.name == "params" else f
+    for f in contract.EXCHANGE_SCHEMA
+])
