@@ -1,0 +1,102 @@
+"""Stage 3: evidence, rarity weights, bounded pair generation and synchrony."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import ibis
+import numpy as np
+import pyarrow as pa
+import pytest
+from test_engine_crafted import crafted
+
+from distillguard import fingerprints, linking
+
+TS = datetime(2026, 1, 5, tzinfo=UTC)
+
+
+def ev_table(rows: list[tuple[str, str, str]]) -> pa.Table:
+    return pa.table(
+        {
+            "account_id": [r[0] for r in rows],
+            "kind": [r[1] for r in rows],
+            "key": [r[2] for r in rows],
+            "first_ts": pa.array([TS] * len(rows), pa.timestamp("ms", tz="UTC")),
+            "n": [1] * len(rows),
+        },
+        schema=linking.EVIDENCE_SCHEMA,
+    )
+
+
+def edge(graph: linking.AccountGraph, a: str, b: str) -> int | None:
+    i, j = sorted((graph.accounts.index(a), graph.accounts.index(b)))
+    hits = np.flatnonzero((graph.src == i) & (graph.dst == j))
+    return int(hits[0]) if hits.size else None
+
+
+def test_rare_shared_key_outweighs_popular_one():
+    rows = [("p1", "payment", "card-1"), ("p2", "payment", "card-1")]
+    rows += [(f"n{i}", "ip", "nat") for i in range(300)]  # a NAT shared by 300 users
+    g = linking.Linker(min_edge_weight=0.0).link(ev_table(rows))
+    rare = g.weight[edge(g, "p1", "p2")]
+    popular = g.weight[edge(g, "n1", "n2")] if edge(g, "n1", "n2") is not None else 0.0
+    assert rare > 10 * popular
+
+
+def test_groups_above_max_group_are_not_evidence_and_big_groups_are_sampled():
+    rows = [(f"a{i:04d}", "ip", "everyone") for i in range(500)]
+    assert linking.Linker(max_group=400, min_edge_weight=0).link(ev_table(rows)).n_edges == 0
+    g = linking.Linker(max_group=1000, sample_above=16, min_edge_weight=0).link(ev_table(rows))
+    assert 0 < g.n_edges <= 500 * 16  # sampled partners, not the 124,750 pairs
+    assert np.all(g.src < g.dst)
+
+
+def test_edges_keep_their_evidence_counts():
+    rows = [("x", "ip", f"10.0.0.{k}") for k in range(3)] + [
+        ("y", "ip", f"10.0.0.{k}") for k in range(3)
+    ] + [("x", "payment", "card"), ("y", "payment", "card"), ("z", "payment", "other")]
+    g = linking.Linker().link(ev_table(rows))
+    e = edge(g, "x", "y")
+    assert g.shared["ip"][e] == 3 and g.shared["payment"][e] == 1
+    reasons = g.edge_reasons(e)
+    assert {"shares 1 payment fingerprints", "shares 3 IP addresses"} <= set(reasons)
+    assert edge(g, "x", "z") is None
+
+
+def test_evidence_kinds_from_crafted_traffic():
+    ex, sig, acc, _ = crafted()
+    con = ibis.duckdb.connect()
+    view = fingerprints.exchange_view(con.create_table("e", ex), con.create_table("s", sig))
+    ev = linking.evidence(view, con.create_table("a", acc)).to_pyarrow()
+    kinds = set(ev["kind"].to_pylist())
+    assert {"ip", "prefix", "user_agent", "template", "lsh", "system", "payment",
+            "email_domain", "signup_hour"} <= kinds
+    atk = ev.filter(pa.compute.equal(ev["account_id"], "atk0001")).to_pylist()
+    assert {r["key"] for r in atk if r["kind"] == "payment"} == {"pay-a1"}
+    g = linking.Linker().link(ev.cast(linking.EVIDENCE_SCHEMA))
+    pairs = {(g.accounts[s][:3], g.accounts[d][:3]) for s, d in zip(g.src, g.dst, strict=True)}
+    assert ("atk", "atk") in pairs
+    assert not any("hon" in p for p in pairs)  # individuals share nothing rare
+
+
+def test_synchrony_links_lockstep_accounts_only():
+    rng = np.random.default_rng(0)
+    rows = []
+    lockstep = sorted(rng.choice(2000, size=40, replace=False).tolist())
+    for a in ("bot1", "bot2", "bot3"):
+        rows += [(a, f"{b}|10.1.1") for b in lockstep]
+    for k in range(20):
+        rows += [(f"human{k}", f"{b}|10.1.1") for b in rng.choice(2000, size=40, replace=False)]
+    cells = pa.table({"account_id": [r[0] for r in rows], "cell": [r[1] for r in rows]})
+    sync = linking.synchrony_evidence(cells, min_cells=8)
+    grouped = {}
+    for r in sync.to_pylist():
+        grouped.setdefault(r["key"], set()).add(r["account_id"])
+    assert list(grouped.values()) == [{"bot1", "bot2", "bot3"}]
+
+
+@pytest.mark.parametrize("weights", [{"ip": 1.0}, {"payment": 3.0, "ip": 1.0}])
+def test_key_weight_decreases_with_sharing(weights):
+    linker = linking.Linker(kind_weights=weights)
+    w = linker.key_weights(np.array([2.0, 10.0, 1000.0]), np.array(["ip", "ip", "ip"]))
+    assert w[0] > w[1] > w[2] > 0

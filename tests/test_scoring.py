@@ -1,0 +1,69 @@
+"""Stage 5: population-relative behaviour scores, supervised mode and cluster flags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from distillguard import scoring
+
+FEATURES = [f for f, _, _, _ in scoring.BEHAVIOUR_FEATURES]
+
+
+def population(n: int = 200, odd: int = 10, seed: int = 0) -> pa.Table:
+    """n accounts with ordinary habits; the first `odd` ask for chain-of-thought 90% of the time."""
+    rng = np.random.default_rng(seed)
+    cols = {f: rng.normal(1.0, 0.1, n).clip(0) for f in FEATURES}
+    cols["cot_share"] = np.where(np.arange(n) < odd, 0.9, rng.uniform(0, 0.1, n))
+    return pa.table({"account_id": [f"a{i:03d}" for i in range(n)], **cols})
+
+
+def test_robust_z_ignores_the_outliers_themselves():
+    x = np.r_[np.zeros(95) + np.linspace(0, 1, 95), [100.0] * 5]
+    z, med, scale = scoring.robust_z(x)
+    assert med == pytest.approx(np.median(x))
+    assert z[-1] > 50  # the outliers did not inflate the scale
+    z_const, _, scale_const = scoring.robust_z(np.ones(10))
+    assert scale_const == 1.0 and (z_const == 0).all()
+
+
+def test_odd_accounts_score_high_with_an_explained_contribution():
+    s = scoring.BehaviourScorer().score(population())
+    assert s.score[:10].min() > np.quantile(s.score[10:], 0.95)
+    assert s.contributions["cot_share"][0] == pytest.approx(scoring.Z_CAP)  # capped
+    reasons = s.reasons(0)
+    assert reasons and reasons[0].startswith("share of chain-of-thought requests: 0.9")
+    assert "population median" in reasons[0]
+    assert s.percentile.max() == 1.0
+
+
+def test_direction_only_counts_the_suspicious_side():
+    t = population(odd=0)
+    t = t.set_column(FEATURES.index("depth_mean") + 1, "depth_mean",
+                     pa.array(np.r_[[50.0], np.ones(199)]))  # very deep chat: not suspicious
+    s = scoring.BehaviourScorer().score(t)
+    assert s.contributions["depth_mean"][0] == 0.0
+
+
+def test_supervised_mode_learns_from_verdicts():
+    t = population()
+    verdicts = {f"a{i:03d}": i < 10 for i in range(0, 200, 2)} | {"a001": True, "a003": True}
+    s = scoring.BehaviourScorer().fit_supervised(t, verdicts).score(t)
+    assert s.score[:10].min() > s.score[10:].max()
+    with pytest.raises(ValueError, match="both kinds"):
+        scoring.BehaviourScorer().fit_supervised(t, {"a000": True})
+
+
+def test_cluster_needs_both_cohesion_and_behaviour():
+    s = scoring.BehaviourScorer().score(population())
+    odd, normal = np.arange(0, 10), np.arange(50, 60)
+    members = {0: odd, 1: normal, 2: odd[:5]}
+    internal = {0: 50.0, 1: 50.0, 2: 1.0}  # cluster 2: odd but barely tied together
+    verdicts = {v.label: v for v in scoring.ClusterScorer().score(members, s, internal, {})}
+    assert verdicts[0].flagged
+    assert not verdicts[1].flagged  # tied but ordinary (a NAT, a team)
+    assert not verdicts[2].flagged  # odd but not tied (independent heavy users)
+    assert verdicts[0].score > verdicts[1].score
+    dense = scoring.ClusterScorer().score({2: odd[:5]}, s, {2: 1.0}, {2: 1.0})
+    assert dense[0].flagged  # a FRAUDAR dense block stands in for cohesion
