@@ -51,7 +51,7 @@ def _report_table(report: IngestReport) -> Table:
     table.add_column("format")
     for name in ("read", "stored", "duplicates", "truncated"):
         table.add_column(name, justify="right")
-    table.add_column("quarantined", overflow="fold")
+    table.add_column("quarantined", no_wrap=True)
     for f in report.files:
         note = f"[red]{f.error}[/]" if f.error else (f"[dim]{f.note}[/]" if f.note else "")
         quarantined = _reasons(f.quarantined)

@@ -110,7 +110,8 @@ def _load_batch(
                 r[0]: r[1] for r in con.execute("DESCRIBE SELECT * FROM _dg_batch").fetchall()
             }
             stage = validate.parquet_stage(spec, types, "_dg_batch", source_types)
-            raw_expr, row_col = "to_json(b)::VARCHAR", "_dg_row"
+            raw_expr = "json_merge_patch(to_json(b), '{\"_dg_row\": null}')::VARCHAR"
+            row_col = "_dg_row"
         else:
             stage = validate.json_stage(spec, types, "_dg_batch")
             raw_expr, row_col = "coalesce(b.raw, b.line)", "row_number"

@@ -252,7 +252,7 @@ def _split_batches(table: pa.Table, rows: int = 16_384) -> pa.Table:
     return pa.Table.from_batches(table.to_batches(max_chunksize=rows), schema=table.schema)
 
 
-def read_json_lines(path: Path, fmt: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
+def read_json_lines(path: Path, fmt: str) -> Iterator[Batch]:
     """Yield batches of whole lines from a (possibly compressed) JSON Lines file.
 
     Lines are gathered until a batch holds BATCH_ROWS lines or BATCH_BYTES bytes: large
@@ -279,7 +279,7 @@ def read_json_lines(path: Path, fmt: str, chunk_bytes: int = CHUNK_BYTES) -> Ite
     try:
         while True:
             try:
-                chunk = stream.read(chunk_bytes)
+                chunk = stream.read(CHUNK_BYTES)
             except (OSError, EOFError, zstandard.ZstdError) as exc:
                 raise IngestFileError(
                     f"{path}: corrupt {compression} data after line {row + part_lines} ({exc})"
@@ -337,7 +337,7 @@ def _oversize_row(row: int, head: bytes, length: int) -> pa.Table:
 # --------------------------------------------------------------------------------------
 # Parquet
 # --------------------------------------------------------------------------------------
-def read_parquet(path: Path, batch_rows: int = BATCH_ROWS) -> Iterator[Batch]:
+def read_parquet(path: Path) -> Iterator[Batch]:
     """Yield record batches of a Parquet file, each with a 1-based `_dg_row` column."""
     try:
         pf = pq.ParquetFile(path)
@@ -347,7 +347,7 @@ def read_parquet(path: Path, batch_rows: int = BATCH_ROWS) -> Iterator[Batch]:
     total = path.stat().st_size
     rows_total = max(pf.metadata.num_rows, 1)
     try:
-        for batch in pf.iter_batches(batch_size=batch_rows):
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
             n = batch.num_rows
             table = pa.Table.from_batches([batch]).append_column(
                 "_dg_row", pa.array(np.arange(row + 1, row + n + 1, dtype=np.int64))

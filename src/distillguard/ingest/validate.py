@@ -171,7 +171,11 @@ EXCHANGES = KindSpec(
             f"list_has_all({sql_list(contract.MESSAGE_ROLES)}, _roles)",
             "messages: role not one of " + ", ".join(contract.MESSAGE_ROLES),
         ),
-        Check("messages", "list_contains(_roles, 'user')", "messages: no user message"),
+        Check(
+            "messages",
+            "len(_roles) = 0 OR list_contains(_roles, 'user')",  # empty: missing_field
+            "messages: no user message",
+        ),
     ),
 )
 
@@ -259,7 +263,7 @@ def _json_field(f: pa.Field, t: str, v: str, duck_type: str) -> tuple[str, list[
         if kind == "ts":
             problems.append(
                 problem(
-                    f"{t} = 'VARCHAR' AND dg_ts({v}) IS NULL",
+                    f"{t} = 'VARCHAR' AND {v} <> '' AND dg_ts({v}) IS NULL",
                     "bad_timestamp",
                     f"'{name}: not RFC 3339 with a time zone: ' || left({v}, 80)",
                 )
@@ -463,7 +467,7 @@ def parquet_stage(
             cols.append(f"dg_ts({col}) AS {col}")
             problems.append(
                 problem(
-                    f"{col} IS NOT NULL AND dg_ts({col}) IS NULL",
+                    f"{col} <> '' AND dg_ts({col}) IS NULL",
                     "bad_timestamp",
                     f"'{f.name}: not RFC 3339 with a time zone: ' || left({col}, 80)",
                 )
