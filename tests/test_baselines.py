@@ -14,7 +14,13 @@ from distillguard.lab.baselines import (
     isolation_forest_baseline,
     volume_threshold_baseline,
 )
-from distillguard.lab.evaluate import EvalInputError, evaluate, load_findings
+from distillguard.lab.evaluate import (
+    EvalInputError,
+    evaluate,
+    load_findings,
+    load_truth,
+    write_findings,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -80,12 +86,21 @@ def test_volume_threshold_exact(volume_logs: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("target", "threshold"), [(0.1, 4.0), (1.0, 2.0), (0.0, float("inf")), (0.04, float("inf")),
-                              (0.05, float("inf")), (0.06, 4.0)]
+    ("target", "flagged"),
+    [
+        (0.1, {"h0", "a1", "a2"}),  # FPR 0.1, and the lowest threshold with it: a2 (3) too
+        (1.0, {*HONEST, "a1", "a2"}),
+        (0.0, {"a1"}),  # FPR 0: above h0's 4, only a1 (5) remains
+        (0.04, {"a1"}),  # nearest achievable: 0.0
+        (0.05, {"a1"}),  # 0.0 and 0.1 tie: the lower rate
+        (0.06, {"h0", "a1", "a2"}),
+    ],
 )
-def test_threshold_for_fpr_nearest_then_lower(volume_logs: Path, target: float, threshold) -> None:
+def test_threshold_for_fpr_nearest_then_lowest(volume_logs: Path, target: float, flagged) -> None:
     result = volume_threshold_baseline(volume_logs, pa.array(HONEST))
-    assert result.threshold_for_fpr(pa.array(HONEST), target) == threshold
+    threshold = result.threshold_for_fpr(pa.array(HONEST), target)
+    found = {r["account_id"] for r in result.findings_at(threshold).accounts.to_pylist() if r["flagged"]}
+    assert found == flagged
 
 
 def test_volume_threshold_without_labels_uses_all_accounts(volume_logs: Path) -> None:
@@ -107,14 +122,14 @@ def test_isolation_forest_finds_the_outlier(tmp_path: Path) -> None:
         for k in range(300)
     ]
     logs = write_logs(tmp_path / "lab", honest + attacker)
-    result = isolation_forest_baseline(logs, seed=7)
+    result = isolation_forest_baseline(logs, seed=7, n_estimators=50)
     scores = dict(zip(*result.account_scores().to_pydict().values(), strict=True))
     assert max(scores, key=scores.get) == "x"
     findings = {r["account_id"]: r for r in result.findings_at().accounts.to_pylist()}
     assert findings["x"]["flagged"]
     # nightly job: flagged at the end of its first active day
     assert findings["x"]["first_flagged_at"] == at(48)
-    again = isolation_forest_baseline(logs, seed=7)
+    again = isolation_forest_baseline(logs, seed=7, n_estimators=50)
     assert again.trajectory.equals(result.trajectory)
 
 
@@ -124,29 +139,37 @@ def test_no_logs_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_baselines_on_the_smoke_scenario(tmp_path: Path) -> None:
-    """The real simulator's smoke run: baselines scored by the evaluator's own code path."""
+    """The real simulator's smoke run: baselines scored by the evaluator's own code path, and
+    a baseline's findings directory scored as if it were a detector."""
     simulate = pytest.importorskip("distillguard.lab.simulate").simulate
     out = tmp_path / "smoke"
     simulate("smoke", out=out, seed=11)
-    report = evaluate(out / "truth", None, baseline_findings_dir=tmp_path / "baselines")
-    names = [(s.name, s.operating_point) for s in report.baselines]
-    assert names == [("volume_threshold", "natural"), ("isolation_forest", "natural")]
-    for score in report.baselines:
+    truth = load_truth(out / "truth")
+    volume = volume_threshold_baseline(out, truth.honest_account_ids)
+    truth.con.close()
+    as_detector = write_findings(volume.findings_at(), tmp_path / "volume")
+    report = evaluate(out / "truth", as_detector, baseline_findings_dir=tmp_path / "baselines")
+    points = [(s.name, s.operating_point) for s in report.baselines]
+    assert points == [
+        ("volume_threshold", "natural"), ("volume_threshold", "matched FPR"),
+        ("isolation_forest", "natural"), ("isolation_forest", "matched FPR"),
+    ]
+    true_campaigns = {
+        c["campaign_id"] for c in pq.read_table(out / "truth" / "campaigns.parquet").to_pylist()
+    }
+    for score in report.scores:
         a = score.account
         assert a.n_attack > 0 and a.n_honest > a.n_attack
         assert a.tp + a.fn == a.n_attack and a.fp + a.tn == a.n_honest
         assert 0.0 <= a.fpr <= 1.0
         assert score.exchange.attack_attributed_share == 0.0  # baselines attribute no campaign
-        assert {c.campaign_id for c in score.campaigns} == {
-            c["campaign_id"] for c in pq.read_table(out / "truth" / "campaigns.parquet").to_pylist()
-        }
-    # each baseline's findings are a findings directory the evaluator reads back identically
-    volume = evaluate(out / "truth", tmp_path / "baselines" / "volume_threshold", baselines=False)
-    assert volume.detector.account == report.baselines[0].account
+        assert {c.campaign_id for c in score.campaigns} == true_campaigns
+    # the same findings, read back from disk, score exactly as computed in memory
+    assert report.detector.account == report.baselines[0].account
+    # matched to its own FPR, the volume baseline keeps that FPR at a threshold no higher
+    natural, matched = report.baselines[0], report.baselines[1]
+    assert matched.account.fpr == natural.account.fpr and matched.threshold <= natural.threshold
+    assert matched.account.recall >= natural.account.recall
+    iforest = report.baselines[3]
+    assert iforest.account.fpr == pytest.approx(report.detector.account.fpr, abs=0.01)
     assert load_findings(tmp_path / "baselines" / "isolation_forest").accounts.num_rows > 0
-    # a detector given: each baseline also reported at the detector's FPR
-    matched = evaluate(out / "truth", tmp_path / "baselines" / "volume_threshold")
-    ops = [(s.name, s.operating_point) for s in matched.baselines]
-    assert ("isolation_forest", "matched FPR") in ops
-    volume_matched = next(s for s in matched.baselines if s.operating_point == "matched FPR")
-    assert volume_matched.account.fpr == pytest.approx(matched.detector.account.fpr)

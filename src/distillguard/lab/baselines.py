@@ -87,16 +87,18 @@ class BaselineResult:
         return Findings.from_accounts(accounts, source=f"baseline {self.name}")
 
     def threshold_for_fpr(self, honest_account_ids: pa.Array, target_fpr: float) -> float:
-        """The threshold whose honest false-positive rate is nearest `target_fpr` (ties: the
-        lower rate). Honest accounts absent from the logs are never flagged but count."""
+        """The lowest threshold whose honest false-positive rate is the achievable rate nearest
+        `target_fpr` (ties: the lower rate). Lowest, so the baseline gets the most recall that
+        rate allows. Honest accounts absent from the logs are never flagged but count."""
         n_honest = len(honest_account_ids)
-        if n_honest == 0:
-            return self.threshold
         scores = self.account_scores()
+        if n_honest == 0 or scores.num_rows == 0:
+            return self.threshold
         honest = pa.compute.is_in(scores["account_id"], value_set=honest_account_ids)
         values, counts = np.unique(scores.filter(honest)["score"].to_numpy(), return_counts=True)
-        # candidate i flags every honest score >= values[i]; +inf flags nothing
-        candidates = np.append(values, np.inf)
+        # candidate 0 flags every scored account; candidate i flags honest scores > values[i-1]
+        lowest = float(pa.compute.min(scores["score"]).as_py())
+        candidates = np.append(min(lowest, *values[:1]), np.nextafter(values, np.inf))
         fprs = np.append(np.cumsum(counts[::-1])[::-1], 0) / n_honest
         best = min(range(len(candidates)), key=lambda i: (abs(fprs[i] - target_fpr), fprs[i]))
         return float(candidates[best])
