@@ -163,6 +163,21 @@ def test_corrupt_parquet_and_corrupt_gzip_are_one_line_errors(con, tmp_path):
     assert "cut.jsonl.gz" in report.errors[1] and "gzip" in report.errors[1]
 
 
+def test_rows_before_the_damage_in_a_compressed_file_are_kept(con, tmp_path, monkeypatch):
+    lines = [json.dumps({"request_id": f"r{i}", "ts": "2026-01-05T10:00:00Z", "account_id": "a",
+                         "model": "m", "messages": [{"role": "user", "content": f"q{i} " * 50}]})
+             for i in range(2000)]
+    data = gzip.compress(("\n".join(lines) + "\n").encode())
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 64 << 10)
+    report = ingest_paths(con, [gz])
+    assert len(report.errors) == 1 and "after line" in report.errors[0]
+    assert 0 < report.stored < 2000
+    stored = {r[0] for r in con.execute("SELECT request_id FROM exchanges").fetchall()}
+    assert stored == {f"r{i}" for i in range(report.stored)}
+
+
 def test_claimed_format_that_does_not_match_is_an_error(con, tmp_path):
     report = ingest_paths(con, [BAD], format="parquet")
     assert report.stored == 0 and "not a Parquet file" in report.errors[0]

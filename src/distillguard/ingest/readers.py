@@ -281,8 +281,9 @@ def read_json_lines(path: Path, fmt: str) -> Iterator[Batch]:
             try:
                 chunk = stream.read(CHUNK_BYTES)
             except (OSError, EOFError, zstandard.ZstdError) as exc:
+                yield from flush(False)  # keep the whole lines read before the damage
                 raise IngestFileError(
-                    f"{path}: corrupt {compression} data after line {row + part_lines} ({exc})"
+                    f"{path}: corrupt {compression} data after line {row} ({exc})"
                 ) from None
             final = not chunk
             if oversize_head is not None:  # skipping the tail of an oversize line
