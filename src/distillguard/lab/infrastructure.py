@@ -127,16 +127,21 @@ def user_agent_pool() -> tuple[pa.Array, dict[str, tuple[int, int]]]:
     return pa.array(values), spans
 
 
-def email_domains(kinds: np.ndarray, rng: np.random.Generator) -> list[str]:
-    """One e-mail domain per account for kinds "consumer", "edu", "corporate", "startup"."""
-    out = []
-    for kind in kinds.tolist():
-        if kind == "edu":
-            out.append(str(rng.choice(EDU_DOMAINS)))
-        elif kind == "corporate":
-            out.append(f"{rng.choice(_CORP_STEMS)}{rng.choice(['', '-corp', 'group'])}.com")
-        elif kind == "startup":
-            out.append(f"{rng.choice(_CORP_STEMS)}{rng.choice(['ai', 'labs', 'hq'])}.io")
-        else:
-            out.append(str(rng.choice(CONSUMER_DOMAINS)))
-    return out
+#: E-mail domain pools per kind (corporate and startup domains are made from name stems).
+EMAIL_DOMAINS = {
+    "consumer": CONSUMER_DOMAINS,
+    "edu": EDU_DOMAINS,
+    "corporate": [f"{stem}{suffix}.com" for stem in _CORP_STEMS for suffix in ("", "-corp",
+                                                                            "group")],
+    "startup": [f"{stem}{suffix}.io" for stem in _CORP_STEMS for suffix in ("ai", "labs", "hq")],
+}
+
+
+def pick_per_kind(kinds: np.ndarray, pools: dict, rng: np.random.Generator) -> pa.Array:
+    """For each row, a random member of `pools[kinds[row]]` (vectorised per kind)."""
+    out = np.empty(len(kinds), dtype=object)
+    for kind in set(kinds.tolist()):
+        rows = np.flatnonzero(kinds == kind)
+        pool = np.asarray(pools[kind], dtype=object)
+        out[rows] = pool[rng.integers(len(pool), size=len(rows))]
+    return pa.array(out.tolist(), pa.string())

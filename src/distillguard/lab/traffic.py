@@ -34,7 +34,12 @@ from distillguard.lab._arrow import (
     small_dictionary,
 )
 from distillguard.lab.campaigns import HONEST_MIX
-from distillguard.lab.infrastructure import COUNTRIES, Infrastructure, email_domains
+from distillguard.lab.infrastructure import (
+    COUNTRIES,
+    EMAIL_DOMAINS,
+    Infrastructure,
+    pick_per_kind,
+)
 from distillguard.lab.prompts import FAMILIES, PromptLibrary
 from distillguard.lab.scenario import Scenario
 
@@ -216,9 +221,9 @@ class Group:
         endpoint = np.array([contract.ENDPOINTS.index(e) for e in _choose(rng, spec["endpoint"],
                                                                            n)])
         # Organisation and payment sharing: consecutive accounts share them.
-        org = self._shared_ids("org_", spec["org"]["accounts_per_org"], n, 13)
+        org = self._shared_ids("org_", spec["org"]["accounts_per_org"], first, n, 13)
         pay_per = spec["payment"]["accounts_per_payment"] or 1
-        payment = self._shared_ids("pm_", pay_per, n, 17)
+        payment = self._shared_ids("pm_", pay_per, first, n, 17)
         if spec["payment"]["none_share"] > 0:
             payment = pc.if_else(pa.array(rng.random(n) < spec["payment"]["none_share"]),
                                  pa.nulls(n, pa.string()), payment)
@@ -232,14 +237,14 @@ class Group:
                 np.int64)
         country_keys = np.array(sorted(COUNTRIES))
         nearest = country_keys[np.abs(tz[:, None] - country_keys[None, :]).argmin(axis=1)]
-        countries = [str(rng.choice(COUNTRIES[k])) for k in nearest.tolist()]
+        countries = pick_per_kind(nearest, COUNTRIES, rng)
         signup_ip = self.ip_pool.take(pa.array(ip_base % len(ip_pool)))
         table = pa.table({
             "account_id": ids,
             "created_at": pa.array(created, contract.UTC_TS),
-            "email_domain": pa.array(email_domains(_choose(rng, spec["email"], n), rng)),
+            "email_domain": pick_per_kind(_choose(rng, spec["email"], n), EMAIL_DOMAINS, rng),
             "payment_fingerprint": payment,
-            "billing_country": pa.array(countries),
+            "billing_country": countries,
             "verification_path": pa.array(_choose(rng, spec["verification"], n).tolist()),
             "org_id": org,
             "signup_ip": signup_ip,
@@ -253,11 +258,13 @@ class Group:
             org=org, table=contract.conform(table, contract.ACCOUNT_SCHEMA),
         )
 
-    def _shared_ids(self, prefix: str, per: int | None, n: int, salt: int) -> pa.Array:
+    def _shared_ids(self, prefix: str, per: int | None, first: int, n: int,
+                    salt: int) -> pa.Array:
+        """Identifiers shared by `per` randomly chosen accounts each (null if `per` is None).
+        Owners are numbered from the group's first account counter, so groups never share."""
         if not per:
             return pa.nulls(n, pa.string())
-        shuffled = self.rng(3, salt).permutation(n)
-        owner = shuffled // int(per) + self.index * 10_000_000
+        owner = first + self.rng(3, salt).permutation(n) // int(per)
         return hex_ids(prefix, owner.astype(np.uint64), salt=self.seed * 31 + salt)
 
     def _addresses(self, infra: Infrastructure, n: int, rng: np.random.Generator
