@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import orjson
 import yaml
-from upstream_stub import ThreadedServer, free_port
 
 from distillguard.gateway.app import create_app
 from distillguard.gateway.config import config_from_dict, hash_key
+from upstream_stub import ThreadedServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -118,11 +118,12 @@ class GatewayProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> GatewayProcess:
-        env = {**os.environ, "DG_TEST_ADMIN": ADMIN, "DG_TEST_DECIDE": DECIDE}
+        env = {**os.environ, "DG_TEST_ADMIN": ADMIN, "DG_TEST_DECIDE": DECIDE,
+               "PYTHONPATH": str(REPO / "tests")}
         self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop/kill)
         self.proc = subprocess.Popen(
             [str(Path(PYTHON).parent / "distillguard"), "gateway", "-c", str(self.config_path),
-             "--log-level", "warning"],
+             "--log-level", "info"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.time() + timeout
         while time.time() < deadline:

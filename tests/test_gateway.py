@@ -8,6 +8,7 @@ import time
 import httpx
 import orjson
 import pytest
+
 from conftest_gateway import (
     ADMIN,
     DECIDE,

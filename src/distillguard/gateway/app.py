@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from distillguard.gateway.config import GatewayConfig, KeyInfo
-from distillguard.gateway.decide import Annotate, Decider, Decision
+from distillguard.gateway.decide import Annotate, Decider, Decision, load_annotate
 from distillguard.gateway.degrade import StreamDegrader, degrade_request, degrade_response
 from distillguard.gateway.exchange import (
     ENDPOINT_BY_PATH,
@@ -72,7 +72,8 @@ class Gateway:
         if isinstance(self.state, RedisState):
             self.state.on_health_change.append(self.metrics.state_health_changed)
         self.enforcement = EnforcementList()
-        self.decider = Decider(self.policy, self.state, self.enforcement, annotate=annotate,
+        self.decider = Decider(self.policy, self.state, self.enforcement,
+                               annotate=annotate or load_annotate(cfg.signals),
                                cluster_by_org=cfg.cluster_by_org)
         self.start_worker = start_worker and cfg.wal.mode == "store"
         self.client: httpx.AsyncClient | None = None

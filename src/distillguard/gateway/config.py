@@ -77,6 +77,8 @@ class GatewayConfig:
     #: Accounts without a campaign from `scan` share a cluster budget per org when true.
     cluster_by_org: bool = False
     appeal_url: str = "https://example.invalid/distillguard/appeal"
+    #: "module:function" computing request signals; the batch engine's by default.
+    signals: str = "distillguard.signals:annotate_request"
 
     def lookup_key(self, api_key: str) -> KeyInfo | None:
         """The owner of `api_key`, or None if unknown (and `unknown_keys` is "reject")."""
@@ -206,6 +208,9 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> GatewayConfig:
         raise ConfigError(f"trusted_proxies: {exc}") from exc
     cfg.cluster_by_org = bool(raw.get("cluster_by_org", False))
     cfg.appeal_url = str(raw.get("appeal_url", cfg.appeal_url))
+    cfg.signals = str(raw.get("signals", cfg.signals))
+    if ":" not in cfg.signals:
+        raise ConfigError("signals: expected module:function")
     return cfg
 
 

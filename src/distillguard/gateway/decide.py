@@ -31,11 +31,19 @@ MANUAL_DEGRADE = DegradeSpec(reasoning="summary", drop_logprobs=True, max_n=1)
 Annotate = Callable[[dict], dict]
 
 
-def default_annotate() -> Annotate:
-    """The batch engine's request-signal function (imported lazily: it loads rule packs)."""
-    from distillguard.signals import annotate_request
+def load_annotate(spec: str = "distillguard.signals:annotate_request") -> Annotate:
+    """Import the request-signal function named `module:function` (by default the batch
+    engine's, imported lazily because it loads rule packs and the classifier)."""
+    import importlib
 
-    return annotate_request
+    module_name, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"signals function {spec!r} cannot be imported: {exc}") from exc
+    if not callable(fn):
+        raise ValueError(f"signals function {spec!r} is not callable")
+    return fn
 
 
 @dataclass(slots=True)
@@ -73,11 +81,11 @@ class Decider:
     """Holds the policy, live state and enforcement list; `decide` is called per request."""
 
     def __init__(self, policy: PolicyHolder, state: LiveState, enforcement: EnforcementList,
-                 *, annotate: Annotate | None = None, cluster_by_org: bool = False):
+                 *, annotate: Annotate, cluster_by_org: bool = False):
         self.policy = policy
         self.state = state
         self.enforcement = enforcement
-        self.annotate = annotate or default_annotate()
+        self.annotate = annotate
         self.cluster_by_org = cluster_by_org
 
     async def decide(self, exchange: dict, key: KeyInfo, *, now: float | None = None) -> Decision:

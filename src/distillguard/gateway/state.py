@@ -197,10 +197,13 @@ class LocalState:
         if cot:
             win.cur[1] += 1
         if template_sig:
-            if template_sig in win.tpl_cur or template_sig in win.tpl_prev:
+            if template_sig in win.tpl_cur:
                 win.cur[2] += 1
-            elif len(win.tpl_cur) < TEMPLATE_SET_CAP:
-                win.tpl_cur.add(template_sig)
+            else:
+                if template_sig in win.tpl_prev:
+                    win.cur[2] += 1
+                if len(win.tpl_cur) < TEMPLATE_SET_CAP:
+                    win.tpl_cur.add(template_sig)
         c_cur = c_prev = act_cur = act_prev = 0
         if cluster_id is not None:
             cw = self.clusters.get(cluster_id)

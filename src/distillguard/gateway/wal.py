@@ -152,10 +152,11 @@ def claim_segments(directory: Path) -> list[Path]:
 
 
 def flush_once(directory: Path, db_path: Path, *, export_snapshot: bool = True) -> int:
-    """Ingest every claimable segment into the store, then delete it; returns records ingested.
+    """Ingest every claimable segment into the store; returns the number of rows stored.
 
-    Raises duckdb.IOException when another process holds the store's writer lock (the caller
-    retries later; segments stay on disk meanwhile).
+    A segment is deleted only once ingest read it completely; one it could not read stays on
+    disk for the next pass. Raises duckdb.IOException when another process holds the store's
+    writer lock (the caller retries later; segments stay on disk meanwhile).
     """
     from distillguard import store
     from distillguard.ingest import ingest_paths
@@ -165,17 +166,26 @@ def flush_once(directory: Path, db_path: Path, *, export_snapshot: bool = True) 
         return 0
     con = store.connect(db_path)
     try:
-        before = con.execute("SELECT count(*) FROM exchanges").fetchone()[0]
+        report = None
         if segments:
-            ingest_paths(con, [str(p) for p in segments], kind="exchanges", format="jsonl")
-        after = con.execute("SELECT count(*) FROM exchanges").fetchone()[0]
+            report = ingest_paths(con, [str(p) for p in segments], kind="exchanges",
+                                  format="jsonl")
         if export_snapshot:
             write_snapshot(con, Path(directory) / SNAPSHOT_NAME)
     finally:
         con.close()
+    if report is None:
+        return 0
+    failed = {f.path for f in report.files if f.error}
+    for message in report.errors:
+        log.error("segment kept for retry: %s", message)
     for path in segments:
-        path.unlink(missing_ok=True)
-    return after - before
+        if str(path) not in failed:
+            path.unlink(missing_ok=True)
+    log.info("flushed %d segment(s): %d stored, %d replayed, %d quarantined %s",
+             len(segments) - len(failed), report.stored, report.duplicates,
+             report.quarantined_total, report.quarantined or "")
+    return report.stored
 
 
 def write_snapshot(con, path: Path) -> None:
