@@ -1,9 +1,12 @@
 """Ingest throughput: native JSONL (plain and gzip) and Parquet, >=1M generated exchanges.
 
-Prompts are real public prompts from ../shared/data when present (gsm8k questions, Arena
-and Open Assistant queries: median a few hundred characters), otherwise synthetic text of
-the same length distribution. Each run ingests into a fresh store file; the median of the
-repeats is quoted, plus the time to re-ingest the same file (every row a replay).
+Prompts are real public prompts from ../shared/data when present (gsm8k questions, Arena and
+Open Assistant queries: median a few hundred characters), otherwise synthetic text of a similar
+length; responses are 40-250 words. Input files are generated in a streaming way (bounded
+memory). Every measured ingest runs in its own fresh process against a fresh store, so its peak
+memory is the ingest's own; the median of the repeats is quoted, plus the time to re-ingest the
+same file into the filled store (every row a replay). For context the same process also times
+DuckDB's own `read_json` loading the file with no validation at all.
 
     .venv/bin/python benchmarks/ingest.py --rows 1000000
 """
@@ -18,12 +21,15 @@ import random
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from _machine import machine_summary, peak_rss_mib  # benchmarks/ is sys.path[0]
@@ -39,6 +45,7 @@ FILLER = (
     "policy and give three examples with numbers"
 )
 WORDS = FILLER.split(" ")
+GENERATE_CHUNK = 50_000
 
 
 def load_prompts(rng: random.Random) -> list[str]:
@@ -60,14 +67,13 @@ def load_prompts(rng: random.Random) -> list[str]:
     return [p for p in prompts if isinstance(p, str) and p]
 
 
-def generate(rows: int, seed: int = 7) -> list[dict]:
-    rng = random.Random(seed)
-    prompts = load_prompts(rng)
-    answers = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 250))) for _ in range(500)]
-    start = datetime(2026, 1, 5, tzinfo=UTC)
+def generate(start: int, count: int, rng: random.Random, prompts: list[str],
+             answers: list[str]) -> list[dict]:
+    """`count` exchanges numbered from `start`; ts alternates RFC 3339 strings and epoch ms."""
+    origin = datetime(2026, 1, 5, tzinfo=UTC)
     records = []
-    for i in range(rows):
-        ts = start + timedelta(milliseconds=i * 250 + rng.randint(0, 999))
+    for i in range(start, start + count):
+        ts = origin + timedelta(milliseconds=i * 250 + rng.randint(0, 999))
         record = {
             "request_id": f"req-{i:09d}",
             "ts": ts.isoformat().replace("+00:00", "Z") if i % 3 else int(ts.timestamp() * 1000),
@@ -92,23 +98,37 @@ def generate(rows: int, seed: int = 7) -> list[dict]:
     return records
 
 
-def write_inputs(records: list[dict], folder: Path) -> dict[str, Path]:
-    jsonl = folder / "exchanges.jsonl"
-    with jsonl.open("wb") as fh:
-        for record in records:
-            fh.write(orjson.dumps(record) + b"\n")
-    gz = folder / "exchanges.jsonl.gz"
-    with jsonl.open("rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    # Parquet in the contract, as the traffic lab writes it.
-    con = store.connect(folder / "seed.duckdb")
-    ingest_paths(con, [jsonl])
-    parquet = folder / "exchanges.parquet"
-    table = contract.conform(con.execute("SELECT * FROM exchanges").to_arrow_table(),
-                             contract.EXCHANGE_SCHEMA)
-    pq.write_table(table, parquet, row_group_size=100_000)
-    con.close()
-    return {"jsonl": jsonl, "jsonl.gz": gz, "parquet": parquet}
+def _as_contract(records: list[dict]) -> pa.Table:
+    rows = []
+    for r in records:
+        ts = r["ts"]
+        ts = datetime.fromtimestamp(ts / 1000, UTC) if isinstance(ts, int) else \
+            datetime.fromisoformat(ts)
+        rows.append({**r, "ts": ts})
+    return contract.conform(pa.Table.from_pylist(rows), contract.EXCHANGE_SCHEMA)
+
+
+def write_inputs(rows: int, folder: Path, seed: int = 7) -> tuple[dict[str, Path], int]:
+    """JSONL, gzip JSONL and contract Parquet of the same exchanges; median prompt chars."""
+    rng = random.Random(seed)
+    prompts = load_prompts(rng)
+    answers = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 250)))
+               for _ in range(500)]
+    paths = {"jsonl": folder / "exchanges.jsonl", "jsonl.gz": folder / "exchanges.jsonl.gz",
+             "parquet": folder / "exchanges.parquet"}
+    prompt_lengths: list[int] = []
+    with paths["jsonl"].open("wb") as plain, \
+            gzip.open(paths["jsonl.gz"], "wb", compresslevel=1) as gz, \
+            pq.ParquetWriter(paths["parquet"], contract.EXCHANGE_SCHEMA) as parquet:
+        for start in range(0, rows, GENERATE_CHUNK):
+            records = generate(start, min(GENERATE_CHUNK, rows - start), rng, prompts, answers)
+            data = b"".join(orjson.dumps(r) + b"\n" for r in records)
+            plain.write(data)
+            gz.write(data)
+            parquet.write_table(_as_contract(records), row_group_size=GENERATE_CHUNK)
+            prompt_lengths += [len(r["messages"][0]["content"]) for r in records]
+    prompt_lengths.sort()
+    return paths, prompt_lengths[len(prompt_lengths) // 2]
 
 
 def cpu_seconds() -> float:
@@ -117,64 +137,85 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(path: Path, folder: Path, repeats: int) -> tuple[list[float], list[float], float, int]:
-    """Fresh-store ingest wall and CPU times, one replay time, rows stored."""
-    times, cpu = [], []
-    stored = 0
-    db = folder / "bench.duckdb"
-    for _ in range(repeats):
-        db.unlink(missing_ok=True)
-        con = store.connect(db)
-        started, cpu_started = time.perf_counter(), cpu_seconds()
-        report = ingest_paths(con, [path])
-        times.append(time.perf_counter() - started)
-        cpu.append(cpu_seconds() - cpu_started)
-        stored = report.stored
-        assert not report.errors and report.quarantined_total == 0, report
-        con.close()
+def measure(path: Path, db: Path, baseline: bool) -> dict:
+    """One ingest into `db` (in this process); print-ready figures."""
     con = store.connect(db)
-    started = time.perf_counter()
-    replay = ingest_paths(con, [path])
-    replay_time = time.perf_counter() - started
-    assert replay.stored == 0 and replay.duplicates == stored, replay
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    if baseline:
+        con.execute(f"CREATE TABLE raw AS SELECT * FROM read_json('{path}', "
+                    "format='newline_delimited')")
+        stored = con.execute("SELECT count(*) FROM raw").fetchone()[0]
+        report = None
+    else:
+        report = ingest_paths(con, [path])
+        stored = report.stored
+    con.execute("CHECKPOINT")
     con.close()
-    return times, cpu, replay_time, stored
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu": cpu_seconds() - cpu_started,
+        "stored": stored,
+        "duplicates": report.duplicates if report else 0,
+        "problems": (report.quarantined_total + len(report.errors)) if report else 0,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def run_measure(path: Path, db: Path, baseline: bool = False) -> dict:
+    """`measure` in a fresh process, so memory and caches start clean."""
+    cmd = [sys.executable, __file__, "--measure", str(path), "--db", str(db)]
+    if baseline:
+        cmd.append("--baseline")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.db, args.baseline)))
+        return
     print(machine_summary())
-    print(f"load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          "(other work on the machine inflates wall times; CPU-seconds are steadier)")
     folder = Path(tempfile.mkdtemp(prefix="dg-ingest-bench-"))
     try:
         started = time.perf_counter()
-        records = generate(args.rows)
-        prompt_chars = sorted(len(r["messages"][0]["content"]) for r in records)
-        inputs = write_inputs(records, folder)
-        del records
-        print(
-            f"generated {args.rows:,} exchanges in {time.perf_counter() - started:.1f} s; "
-            f"median prompt {prompt_chars[len(prompt_chars) // 2]} chars; "
-            f"JSONL {inputs['jsonl'].stat().st_size / 2**20:,.0f} MiB, "
-            f"gzip {inputs['jsonl.gz'].stat().st_size / 2**20:,.0f} MiB, "
-            f"Parquet {inputs['parquet'].stat().st_size / 2**20:,.0f} MiB"
-        )
+        inputs, median_prompt = write_inputs(args.rows, folder)
+        sizes = {k: p.stat().st_size / 2**20 for k, p in inputs.items()}
+        print(f"generated {args.rows:,} exchanges in {time.perf_counter() - started:.0f} s; "
+              f"median prompt {median_prompt} chars; JSONL {sizes['jsonl']:,.0f} MiB "
+              f"({sizes['jsonl'] * 2**20 / args.rows:,.0f} B/line), gzip "
+              f"{sizes['jsonl.gz']:,.0f} MiB, Parquet {sizes['parquet']:,.0f} MiB")
+        db = folder / "bench.duckdb"
         for name, path in inputs.items():
-            times, cpu, replay, stored = run(path, folder, args.repeats)
-            median = statistics.median(times)
-            cpu_median = statistics.median(cpu)
-            mib = inputs["jsonl"].stat().st_size / 2**20
-            print(
-                f"{name:9s} {stored / median:>10,.0f} exchanges/s  "
-                f"({mib / median:,.0f} MiB/s of JSON text)  median {median:.2f} s of "
-                f"{', '.join(f'{t:.2f}' for t in times)}; CPU {cpu_median:.2f} s = "
-                f"{stored / cpu_median:,.0f} exchanges per CPU-second; re-ingest (all replays) "
-                f"{replay:.2f} s = {stored / replay:,.0f} rows/s"
-            )
-        print(f"peak memory: {peak_rss_mib():,.0f} MiB")
+            runs = []
+            for _ in range(args.repeats):
+                db.unlink(missing_ok=True)
+                runs.append(run_measure(path, db))
+                assert runs[-1]["stored"] == args.rows and runs[-1]["problems"] == 0, runs[-1]
+            replay = run_measure(path, db)
+            assert replay["stored"] == 0 and replay["duplicates"] == args.rows, replay
+            wall = statistics.median(r["seconds"] for r in runs)
+            cpu = statistics.median(r["cpu"] for r in runs)
+            peak = max(r["peak_rss_mib"] for r in runs)
+            times = ", ".join(f"{r['seconds']:.1f}" for r in runs)
+            print(f"{name:9s} {args.rows / wall:>9,.0f} exchanges/s (median of {times} s); "
+                  f"{args.rows / cpu:,.0f} exchanges per CPU-second; peak {peak:,.0f} MiB; "
+                  f"re-ingest (all replays) {args.rows / replay['seconds']:,.0f} rows/s")
+        db.unlink(missing_ok=True)
+        base = run_measure(inputs["jsonl"], db, baseline=True)
+        print(f"reference: DuckDB read_json into a table, no validation/dedupe/quarantine: "
+              f"{args.rows / base['seconds']:,.0f} rows/s, "
+              f"{args.rows / base['cpu']:,.0f} rows per CPU-second, "
+              f"peak {base['peak_rss_mib']:,.0f} MiB")
+        print(f"peak memory of any process of this benchmark: {peak_rss_mib():,.0f} MiB")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

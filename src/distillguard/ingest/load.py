@@ -109,7 +109,9 @@ def _load_batch(
             source_types = {
                 r[0]: r[1] for r in con.execute("DESCRIBE SELECT * FROM _dg_batch").fetchall()
             }
-            stage = validate.parquet_stage(spec, types, "_dg_batch", source_types)
+            stage = validate.parquet_stage(
+                spec, types, "_dg_batch", source_types, may_exceed=batch.may_exceed
+            )
             raw_expr = "json_merge_patch(to_json(b), '{\"_dg_row\": null}')::VARCHAR"
             row_col = "_dg_row"
         else:

@@ -62,6 +62,7 @@ class Batch:
     table: pa.Table
     done_bytes: int
     blank: int = 0  # blank lines skipped in this batch
+    may_exceed: bool = True  # could a text field be over TEXT_FIELD_CAP_BYTES?
 
 
 def expand_paths(paths: list[str | Path] | tuple[str | Path, ...]) -> tuple[list[Path], list[str]]:
@@ -354,11 +355,32 @@ def read_parquet(path: Path) -> Iterator[Batch]:
                 "_dg_row", pa.array(np.arange(row + 1, row + n + 1, dtype=np.int64))
             )
             row += n
-            yield Batch(_split_batches(table), int(total * min(row / rows_total, 1.0)))
+            yield Batch(
+                _split_batches(table),
+                int(total * min(row / rows_total, 1.0)),
+                may_exceed=_longest_text(table) > contract.TEXT_FIELD_CAP_BYTES,
+            )
     except (pa.ArrowException, OSError) as exc:
         raise IngestFileError(
             f"{path}: corrupt Parquet data after row {row} ({_first_line(exc)})"
         ) from None
+
+
+def _longest_text(data: pa.Table | pa.Array | pa.ChunkedArray) -> int:
+    """Bytes of the longest string anywhere in `data` (nested lists and structs included)."""
+    if isinstance(data, pa.Table):
+        return max((_longest_text(col) for col in data.columns), default=0)
+    if isinstance(data, pa.ChunkedArray):
+        return max((_longest_text(chunk) for chunk in data.chunks), default=0)
+    dtype = data.type
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        longest = pa.compute.max(pa.compute.binary_length(data)).as_py()
+        return longest or 0
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return _longest_text(data.flatten())
+    if pa.types.is_struct(dtype):
+        return max((_longest_text(data.field(i)) for i in range(dtype.num_fields)), default=0)
+    return 0
 
 
 def _first_line(exc: BaseException) -> str:

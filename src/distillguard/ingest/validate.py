@@ -447,7 +447,11 @@ _TS_TYPES = ("TIMESTAMP WITH TIME ZONE", "TIMESTAMP", "TIMESTAMP_MS", "TIMESTAMP
 
 
 def parquet_stage(
-    spec: KindSpec, types: dict[str, str], source: str, source_types: dict[str, str]
+    spec: KindSpec,
+    types: dict[str, str],
+    source: str,
+    source_types: dict[str, str],
+    may_exceed: bool = True,
 ) -> str:
     """SQL: a batch of Parquet rows `source` (plus `_dg_row`) -> typed columns + problems.
 
@@ -508,7 +512,7 @@ def parquet_stage(
     problem_list = ", ".join(problems) if problems else "NULL"
     return f"""
     SELECT _dg_row AS row_number, NULL::VARCHAR AS raw, NULL::BIGINT AS raw_length,
-        true AS _may_exceed,
+        {str(may_exceed).lower()} AS _may_exceed,
         NULL::VARCHAR AS pre_reason, NULL::VARCHAR AS pre_detail,
         {", ".join(cols)},
         {extra} AS extra,
