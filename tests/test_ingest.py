@@ -215,7 +215,17 @@ def test_progress_is_reported_per_file(con, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [exchange(i) for i in range(3)])
     calls = []
     ingest_paths(con, [path], progress=lambda p, done, total: calls.append((p, done, total)))
-    assert calls and calls[-1] == (str(path.resolve()), path.stat().st_size, path.stat().st_size)
+    assert calls and calls[-1] == (str(path), path.stat().st_size, path.stat().st_size)
+
+
+def test_report_names_files_as_given_and_the_quarantine_records_absolute_paths(
+        con, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("rel.jsonl").write_text("not json\n")
+    report = ingest_paths(con, ["rel.jsonl", str(tmp_path / "rel.jsonl")])
+    assert [f.path for f in report.files] == ["rel.jsonl"]  # the same file once
+    source = con.execute("SELECT source_file FROM quarantine").fetchone()[0]
+    assert source == str((tmp_path / "rel.jsonl").resolve())
 
 
 def test_stats(con, tmp_path):

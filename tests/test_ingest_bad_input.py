@@ -146,7 +146,7 @@ def test_binary_file_is_one_clear_error_and_other_files_still_ingest(con, tmp_pa
     binary.write_bytes(os.urandom(4096) + b"\x00" * 16)
     report = ingest_paths(con, [binary, BAD])
     assert len(report.errors) == 1
-    assert report.errors[0].startswith(str(binary.resolve()))
+    assert report.errors[0].startswith(str(binary))
     assert "binary" in report.errors[0] and "\n" not in report.errors[0]
     assert report.stored > 0
 

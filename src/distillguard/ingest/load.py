@@ -67,7 +67,8 @@ def _ingest_file(
     ingested_at: datetime,
     progress: Progress | None,
 ) -> FileReport:
-    report = FileReport(path=str(path))
+    report = FileReport(path=str(path))  # as the caller spelled it
+    source = str(path.resolve())  # what the quarantine records
     total = readers.file_size(path)
     try:
         report.format = readers.detect_format(path, claimed, spec.kind)
@@ -78,7 +79,7 @@ def _ingest_file(
         for batch in batches:
             report.blank += batch.blank
             if batch.table.num_rows:
-                _load_batch(con, spec, types, batch, report, ingested_at)
+                _load_batch(con, spec, types, batch, source, report, ingested_at)
             if progress:
                 progress(str(path), batch.done_bytes, total)
     except IngestFileError as exc:
@@ -98,6 +99,7 @@ def _load_batch(
     spec: KindSpec,
     types: dict[str, str],
     batch: Batch,
+    source: str,
     report: FileReport,
     ingested_at: datetime,
 ) -> None:
@@ -120,7 +122,7 @@ def _load_batch(
         sql = validate.validation_sql(spec, stage, from_json=not is_parquet)
         con.execute("BEGIN TRANSACTION")
         try:
-            counts = _write(con, spec, sql, report.path, raw_expr, row_col, ingested_at)
+            counts = _write(con, spec, sql, source, raw_expr, row_col, ingested_at)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

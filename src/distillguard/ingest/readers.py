@@ -66,8 +66,8 @@ class Batch:
 
 
 def expand_paths(paths: list[str | Path] | tuple[str | Path, ...]) -> tuple[list[Path], list[str]]:
-    """Files named by `paths` (files, directories, globs), sorted, deduplicated; plus one
-    error line per path that matches nothing."""
+    """Files named by `paths` (files, directories, globs), deduplicated, spelled as given;
+    plus one error line per path that matches nothing."""
     files: list[Path] = []
     errors: list[str] = []
     for raw in paths:
@@ -94,7 +94,12 @@ def expand_paths(paths: list[str | Path] | tuple[str | Path, ...]) -> tuple[list
             files.append(path)
         else:
             errors.append(f"{path}: no such file or directory")
-    unique = list(dict.fromkeys(p.resolve() for p in files))
+    seen: set[Path] = set()
+    unique = []
+    for path in files:  # the first spelling of each file wins
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
     return unique, errors
 
 
