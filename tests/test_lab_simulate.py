@@ -180,22 +180,17 @@ def test_corpus_prompts_are_used(shared_data: Path, smoke: Path):
     assert any(r[0].removeprefix("Question: ").split("\nAnswer:")[0] in questions for r in rows)
 
 
-def test_rerun_replaces_stale_parts(tmp_path: Path, tiny_builtin):
-    scenario, _ = tiny_builtin
-    out = tmp_path / "out"
-    (out / "exchanges").mkdir(parents=True)
-    (out / "exchanges" / "part-00099.parquet").write_text("stale")
-    simulate(scenario, out, scale=0.5, builtin_prompts=True)
-    assert not (out / "exchanges" / "part-00099.parquet").exists()
-
-
 def test_cli_simulate_and_errors(tmp_path: Path, tiny_builtin):
     scenario, _ = tiny_builtin
+    stale = tmp_path / "o" / "exchanges" / "part-00099.parquet"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("left over from an earlier run")
     runner = CliRunner()
     result = runner.invoke(app, ["simulate", "--scenario", str(scenario), "--scale", "0.3",
                                  "--builtin-prompts", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert "exchanges" in result.output and (tmp_path / "o" / "truth" / "scenario.yaml").exists()
+    assert not stale.exists()
     bad = runner.invoke(app, ["simulate", "--scenario", "no-such-scenario", "--out",
                               str(tmp_path / "x")])
     assert bad.exit_code == 1 and "no-such-scenario" in bad.output

@@ -9,6 +9,7 @@ IP strategy is `residential_shared_with_honest` really does reuse addresses hone
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,16 @@ def _networks(cidrs: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(bases, dtype=np.int64), np.array(sizes, dtype=np.int64)
 
 
+@functools.lru_cache(maxsize=4)
+def _datacenter_ranges(path: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Data-centre IPv4 ranges from the corpus file (built-in cloud ranges without it)."""
+    cidrs = BUILTIN_DATACENTER
+    if path is not None and Path(path).is_file():
+        lines = [ln.split("#")[0].strip() for ln in Path(path).read_text().splitlines()]
+        cidrs = [ln for ln in lines if ln and ":" not in ln] or BUILTIN_DATACENTER
+    return _networks(cidrs)
+
+
 def _format_ipv4(values: np.ndarray) -> list[str]:
     octets = [(values >> s) & 255 for s in (24, 16, 8, 0)]
     return [f"{a}.{b}.{c}.{d}" for a, b, c, d in zip(*(o.tolist() for o in octets), strict=True)]
@@ -99,12 +110,8 @@ class Infrastructure:
     def __init__(self, corpus: Path | None, residential_pool_size: int, seed: int) -> None:
         rng = np.random.default_rng([seed, 7002])
         dc_file = corpus / "ipranges" / "datacenter_ipv4.txt" if corpus else None
-        dc_cidrs = BUILTIN_DATACENTER
-        if dc_file is not None and dc_file.is_file():
-            lines = [ln.split("#")[0].strip() for ln in dc_file.read_text().splitlines()]
-            dc_cidrs = [ln for ln in lines if ln and ":" not in ln] or BUILTIN_DATACENTER
         self.ranges = {
-            "datacenter": _networks(dc_cidrs),
+            "datacenter": _datacenter_ranges(str(dc_file) if dc_file else None),
             "residential": _networks(RESIDENTIAL),
             "cgnat": _networks(CGNAT),
             "university": _networks(UNIVERSITY),

@@ -70,7 +70,9 @@ HONEST_KINDS: dict[str, dict] = {
         "volume": {"median": 2500, "sigma": 0.6},
         "active_days": 1.0,
         "weekly": FLAT_WEEK,
-        "timing": {"mode": "diurnal", "profile": "night", "timezones": {-5: 0.5, 1: 0.5}},
+        # Half the jobs run nightly in their company's time zone, half around the clock.
+        "timing": {"mode": "diurnal", "profile": {"night": 0.5, "flat": 0.5},
+                   "timezones": {-5: 0.5, 1: 0.5}},
         "families": {"batch": 1.0},
         "template_per_account": True,
         "models": {"mini": 0.85, "flagship": 0.15},

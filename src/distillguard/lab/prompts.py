@@ -13,6 +13,7 @@ holds this package. Nothing is found -> built-in generators.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
@@ -336,10 +337,6 @@ class _Lorem:
         return self.text[start : start + chars].capitalize().rstrip() + "."
 
 
-def _sentence(lorem: _Lorem) -> str:
-    return lorem(60)
-
-
 def _response(kind: str, rng: np.random.Generator, lorem: _Lorem) -> str:
     median, sigma = RESPONSE_LENGTHS[kind]
     chars = max(8, int(rng.lognormal(np.log(median), sigma)))
@@ -360,7 +357,7 @@ def _response(kind: str, rng: np.random.Generator, lorem: _Lorem) -> str:
     if kind == "refusal":
         return "I can't help with that. " + lorem(chars)
     if kind == "tool_result":
-        lines = [f"{w}_{i}.py:{int(rng.integers(1, 400))}: {_sentence(lorem)}"
+        lines = [f"{w}_{i}.py:{int(rng.integers(1, 400))}: {lorem(60)}"
                  for i, w in enumerate(rng.choice(_WORDS, size=max(1, chars // 70)))]
         return "\n".join(lines)
     return lorem(chars)
@@ -446,6 +443,13 @@ def load_corpus(root: Path) -> tuple[dict[str, list[str]], list[list[str]]]:
         pools["agent_tasks_corpus"] = [m["content"] for r in multi for turn in r["question"]
                                        for m in turn if m.get("role") == "user" and m["content"]]
     return pools, tool_names
+
+
+@functools.lru_cache(maxsize=4)
+def prompt_library(corpus: Path | None, seed: int) -> PromptLibrary:
+    """A shared, read-only `PromptLibrary` per (corpus, seed): building one takes a few
+    seconds, and repeated simulations in one process (tests, benchmarks) need not pay again."""
+    return PromptLibrary(corpus, seed)
 
 
 class PromptLibrary:

@@ -142,6 +142,14 @@ def _merge(base: Any, override: Any, where: str, rel: str = "") -> Any:
     error messages; `rel` is the knob path inside the group (how WEIGHT_MAPS names knobs)."""
     if rel in WEIGHT_MAPS:
         return _weights(override, rel, f"{where}.{rel}")
+    if rel == "timing.profile":  # a profile name or a weight map of names, per account
+        if isinstance(override, dict):
+            for key in override:
+                if key not in PROFILES:
+                    raise ScenarioError(f"{where}.{rel}.{key}: unknown (allowed: "
+                                        f"{', '.join(PROFILES)})")
+            return _weights(override, "timing.timezones", f"{where}.{rel}")
+        return override
     if isinstance(base, dict) and isinstance(override, dict):
         out = copy.deepcopy(base)
         for key, value in override.items():
@@ -175,6 +183,8 @@ def _check_group(spec: dict, where: str, tiers: set[str]) -> None:
         node: Any = spec
         for part in path.split("."):
             node = node[part]
+        if isinstance(node, dict) and path == "timing.profile":
+            continue  # a weight map, checked when merged
         if node not in allowed:
             raise ScenarioError(f"{where}.{path}: {node!r} is not one of {allowed}")
     numbers = {"accounts": spec["accounts"], "active_days": spec["active_days"],

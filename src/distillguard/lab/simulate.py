@@ -10,9 +10,10 @@ Output layout (other stages depend on it exactly):
     OUT/truth/releases.parquet            contract.TRUTH_RELEASE_SCHEMA
     OUT/truth/scenario.yaml               the resolved scenario (after --scale)
 
-Part files follow simulated days in order; rows inside a part are in generation order (one
-group's block at a time, each block sorted by time). Generation runs in the calling thread and
-Parquet encoding in a writer thread, so both cores work.
+Part files follow simulated days in order; no row group spans two days and each row group is
+sorted by time (a day with more than ROW_GROUP_ROWS exchanges has several overlapping row
+groups). accounts.parquet is shuffled: row order reveals no group. Generation runs in the
+calling thread and Parquet encoding in a writer thread, so both cores work.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
 from distillguard import contract
 from distillguard.lab.infrastructure import Infrastructure, user_agent_pool
-from distillguard.lab.prompts import PromptLibrary, find_corpus
+from distillguard.lab.prompts import PromptLibrary, find_corpus, prompt_library
 from distillguard.lab.scenario import Scenario, list_scenarios, load_scenario
 from distillguard.lab.traffic import DAY_MS, WRITE_SCHEMA, Group, _ms
 
@@ -46,6 +48,9 @@ ROW_GROUP_ROWS = 250_000
 ROWS_PER_FILE = 2_000_000
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1,
                    "dictionary_pagesize_limit": 64 << 20}
+
+#: Queued after each simulated day: the writer flushes, so no row group spans two days.
+END_OF_DAY = "end of day"
 
 #: progress(done, total): called after each (day, group) step.
 Progress = Callable[[int, int], None]
@@ -97,7 +102,8 @@ class _Writer(threading.Thread):
         self.error: BaseException | None = None
         self.files: list[Path] = []
 
-    def put(self, item: tuple[pa.Table, pa.Table] | None) -> None:
+    def put(self, item: tuple[pa.Table, pa.Table] | str | None) -> None:
+        """Queue a block (exchanges, truth), END_OF_DAY, or None (finish)."""
         while True:
             if self.error is not None:
                 raise RuntimeError("writing Parquet failed") from self.error
@@ -116,7 +122,7 @@ class _Writer(threading.Thread):
         try:
             while True:
                 item = self.queue.get()
-                if item is not None:
+                if isinstance(item, tuple):
                     pending.append(item[0])
                     truth.write_table(item[1], row_group_size=ROW_GROUP_ROWS)
                     if sum(t.num_rows for t in pending) < ROW_GROUP_ROWS:
@@ -130,9 +136,11 @@ class _Writer(threading.Thread):
                         part = pq.ParquetWriter(path, WRITE_SCHEMA, store_schema=False,
                                                 **PARQUET_OPTIONS)
                         rows = 0
-                    # One row group per buffer, its dictionaries merged: each distinct text is
-                    # stored once per row group instead of once per generated block.
+                    # One time-sorted row group per buffer, so row order reveals nothing about
+                    # which population or campaign generated a row; dictionaries are merged so
+                    # each distinct text is stored once per row group.
                     group = pa.concat_tables(pending).unify_dictionaries().combine_chunks()
+                    group = group.take(pc.sort_indices(group["ts"]))
                     part.write_table(group, row_group_size=group.num_rows or 1)
                     rows += group.num_rows
                     pending = []
@@ -190,7 +198,7 @@ def simulate(scenario: str | Path = "smoke", out: Path = Path("lab-out"), scale:
     corpus_dir = None if builtin_prompts else find_corpus(corpus)
     out = Path(out)
     _prepare_out(out)
-    lib = PromptLibrary(corpus_dir, seed)
+    lib = prompt_library(corpus_dir, seed)
     residential = sum(s["accounts"] * s["ip"]["per_account"] for s in sc.populations.values()
                       if s["ip"]["strategy"] == "residential")
     infra = Infrastructure(corpus_dir, residential, seed)
@@ -213,6 +221,7 @@ def simulate(scenario: str | Path = "smoke", out: Path = Path("lab-out"), scale:
                 steps += 1
                 if progress is not None:
                     progress(steps, sc.days * len(groups))
+            writer.put(END_OF_DAY)
     finally:
         writer.finish()
     summary.files = writer.files
@@ -247,6 +256,9 @@ def _write_static(out: Path, sc: Scenario, groups: list[Group], attack_counts: l
                   windows: dict[str, list], summary: SimulationSummary) -> None:
     """Accounts, truth about accounts / campaigns / releases, and the resolved scenario."""
     accounts = pa.concat_tables([g.accounts.table for g in groups])
+    # Shuffled (deterministically) so row order reveals no population or campaign.
+    accounts = accounts.take(np.random.default_rng([summary.seed, 7003]).permutation(
+        accounts.num_rows))
     pq.write_table(accounts, out / "accounts.parquet", **PARQUET_OPTIONS)
     truth_accounts = pa.concat_tables([
         pa.table({

@@ -66,6 +66,8 @@ PROFILES: dict[str, np.ndarray] = {
                        .3, .5, 1, 3, 6]),
 }
 
+PROFILE_NAMES = list(PROFILES)
+
 #: Scheduler tick for diurnal_mimicry: an operator dispatches work in waves.
 MIMICRY_TICK_S = 900.0
 
@@ -99,6 +101,7 @@ class AccountSet:
     ids: pa.Array
     counters: np.ndarray  # global account counters (for api keys)
     tz: np.ndarray  # UTC offset, hours
+    profile: np.ndarray  # index into PROFILE_NAMES: the account's daily rhythm
     rate: np.ndarray  # mean exchanges per active day
     ua: np.ndarray  # index into the user-agent array
     ip_base: np.ndarray
@@ -126,13 +129,13 @@ class Group:
         self.is_attack = campaign_id is not None
         self.start_day = float(spec["start_day"])
         self.end_day = float(min(spec["end_day"] or scenario.days, scenario.days))
-        self.start_ms = _ms(scenario.start) + int(self.start_day * DAY_MS)
         self.models = scenario.all_models
         self.model_names = pa.array([m.name for m in self.models])
         self.model_reasoning = np.array([m.reasoning for m in self.models])
         self._wrappers = self._build_wrappers()
         self._family_table = self._family_attributes()
         self.ua_values = user_agents[0]
+        self.ip_pool: pa.Array = pa.array([], pa.string())  # set with the accounts
         self.accounts = self._build_accounts(infra, user_agents[1], first_account)
         self.pivot_model, self.pivot_ms = self._pivot()
 
@@ -194,14 +197,19 @@ class Group:
         ids = hex_ids("acct_", counters, salt=self.seed * 7919 + 11)
         tz_keys, tz_p = _weights(spec["timing"]["timezones"])
         tz = np.asarray(tz_keys, dtype=np.float64)[rng.choice(len(tz_keys), size=n, p=tz_p)]
+        profile_spec = spec["timing"]["profile"]
+        profiles = _choose(rng, profile_spec if isinstance(profile_spec, dict)
+                           else {profile_spec: 1.0}, n)
+        profile = np.array([PROFILE_NAMES.index(p) for p in profiles.tolist()], dtype=np.int64)
         sigma = float(spec["volume"]["sigma"])
         z = rng.standard_normal(n)
         if self.is_attack:
             days = max(self.end_day - self.start_day, 1e-9)
-            # Normalised so the campaign's accounts together hit its exchange target.
+            # Normalised so the campaign's accounts together send its target of attack
+            # exchanges, plus the honest share mixed in on top.
             weight = np.exp(sigma * z)
-            rate = spec["exchanges"] * weight / weight.sum() / (days * max(spec["active_days"],
-                                                                           1e-9))
+            total = spec["exchanges"] / max(1.0 - spec["honest_share"], 1e-9)
+            rate = total * weight / weight.sum() / (days * max(spec["active_days"], 1e-9))
         else:
             rate = float(spec["volume"]["median"]) * np.exp(sigma * z)
         ua = np.empty(n, dtype=np.int64)
@@ -251,7 +259,8 @@ class Group:
             "plan": pa.array(_choose(rng, spec["plan"], n).tolist()),
         })
         return AccountSet(
-            ids=ids, counters=counters, tz=tz, rate=rate, ua=ua, ip_base=ip_base,
+            ids=ids, counters=counters, tz=tz, profile=profile, rate=rate, ua=ua,
+            ip_base=ip_base,
             ip_span=ip_span, template=rng.integers(0, 1 << 30, n), temperature=temperature,
             max_tokens=max_tokens, stream=rng.random(n) < params["stream"],
             endpoint=endpoint, n=n_choices, logprobs=rng.random(n) < params["logprobs"],
@@ -379,6 +388,10 @@ class Group:
         gaps[new_session] = 0.0
         offset = np.cumsum(gaps)
         offset -= offset[sess_first][sess_of_ex]
+        # A session that would run past the window starts earlier instead (no pile-up of
+        # exchanges at the window's last millisecond).
+        duration = np.maximum.reduceat(offset, sess_first) if n_sess else np.zeros(0)
+        start = np.maximum(np.minimum(start, window[1] - 0.001 - duration), window[0])
         t = np.minimum(start[sess_of_ex] + offset, window[1] - 0.001)
         ts = day_ms + (t * 1000).astype(np.int64)
         sess_ts = ts[sess_first]
@@ -425,17 +438,20 @@ class Group:
             start = np.empty(n)
             start[order] = w0 + (np.arange(n) + 0.5) * width / n
         else:
-            profile = PROFILES[timing["profile"]]
-            hour = rng.choice(24, size=n, p=profile / profile.sum())
+            hour = np.empty(n, dtype=np.int64)
+            profile_of = self.accounts.profile[sess_acct]
+            for code in np.unique(profile_of):
+                rows = np.flatnonzero(profile_of == code)
+                weights = PROFILES[PROFILE_NAMES[code]]
+                hour[rows] = rng.choice(24, size=len(rows), p=weights / weights.sum())
             start = (hour - self.accounts.tz[sess_acct]) * 3600.0 + rng.random(n) * 3600.0
             if mode == "diurnal_mimicry":
                 start = np.round(start / MIMICRY_TICK_S) * MIMICRY_TICK_S
-            start = np.mod(start, 86400.0)
-            if width < 86400.0:
-                start = w0 + np.mod(start - w0, width)
         if jitter:
             start = start + rng.normal(0.0, jitter, n)
-        return np.clip(start, w0, w1 - 0.001)
+        # Wrap into the window (around midnight for a whole day): clipping would pile
+        # sessions up at the window's edges.
+        return w0 + np.mod(start - w0, width)
 
     def _models(self, sess_ts: np.ndarray, honest_mix: np.ndarray, forced: int | None,
                 rng: np.random.Generator) -> np.ndarray:
