@@ -134,6 +134,52 @@ def test_oversize_line_is_quarantined_without_parsing(con, tmp_path, monkeypatch
     assert len(row["raw"]) <= contract.QUARANTINE_RAW_CAP_BYTES
 
 
+def test_awkward_json_is_stored_or_quarantined_never_fatal(con, tmp_path):
+    head = '{"ts":"2026-01-05T10:00:00Z","account_id":"a","model":"m",'
+    user = '"messages":[{"role":"user","content":"%s"}]'
+    lines = [
+        head + '"request_id":"dup-known","request_id":"second",' + user % "x" + "}",
+        head + '"request_id":"nul",' + user % "nul\\u0000byte" + "}",
+        head + '"request_id":"surrogate",' + user % "lone \\ud800" + "}",
+        head + '"request_id":"dup-unknown","k":1,"k":2,"we\\"ird.key":3,' + user % "x" + "}",
+        head + '"request_id":"dup-extra","extra":{"a":"1","a":"2"},' + user % "x" + "}",
+    ]
+    path = tmp_path / "awkward.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = ingest_paths(con, [path])
+    assert report.errors == []
+    assert report.quarantined == {"bad_json": 1}  # the lone surrogate escape
+    extras = dict(con.execute("SELECT request_id, extra FROM exchanges").fetchall())
+    assert set(extras) == {"dup-known", "nul", "dup-unknown", "dup-extra"}  # first key wins
+    assert extras["dup-unknown"] == {"k": "1", 'we"ird.key': "3"}
+    assert extras["dup-extra"] == {"a": "1"}
+
+
+def test_a_row_duckdb_cannot_process_is_isolated(con, tmp_path, monkeypatch):
+    """Defence in depth: a data error inside the SQL quarantines one row, not the file."""
+    from distillguard.ingest import validate
+
+    real = validate.json_stage
+
+    def fragile(spec, types, source):  # fails on any batch holding the poisoned row
+        return real(spec, types, source).replace(
+            "FROM _values3",
+            "FROM _values3 WHERE CASE WHEN contains(line, 'POISON') "
+            "THEN error('boom') ELSE true END")
+
+    monkeypatch.setattr(validate, "json_stage", fragile)
+    good = [json.dumps({"request_id": f"r{i}", "ts": "2026-01-05T10:00:00Z",
+                        "account_id": "a", "model": "m",
+                        "messages": [{"role": "user", "content": "POISON" if i == 5 else "ok"}]})
+            for i in range(9)]
+    path = tmp_path / "poison.jsonl"
+    path.write_text("\n".join(good) + "\n")
+    report = ingest_paths(con, [path])
+    assert report.stored == 8 and report.quarantined == {"bad_json": 1}
+    row = list_quarantine(con)[0]
+    assert row["row_number"] == 6 and "boom" in row["detail"] and "POISON" in row["raw"]
+
+
 def test_empty_file_is_noted_not_an_error(con):
     report = ingest_paths(con, [DATA / "empty.jsonl"])
     assert report.errors == []

@@ -94,6 +94,11 @@ def _ingest_file(
     return report
 
 
+#: DuckDB errors caused by the data itself (not by the store or the machine).
+DATA_ERRORS = (duckdb.InvalidInputException, duckdb.ConversionException,
+               duckdb.OutOfRangeException)
+
+
 def _load_batch(
     con: duckdb.DuckDBPyConnection,
     spec: KindSpec,
@@ -103,9 +108,40 @@ def _load_batch(
     report: FileReport,
     ingested_at: datetime,
 ) -> None:
-    table = batch.table
-    is_parquet = "_dg_row" in table.column_names
-    con.register("_dg_batch", table)
+    """Validate and write one batch. Should a value trip DuckDB itself (a case the
+    validator does not foresee), the batch is split in halves until the offending row is
+    alone; that row is quarantined and every other row is still loaded."""
+    try:
+        counts = _load_table(con, spec, types, batch, source, ingested_at)
+    except DATA_ERRORS as exc:
+        table = batch.table
+        if table.num_rows > 1:
+            half = table.num_rows // 2
+            for part in (table.slice(0, half), table.slice(half)):
+                sub = Batch(part, batch.done_bytes, may_exceed=batch.may_exceed)
+                _load_batch(con, spec, types, sub, source, report, ingested_at)
+            return
+        counts = _quarantine_unreadable(con, spec, batch, source, ingested_at, exc)
+    report.add_counts(**counts)
+
+
+def _raw_sql(is_parquet: bool) -> tuple[str, str]:
+    """(SQL for a batch row's raw text, the batch's row-number column)."""
+    if is_parquet:
+        return "json_merge_patch(to_json(b), '{\"_dg_row\": null}')::VARCHAR", "_dg_row"
+    return "coalesce(b.raw, b.line)", "row_number"
+
+
+def _load_table(
+    con: duckdb.DuckDBPyConnection,
+    spec: KindSpec,
+    types: dict[str, str],
+    batch: Batch,
+    source: str,
+    ingested_at: datetime,
+) -> dict:
+    is_parquet = "_dg_row" in batch.table.column_names
+    con.register("_dg_batch", batch.table)
     try:
         if is_parquet:
             source_types = {
@@ -114,12 +150,10 @@ def _load_batch(
             stage = validate.parquet_stage(
                 spec, types, "_dg_batch", source_types, may_exceed=batch.may_exceed
             )
-            raw_expr = "json_merge_patch(to_json(b), '{\"_dg_row\": null}')::VARCHAR"
-            row_col = "_dg_row"
         else:
             stage = validate.json_stage(spec, types, "_dg_batch")
-            raw_expr, row_col = "coalesce(b.raw, b.line)", "row_number"
         sql = validate.validation_sql(spec, stage, from_json=not is_parquet)
+        raw_expr, row_col = _raw_sql(is_parquet)
         con.execute("BEGIN TRANSACTION")
         try:
             counts = _write(con, spec, sql, source, raw_expr, row_col, ingested_at)
@@ -130,7 +164,40 @@ def _load_batch(
     finally:
         con.unregister("_dg_batch")
         con.execute("DROP TABLE IF EXISTS _dg_valid; DROP TABLE IF EXISTS _dg_dups")
-    report.add_counts(**counts)
+    return counts
+
+
+def _quarantine_unreadable(
+    con: duckdb.DuckDBPyConnection,
+    spec: KindSpec,
+    batch: Batch,
+    source: str,
+    ingested_at: datetime,
+    exc: Exception,
+) -> dict:
+    """Quarantine the single row of `batch` that DuckDB could not process."""
+    is_parquet = "_dg_row" in batch.table.column_names
+    raw_expr, row_col = _raw_sql(is_parquet)
+    reason = "bad_type" if is_parquet else "bad_json"
+    detail = "could not be read: " + (str(exc).strip().splitlines() or ["?"])[0][:300]
+    con.register("_dg_batch", batch.table)
+    try:
+        con.execute(
+            f"""
+            INSERT INTO quarantine
+            SELECT ?, b.{row_col}, ?, ?, ?, dg_cap({raw_expr}, {validate.RAW_CAP}),
+                   strlen({raw_expr}), ?::TIMESTAMPTZ
+            FROM _dg_batch b
+            WHERE NOT EXISTS (
+                SELECT 1 FROM quarantine e WHERE e.source_file = ? AND e.kind = ?
+                  AND e.row_number = b.{row_col})
+            """,
+            [source, spec.kind, reason, detail, ingested_at, source, spec.kind],
+        )
+    finally:
+        con.unregister("_dg_batch")
+    return {"read": 1, "stored": 0, "duplicates": 0, "truncated": 0,
+            "quarantined": {reason: 1}}
 
 
 def _write(

@@ -341,10 +341,14 @@ def _struct_member_types(duck_type: str) -> dict[str, str]:
     return members
 
 
-def _unknown_entries(json_sql: str, known: str, prefix: str) -> str:
-    """SQL: a MAP of the keys of JSON object `json_sql` not in `known`, values as JSON text."""
+def _unknown_entries(json_sql: str, known: str, prefix: str, values: str = "JSON") -> str:
+    """SQL: a MAP of the keys of JSON object `json_sql` not in `known`, values as JSON text
+    (or, with values="VARCHAR", strings as themselves). A key repeated in the object keeps
+    its first value (a MAP needs unique keys)."""
+    entries = f"""map_entries(json_transform({json_sql}, '"MAP(VARCHAR, {values})"'))"""
+    first = "lambda e, i: list_position(list_transform(_es, lambda x: x.key), e.key) = i"
     return f"""nullif(map_from_entries(list_transform(list_filter(
-                    map_entries(json_transform({json_sql}, '"MAP(VARCHAR, JSON)"')),
+                    list_filter({entries}, {first.replace("_es", entries)}),
                     lambda e: NOT list_contains({known}, e.key)),
                     lambda e: {{'key': {sql_str(prefix)} || e.key, 'value': e.value::VARCHAR}})),
                     MAP {{}}::MAP(VARCHAR, VARCHAR))"""
@@ -397,7 +401,7 @@ def json_stage(spec: KindSpec, types: dict[str, str], source: str) -> str:
         CASE WHEN len(_keys) > list_count(_t) - 1 THEN {_unknown_entries("line", known, "")} END,
         {_params_extra(spec, fields)},
         CASE WHEN {extra_t} = 'OBJECT'
-             THEN json_transform({extra_v}, '"MAP(VARCHAR, VARCHAR)"') END) END"""
+             THEN {_unknown_entries(extra_v, "[]::VARCHAR[]", "", "VARCHAR")} END) END"""
     truncated_in = (
         "CASE WHEN _t_trunc = 'ARRAY' THEN json_transform(_v_trunc, '[\"VARCHAR\"]') END"
     )
