@@ -320,9 +320,7 @@ def _object_columns(name: str) -> tuple[str, str]:
 def _object_extracts(fields: list[pa.Field]) -> str:
     """SQL select items that parse every nested object field once (see `_object_columns`)."""
     items = []
-    for i, f in enumerate(fields):
-        if value_kind(f.type) != "object":
-            continue
+    for i, f in _object_fields(fields):
         t, v = f"_t[{i + 2}]", f"_v[{i + 1}]"
         paths = sql_list([f'$."{s.name}"' for s in f.type])
         st, sv = _object_columns(f.name)
@@ -354,30 +352,32 @@ def _unknown_entries(json_sql: str, known: str, prefix: str, values: str = "JSON
                     MAP {{}}::MAP(VARCHAR, VARCHAR))"""
 
 
-def _params_extra(spec: KindSpec, fields: list[pa.Field]) -> str:
+def _object_fields(fields: list[pa.Field]) -> list[tuple[int, pa.Field]]:
+    return [(i, f) for i, f in enumerate(fields) if value_kind(f.type) == "object"]
+
+
+def _object_has_unknown(name: str) -> str:
+    """Column: does nested object field `name` hold keys outside the contract?"""
+    return f"_ox_{name}"
+
+
+def _object_unknown_flags(fields: list[pa.Field]) -> str:
+    """SQL select items computing `_object_has_unknown` for every nested object field."""
+    return "".join(
+        f", coalesce(len(json_keys(_v[{i + 1}])) > list_count({_object_columns(f.name)[0]}), "
+        f"false) AS {_object_has_unknown(f.name)}"
+        for i, f in _object_fields(fields)
+    )
+
+
+def _params_extra(fields: list[pa.Field]) -> str:
     """SQL: unknown keys of every nested object field (params) as "<field>.<key>" entries."""
-    parts = []
-    for i, f in enumerate(fields):
-        if value_kind(f.type) != "object":
-            continue
-        t, v = f"_t[{i + 2}]", f"_v[{i + 1}]"
-        known = sql_list([s.name for s in f.type])
-        st, _ = _object_columns(f.name)
-        parts.append(
-            f"CASE WHEN {t} = 'OBJECT' AND len(json_keys({v})) > list_count({st}) "
-            f"THEN {_unknown_entries(v, known, f.name + '.')} END"
-        )
-    return ", ".join(parts) if parts else "NULL::MAP(VARCHAR, VARCHAR)"
-
-
-def _has_object_extra(fields: list[pa.Field]) -> str:
-    """SQL: does any nested object field (params) hold keys outside the contract?"""
-    tests = [
-        f"coalesce(len(json_keys(_v[{i + 1}])) > list_count({_object_columns(f.name)[0]}), false)"
-        for i, f in enumerate(fields)
-        if value_kind(f.type) == "object"
+    parts = [
+        f"CASE WHEN {_object_has_unknown(f.name)} THEN "
+        f"{_unknown_entries(f'_v[{i + 1}]', sql_list([s.name for s in f.type]), f.name + '.')} END"
+        for i, f in _object_fields(fields)
     ]
-    return " OR ".join(tests) if tests else "false"
+    return ", ".join(parts) if parts else "NULL::MAP(VARCHAR, VARCHAR)"
 
 
 def json_stage(spec: KindSpec, types: dict[str, str], source: str) -> str:
@@ -396,10 +396,14 @@ def json_stage(spec: KindSpec, types: dict[str, str], source: str) -> str:
     # Top-level keys not in the contract -> extra (JSON text per key), unknown keys inside
     # params -> extra as "params.<key>"; an "extra" object in the input (e.g. our own
     # export) is merged in. Cheap test first: more keys than known keys present.
-    extra = f"""CASE WHEN len(_keys) > list_count(_t) - 1 OR {extra_t} = 'OBJECT' OR _has_obj_extra
+    any_object_unknown = " OR ".join(
+        [_object_has_unknown(f.name) for _, f in _object_fields(fields)] or ["false"]
+    )
+    extra = f"""CASE WHEN len(_keys) > list_count(_t) - 1 OR {extra_t} = 'OBJECT'
+             OR {any_object_unknown}
         THEN map_concat(
         CASE WHEN len(_keys) > list_count(_t) - 1 THEN {_unknown_entries("line", known, "")} END,
-        {_params_extra(spec, fields)},
+        {_params_extra(fields)},
         CASE WHEN {extra_t} = 'OBJECT'
              THEN {_unknown_entries(extra_v, "[]::VARCHAR[]", "", "VARCHAR")} END) END"""
     truncated_in = (
@@ -422,7 +426,7 @@ def json_stage(spec: KindSpec, types: dict[str, str], source: str) -> str:
             {_object_extracts(fields)}
         FROM _values
     ), _values3 AS (
-        SELECT *, {_has_object_extra(fields)} AS _has_obj_extra FROM _values2
+        SELECT * {_object_unknown_flags(fields)} FROM _values2
     )
     SELECT row_number, coalesce(raw, line) AS raw, raw_length, raw_length > {CAP} AS _may_exceed,
         CASE WHEN pre_reason IS NOT NULL THEN pre_reason
@@ -459,8 +463,8 @@ def parquet_stage(
 ) -> str:
     """SQL: a batch of Parquet rows `source` (plus `_dg_row`) -> typed columns + problems.
 
-    Raises ValueError when a column cannot be cast to the contract at all (the whole file is
-    not in the contract), so the caller reports one clear line for the file.
+    A value that does not cast is a `bad_type` row; a column whose type cannot be cast to the
+    contract at all fails the query (one clear error line for the file).
     """
     cols, problems = [], []
     for f in spec.fields:
