@@ -30,6 +30,10 @@ from distillguard.ingest import (
 )
 
 REASONS = contract.QUARANTINE_REASONS
+SANITY_LABELS = {
+    "future_ts": "ts more than 5 min in the future (clock skew)",
+    "ancient_ts": "ts before 2020 (epoch seconds sent as ms?)",
+}
 
 
 def _short(path: str) -> str:
@@ -163,16 +167,17 @@ def stats_command(
         value = figures[key]
         overview.add_row(label, f"{value:,}" if isinstance(value, int) else str(value or "-"))
     console.print(overview)
-    for title, key in (("models", "models"), ("endpoints", "endpoints"),
-                       ("quarantine", "quarantine"), ("sanity", "sanity")):
+    for key, column in (("models", "model"), ("endpoints", "endpoint"),
+                        ("quarantine", "reason"), ("sanity", "check")):
         if not figures[key]:
             continue
-        table = Table(title=title)
-        table.add_column(title[:-1] if title.endswith("s") else "reason")
+        table = Table(title=key)
+        table.add_column(column)
         table.add_column("rows", justify="right")
         for name, count in figures[key].items():
             style = "yellow" if key == "sanity" and count else None
-            table.add_row(name.replace("_", " "), f"{count:,}", style=style)
+            label = SANITY_LABELS.get(name, name.replace("_", " ")) if key == "sanity" else name
+            table.add_row(label, f"{count:,}", style=style)
         console.print(table)
 
 
