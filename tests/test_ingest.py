@@ -89,16 +89,20 @@ def test_parquet_rows_are_validated_and_extra_columns_kept(con, tmp_path):
         + [[{"role": "assistant", "content": "no user"}]],
         "tenant": ["t1", "t2", "t3", "t4"],
     })
+    null_role = table.slice(0, 1).set_column(
+        4, "messages", pa.array([[{"role": None, "content": "x"}, {"role": "user", "content": "y"}]]))
+    null_role = null_role.set_column(0, "request_id", pa.array(["p5"]))
+    table = pa.concat_tables([table, null_role.cast(table.schema)])
     pq.write_table(table, tmp_path / "mixed.parquet")
     report = ingest_paths(con, [tmp_path / "mixed.parquet"])
     assert report.stored == 1
-    assert report.quarantined == {"bad_timestamp": 1, "missing_field": 1, "bad_value": 1}
+    assert report.quarantined == {"bad_timestamp": 1, "missing_field": 1, "bad_value": 2}
     extra = con.execute("SELECT extra FROM exchanges").fetchone()[0]
     assert json.loads(extra["tenant"]) == "t1"
     rows = con.execute(
         "SELECT row_number, reason, raw FROM quarantine ORDER BY row_number").fetchall()
     assert [(r[0], r[1]) for r in rows] == [
-        (2, "bad_timestamp"), (3, "missing_field"), (4, "bad_value")]
+        (2, "bad_timestamp"), (3, "missing_field"), (4, "bad_value"), (5, "bad_value")]
     assert json.loads(rows[0][2])["request_id"] == "p2"
 
 

@@ -168,7 +168,7 @@ EXCHANGES = KindSpec(
         ),
         Check(
             "messages",
-            f"list_has_all({sql_list(contract.MESSAGE_ROLES)}, _roles)",
+            f"list_count(_roles) = len(_roles) AND list_has_all({sql_list(contract.MESSAGE_ROLES)}, _roles)",
             "messages: role not one of " + ", ".join(contract.MESSAGE_ROLES),
         ),
         Check(
