@@ -178,6 +178,22 @@ def test_a_row_duckdb_cannot_process_is_isolated(con, tmp_path, monkeypatch):
     assert report.stored == 8 and report.quarantined == {"bad_json": 1}
     row = list_quarantine(con)[0]
     assert row["row_number"] == 6 and "boom" in row["detail"] and "POISON" in row["raw"]
+    assert report.files[0].isolated == 1
+
+
+def test_a_systemic_duckdb_failure_stops_the_file_instead_of_bisecting_forever(
+        con, tmp_path, monkeypatch):
+    from distillguard.ingest import load, validate
+
+    real = validate.json_stage
+    monkeypatch.setattr(load, "MAX_ISOLATED_ROWS", 3)
+    monkeypatch.setattr(validate, "json_stage", lambda *a: real(*a).replace(
+        "FROM _values3", "FROM _values3 WHERE error('always')"))
+    path = tmp_path / "many.jsonl"
+    path.write_text("{}\n" * 40)
+    report = ingest_paths(con, [path])
+    assert len(report.errors) == 1 and "more than 3 rows" in report.errors[0]
+    assert report.quarantined == {"bad_json": 3}
 
 
 def test_empty_file_is_noted_not_an_error(con):

@@ -97,6 +97,8 @@ def _ingest_file(
 #: DuckDB errors caused by the data itself (not by the store or the machine).
 DATA_ERRORS = (duckdb.InvalidInputException, duckdb.ConversionException,
                duckdb.OutOfRangeException)
+#: More rows than this failing inside DuckDB means a systemic problem: stop the file.
+MAX_ISOLATED_ROWS = 100
 
 
 def _load_batch(
@@ -121,6 +123,13 @@ def _load_batch(
                 sub = Batch(part, batch.done_bytes, may_exceed=batch.may_exceed)
                 _load_batch(con, spec, types, sub, source, report, ingested_at)
             return
+        report.isolated += 1
+        if report.isolated > MAX_ISOLATED_ROWS:
+            first = (str(exc).strip().splitlines() or ["?"])[0]
+            raise IngestFileError(
+                f"{report.path}: DuckDB rejected more than {MAX_ISOLATED_ROWS} rows ({first}); "
+                "stopped"
+            ) from None
         counts = _quarantine_unreadable(con, spec, batch, source, ingested_at, exc)
     report.add_counts(**counts)
 

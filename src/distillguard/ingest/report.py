@@ -27,6 +27,7 @@ class FileReport:
     quarantined: dict[str, int] = field(default_factory=dict)
     truncated: int = 0  # stored rows with at least one field cut at TEXT_FIELD_CAP_BYTES
     blank: int = 0  # blank lines skipped
+    isolated: int = 0  # rows quarantined because DuckDB itself failed on them
     error: str | None = None  # one line when the file could not be (fully) read
     note: str | None = None  # e.g. "empty file"
 
