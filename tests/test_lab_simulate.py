@@ -196,3 +196,24 @@ def test_cli_simulate_and_errors(tmp_path: Path, tiny_builtin):
     assert bad.exit_code == 1 and "no-such-scenario" in bad.output
     listed = runner.invoke(app, ["simulate", "--list"])
     assert "standard" in listed.output
+
+
+def test_malformed_corpus_records_are_skipped_and_counted(tmp_path: Path, tiny_builtin):
+    scenario, _ = tiny_builtin
+    corpus = tmp_path / "corpus"
+    (corpus / "tasks").mkdir(parents=True)
+    (corpus / "organic").mkdir()
+    (corpus / "tasks" / "gsm8k_train.jsonl").write_text("\n".join([
+        '{"question": "Ada has 3 pens and buys 4 more. How many pens?", "answer": "3+4=7\\n#### 7"}',
+        "{not json",
+        '{"question": "No final answer here", "answer": "just prose"}',
+        '{"answer": "#### 1"}',
+    ]) + "\n")
+    (corpus / "organic" / "arena_hard_v0.1.jsonl").write_text(
+        '{"prompt": "Explain monads to a Python programmer."}\n[1, 2]\n')
+    summary = simulate(scenario, tmp_path / "out", scale=0.3, corpus=corpus)
+    assert summary.corpus == str(corpus)
+    assert summary.corpus_skipped == {"gsm8k_train.jsonl": 3, "arena_hard_v0.1.jsonl": 1}
+    ((hits,),) = query(tmp_path / "out", """
+        SELECT count(*) FROM exchanges WHERE messages[1].content LIKE '%Ada has 3 pens%'""")
+    assert hits > 0

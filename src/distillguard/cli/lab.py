@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from distillguard.cli import app
-from distillguard.cli.common import console, fail
+from distillguard.cli.common import console, err_console, fail
 from distillguard.lab.scenario import ScenarioError, list_scenarios
 from distillguard.lab.simulate import simulate
 
@@ -62,6 +62,8 @@ def simulate_command(
         table.add_row(name, "campaign", f"{counts.accounts:,}", f"{counts.exchanges:,}",
                       f"{counts.attack_exchanges:,}")
     console.print(table)
+    for name, count in summary.corpus_skipped.items():
+        err_console.print(f"[yellow]warning:[/] {name}: skipped {count:,} malformed record(s)")
     rate = summary.exchanges / summary.seconds if summary.seconds else 0.0
     console.print(f"{summary.exchanges:,} exchanges, {summary.accounts:,} accounts in "
                   f"{summary.seconds:.1f} s ({rate:,.0f}/s); prompts: "

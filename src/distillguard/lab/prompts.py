@@ -389,60 +389,95 @@ def find_corpus(explicit: Path | None = None) -> Path | None:
     return None
 
 
-def _jsonl(path: Path) -> list:
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+
+
+def _records(path: Path, extract, skipped: dict[str, int]) -> list:
+    """`extract(record)` for every JSON line of `path` (plain or .gz); lines that are not JSON
+    or lack the expected fields are skipped and counted in `skipped[file name]`, never fatal.
+    `extract` returns one value, or a list of values to add."""
+    out: list = []
     if not path.is_file():
-        return []
+        return out
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    value = extract(json.loads(line))
+                except _MALFORMED:
+                    skipped[path.name] = skipped.get(path.name, 0) + 1
+                    continue
+                if isinstance(value, list):
+                    out.extend(value)
+                elif value:
+                    out.append(value)
+    except (OSError, EOFError, UnicodeDecodeError):  # unreadable or truncated file
+        skipped[path.name] = skipped.get(path.name, 0) + 1
+    return out
 
 
-def _first_human_turn(transcript: str) -> str:
+def _first_human_turn(record: dict) -> str:
+    transcript = record["chosen"]
     return transcript.split("\n\nHuman: ", 1)[-1].split("\n\nAssistant:", 1)[0].strip()
 
 
-def load_corpus(root: Path) -> tuple[dict[str, list[str]], list[list[str]]]:
+def _alpaca(record: dict) -> str:
+    instances = record.get("instances") or [{}]
+    extra = instances[0].get("input") if isinstance(instances[0], dict) else None
+    return str(record["instruction"]) + (f"\n\n{extra}" if extra else "")
+
+
+def _user_turns(record: dict) -> list[str]:
+    return [str(m["content"]) for turn in record["question"] for m in turn
+            if m.get("role") == "user" and m.get("content")]
+
+
+def _bfcl(record: dict) -> list[tuple[str, list[str]]]:
+    names = [str(f["name"]) for f in record.get("function", [])]
+    return [(prompt, names) for prompt in _user_turns(record)]
+
+
+def load_corpus(root: Path, skipped: dict[str, int] | None = None
+                ) -> tuple[dict[str, list[str]], list[list[str]]]:
     """Prompt pools read from the corpus (only the pools it can fill) and, aligned with the
-    `tool_use` pool, the tool names each of those prompts declares."""
+    `tool_use` pool, the tool names each of those prompts declares. Malformed records are
+    counted per file in `skipped`."""
+    skipped = {} if skipped is None else skipped
     pools: dict[str, list[str]] = {}
-    oasst = [t for t in _jsonl(root / "organic" / "oasst_prompt_lottery_en_250.jsonl")
-             if isinstance(t, str)]
-    arena = [r["prompt"] for r in _jsonl(root / "organic" / "arena_hard_v0.1.jsonl")]
+    organic, tasks, tool_use = root / "organic", root / "tasks", root / "tool_use"
+    oasst = _records(organic / "oasst_prompt_lottery_en_250.jsonl",
+                     lambda r: r if isinstance(r, str) else r["text"], skipped)
+    arena = _records(organic / "arena_hard_v0.1.jsonl", lambda r: str(r["prompt"]), skipped)
     if oasst or arena:
-        pools["organic"] = oasst + arena[: len(arena) // 4]
+        pools["organic"] = oasst + arena[: max(1, len(arena) // 4)]
         pools["technical"] = arena or oasst
         code_words = ("code", "python", "function", "script", "sql", "program", "javascript")
-        pools["coding"] = [p for p in arena if any(w in p.lower() for w in code_words)] or arena
-    hh = [_first_human_turn(r["chosen"]) for r in
-          _jsonl(root / "organic" / "hh_rlhf_harmless_base_test.jsonl.gz")]
+        pools["coding"] = [p for p in arena if any(w in p.lower() for w in code_words)] or \
+            pools["technical"]
+    hh = _records(organic / "hh_rlhf_harmless_base_test.jsonl.gz", _first_human_turn, skipped)
     if hh:
-        pools["redteam"] = [t for t in hh if t]
-    gsm = _jsonl(root / "tasks" / "gsm8k_train.jsonl")
+        pools["redteam"] = hh
+    gsm = _records(tasks / "gsm8k_train.jsonl", lambda r: (str(r["question"]), str(
+        r["answer"]).rsplit("####", 1)[1].strip()), skipped)
     if gsm:
-        pools["math"] = [r["question"] for r in gsm]
-        pools["math_answer"] = [r["answer"].rsplit("####", 1)[-1].strip() for r in gsm]
-    alpaca = _jsonl(root / "tasks" / "alpaca_seed_tasks.jsonl")
+        pools["math"] = [q for q, _ in gsm]
+        pools["math_answer"] = [a for _, a in gsm]
+    alpaca = _records(tasks / "alpaca_seed_tasks.jsonl", _alpaca, skipped)
     if alpaca:
-        pools["instruction"] = [
-            r["instruction"] + (f"\n\n{r['instances'][0]['input']}"
-                                if r.get("instances") and r["instances"][0].get("input") else "")
-            for r in alpaca
-        ]
-    tool_prompts, tool_names = [], []
-    for name in ("simple_python", "multiple", "parallel"):
-        for r in _jsonl(root / "tool_use" / f"bfcl_v4_{name}.json"):
-            for turn in r["question"]:
-                for msg in turn:
-                    if msg.get("role") == "user" and msg.get("content"):
-                        tool_prompts.append(msg["content"])
-                        tool_names.append([f["name"] for f in r.get("function", [])])
-    multi = _jsonl(root / "tool_use" / "bfcl_v4_multi_turn_base.json")
-    if tool_prompts:
-        pools["tool_use"] = tool_prompts
+        pools["instruction"] = alpaca
+    bfcl = [pair for name in ("simple_python", "multiple", "parallel")
+            for pair in _records(tool_use / f"bfcl_v4_{name}.json", _bfcl, skipped)]
+    if bfcl:
+        pools["tool_use"] = [prompt for prompt, _ in bfcl]
+    multi = _records(tool_use / "bfcl_v4_multi_turn_base.json", _user_turns, skipped)
     if multi:
-        pools["agent_tasks_corpus"] = [m["content"] for r in multi for turn in r["question"]
-                                       for m in turn if m.get("role") == "user" and m["content"]]
-    return pools, tool_names
+        pools["agent_tasks_corpus"] = multi
+    # A pool the corpus fills too thinly keeps its built-in stand-in.
+    return {name: values for name, values in pools.items() if values}, \
+        [names for _, names in bfcl]
 
 
 @functools.lru_cache(maxsize=4)
@@ -460,8 +495,10 @@ class PromptLibrary:
         self.corpus = corpus
         pools = _builtin_pools(rng, GENERATED_PROMPTS)
         tool_names: list[list[str]] = [[]]
+        #: malformed corpus records skipped, per file name
+        self.skipped: dict[str, int] = {}
         if corpus is not None:
-            loaded, names = load_corpus(corpus)
+            loaded, names = load_corpus(corpus, self.skipped)
             if "tool_use" in loaded:
                 tool_names = names
             pools.update(loaded)
@@ -490,7 +527,6 @@ class PromptLibrary:
             "bfcl": pa.array(_tool_calls(sorted({n for ns in tool_names for n in ns}) or
                                          ["get_weather"], rng, 512)),
         }
-        self.pool_names = sorted(pools)
 
     def wrappers(self, name: str, count: int, rng: np.random.Generator) -> pa.Table:
         """A table of `count` wrapper variants (prefix, middle, suffix columns)."""

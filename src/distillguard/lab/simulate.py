@@ -84,6 +84,8 @@ class SimulationSummary:
     campaigns: dict[str, GroupCounts] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    #: malformed corpus records skipped, per file name (never fatal, never silent)
+    corpus_skipped: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -93,6 +95,7 @@ class SimulationSummary:
             "populations": {k: vars(v) for k, v in self.populations.items()},
             "campaigns": {k: vars(v) for k, v in self.campaigns.items()},
             "files": [str(f) for f in self.files], "seconds": round(self.seconds, 2),
+            "corpus_skipped": dict(self.corpus_skipped),
         }
 
 
@@ -210,7 +213,7 @@ def simulate(scenario: str | Path = "smoke", out: Path = Path("lab-out"), scale:
     infra = Infrastructure(corpus_dir, residential, seed)
     groups = _build_groups(sc, lib, infra, seed)
     summary = SimulationSummary(sc.name, scale, seed, str(corpus_dir) if corpus_dir else None,
-                                out, sc.days)
+                                out, sc.days, corpus_skipped=dict(lib.skipped))
     attack_per_account = [np.zeros(g.spec["accounts"], dtype=np.int64) for g in groups]
     windows: dict[str, list] = {g.name: [None, None, None] for g in groups if g.is_attack}
     writer = _Writer(out, rows_per_file)
