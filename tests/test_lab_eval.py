@@ -262,6 +262,15 @@ def test_reseller_per_exchange_attribution(lab: Path, tmp_path: Path) -> None:
     wrong = [*attack_ids, {"request_id": "r1-1", "campaign_id": "Y"}]
     score = run(lab, findings_dir(tmp_path, PERFECT, PIVOT_Y, exchanges=wrong, name="wrong"))
     assert score.exchange.honest_flagged == 1 and score.exchange.honest_wrong_share == 1 / 16
+    # Attributing request ids the truth never saw changes nothing but is reported.
+    ghost = [*attack_ids, {"request_id": "ghost-1", "campaign_id": "Y"}]
+    report = evaluate(
+        lab, findings_dir(tmp_path, PERFECT, PIVOT_Y, exchanges=ghost, name="ghost"),
+        baselines=False,
+    )
+    assert report.detector.exchange.attack_attributed_share == 1.0
+    assert report.detector.exchange.honest_flagged == 0
+    assert any("1 attributed request ids are not in the truth" in w for w in report.warnings)
     # With per-exchange attribution, unlisted exchanges of flagged accounts are not attributed.
     partial = [e for e in attack_ids if not e["request_id"].startswith("a1-")]
     score = run(lab, findings_dir(tmp_path, PERFECT, PIVOT_Y, exchanges=partial, name="partial"))

@@ -457,11 +457,15 @@ def score_findings(
             )
         account = _account_metrics(con)
         populations = _population_metrics(con)
-        contingency = _contingency(con, truth, findings)
+        contingency, unknown_requests = _contingency(con, truth, findings)
+        if unknown_requests:
+            warnings.append(
+                f"{name}: {unknown_requests} attributed request ids are not in the truth (ignored)"
+            )
         mapping = _map_found_campaigns(contingency, con)
         exchange = _exchange_metrics(contingency, mapping, findings)
         cluster = _cluster_metrics(con, mapping)
-        campaigns = _campaign_metrics(con, truth, contingency, mapping)
+        campaigns = _campaign_metrics(con, contingency, mapping)
     finally:
         for view in ("t_accounts", "t_campaigns", "t_account_ex", "f_accounts", "f_campaigns"):
             con.unregister(view)
@@ -524,11 +528,15 @@ def _population_metrics(con: duckdb.DuckDBPyConnection) -> list[PopulationMetric
     ]
 
 
+Contingency = list[tuple[str | None, bool, str | None, int]]
+
+
 def _contingency(
     con: duckdb.DuckDBPyConnection, truth: Truth, findings: Findings
-) -> list[tuple[str | None, bool, str | None, int]]:
+) -> tuple[Contingency, int]:
     """Exchange counts by (true campaign, attributed?, found campaign): every exchange metric
-    and the found -> true campaign mapping are read off this small table."""
+    and the found -> true campaign mapping are read off this small table. Also returns how
+    many attributed request ids are unknown to the truth."""
     if findings.exchanges is not None:
         con.register("f_exchanges", findings.exchanges)
         try:
@@ -546,18 +554,17 @@ def _contingency(
             )
         finally:
             con.unregister("f_exchanges")
-        if unknown:
-            rows.append((None, False, "\x00unknown", unknown))  # counted for the warning only
-        return rows
-    return _fetch(
+        return rows, unknown
+    rows = _fetch(
         con,
         """SELECT c.campaign_id, j.flagged, j.found_c, sum(c.n)::BIGINT
            FROM t_account_ex c JOIN joined j USING (account_id) GROUP BY ALL""",
     )
+    return rows, 0
 
 
 def _map_found_campaigns(
-    contingency: list[tuple[str | None, bool, str | None, int]], con: duckdb.DuckDBPyConnection
+    contingency: Contingency, con: duckdb.DuckDBPyConnection
 ) -> dict[str, str | None]:
     """Found campaign -> the true campaign holding most of its attributed attack exchanges
     (ties: smallest id), or None when it holds no attack exchange."""
@@ -584,11 +591,11 @@ def _map_found_campaigns(
     }
 
 
-def _exchange_metrics(contingency, mapping, findings: Findings) -> ExchangeMetrics:
+def _exchange_metrics(
+    contingency: Contingency, mapping: dict[str, str | None], findings: Findings
+) -> ExchangeMetrics:
     n_attack = n_honest = attack_flagged = attack_attributed = honest_flagged = 0
     for true_c, attributed, found_c, n in contingency:
-        if found_c == "\x00unknown":
-            continue
         if true_c is None:
             n_honest += n
             honest_flagged += n if attributed else 0
@@ -610,7 +617,9 @@ def _exchange_metrics(contingency, mapping, findings: Findings) -> ExchangeMetri
     )
 
 
-def _cluster_metrics(con: duckdb.DuckDBPyConnection, mapping) -> ClusterMetrics:
+def _cluster_metrics(
+    con: duckdb.DuckDBPyConnection, mapping: dict[str, str | None]
+) -> ClusterMetrics:
     rows = _fetch(
         con,
         "SELECT account_id, true_c, found_c FROM joined WHERE is_attack ORDER BY account_id",
@@ -642,7 +651,9 @@ def _kth_hours(times: list[int], n: int, share: float, start_ms: int) -> float |
     return _hours(times[k - 1], start_ms) if n and len(times) >= k else None
 
 
-def _campaign_metrics(con, truth: Truth, contingency, mapping) -> list[CampaignMetrics]:
+def _campaign_metrics(
+    con: duckdb.DuckDBPyConnection, contingency: Contingency, mapping: dict[str, str | None]
+) -> list[CampaignMetrics]:
     members = {
         c: (n, flagged, times or [])
         for c, n, flagged, times in _fetch(
@@ -654,7 +665,7 @@ def _campaign_metrics(con, truth: Truth, contingency, mapping) -> list[CampaignM
     }
     exchanges: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for true_c, attributed, found_c, n in contingency:
-        if true_c is None or found_c == "\x00unknown":
+        if true_c is None:
             continue
         counts = exchanges[true_c]
         counts[0] += n
