@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from distillguard.ingest import readers, validate
 from distillguard.ingest.readers import Batch, IngestFileError
@@ -84,7 +85,7 @@ def _ingest_file(
                 progress(str(path), batch.done_bytes, total)
     except IngestFileError as exc:
         report.error = str(exc)
-    except (OSError, duckdb.Error, ValueError) as exc:
+    except (OSError, duckdb.Error, pa.ArrowException, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         report.error = f"{path}: {first}"
     if report.read == 0 and report.error is None:
