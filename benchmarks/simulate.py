@@ -84,12 +84,14 @@ def seeds(work: Path) -> None:
 
 def baselines(out: Path) -> None:
     """Score the evaluator's baselines on a `standard` run (no detector: natural thresholds)."""
+    from rich.console import Console
+
     from distillguard.lab.evaluate import evaluate, render_report
 
     start = time.perf_counter()
     report = evaluate(out / "truth", None, out, baselines=True)
     print(f"baselines on {out.name}: {time.perf_counter() - start:.1f} s")
-    render_report(report)
+    render_report(report, Console(width=180))
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -100,6 +102,10 @@ def test_files_match_the_contract(smoke: Path):
     assert parts
     for part in parts:
         assert pq.read_schema(part).remove_metadata().equals(contract.EXCHANGE_SCHEMA)
+    # Sorted by time across parts, so row order says nothing about who generated a row.
+    ts = pa.concat_arrays([pq.read_table(p, columns=["ts"])["ts"].combine_chunks()
+                           for p in parts]).cast(pa.int64()).to_numpy()
+    assert (np.diff(ts) >= 0).all()
     for name, schema in SCHEMAS.items():
         assert pq.read_schema(smoke / name).remove_metadata().equals(schema), name
     assert (smoke / "truth" / "scenario.yaml").read_text().startswith("name: smoke")

@@ -10,10 +10,11 @@ Output layout (other stages depend on it exactly):
     OUT/truth/releases.parquet            contract.TRUTH_RELEASE_SCHEMA
     OUT/truth/scenario.yaml               the resolved scenario (after --scale)
 
-Part files follow simulated days in order; no row group spans two days and each row group is
-sorted by time (a day with more than ROW_GROUP_ROWS exchanges has several overlapping row
-groups). accounts.parquet is shuffled: row order reveals no group. Generation runs in the
-calling thread and Parquet encoding in a writer thread, so both cores work.
+Exchanges are sorted by time across all part files: the writer buffers one simulated day
+(dictionary-encoded, a few hundred bytes per exchange in memory), sorts it and writes it as one
+row group; part files rotate at day boundaries. accounts.parquet is shuffled: row order reveals
+no group. Generation runs in the calling thread and Parquet encoding in a writer thread, so
+both cores work.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ __all__ = ["SimulationSummary", "list_scenarios", "simulate"]
 
 #: Rows generated per block (bounds memory: a block is built, queued, written, dropped).
 CHUNK_ROWS = 100_000
-#: Rows buffered into one Parquet row group (dictionary-encoded, so a few hundred MB at most).
-ROW_GROUP_ROWS = 250_000
+#: Row-group size of the truth file (exchanges get one row group per simulated day).
+TRUTH_ROW_GROUP_ROWS = 1_000_000
 #: Rows per exchanges part file.
 ROWS_PER_FILE = 2_000_000
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1,
@@ -54,7 +55,7 @@ PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1,
 STATISTICS_COLUMNS = ["ts", "account_id", "model", "status", "input_tokens", "output_tokens",
                       "reasoning_tokens", "latency_ms"]
 
-#: Queued after each simulated day: the writer flushes, so no row group spans two days.
+#: Queued after each simulated day: the writer sorts and writes the day.
 END_OF_DAY = "end of day"
 
 #: progress(done, total): called after each (day, group) step.
@@ -125,6 +126,7 @@ class _Writer(threading.Thread):
         part: pq.ParquetWriter | None = None
         rows = 0
         pending: list[pa.Table] = []
+        pending_truth: list[pa.Table] = []
         truth = pq.ParquetWriter(self.out / "truth" / "exchanges.parquet",
                                  contract.TRUTH_EXCHANGE_SCHEMA, **PARQUET_OPTIONS)
         try:
@@ -132,10 +134,11 @@ class _Writer(threading.Thread):
                 item = self.queue.get()
                 if isinstance(item, tuple):
                     pending.append(item[0])
-                    truth.write_table(item[1], row_group_size=ROW_GROUP_ROWS)
-                    if sum(t.num_rows for t in pending) < ROW_GROUP_ROWS:
-                        continue
+                    pending_truth.append(item[1])
+                    continue
                 if pending:
+                    truth.write_table(pa.concat_tables(pending_truth),
+                                      row_group_size=TRUTH_ROW_GROUP_ROWS)
                     if part is None or rows >= self.rows_per_file:
                         if part is not None:
                             part.close()
@@ -145,14 +148,15 @@ class _Writer(threading.Thread):
                                                 write_statistics=STATISTICS_COLUMNS,
                                                 **PARQUET_OPTIONS)
                         rows = 0
-                    # One time-sorted row group per buffer, so row order reveals nothing about
-                    # which population or campaign generated a row; dictionaries are merged so
-                    # each distinct text is stored once per row group.
+                    # One row group per simulated day, sorted by time: the files are in time
+                    # order and row order reveals nothing about which population or campaign
+                    # generated a row. Dictionaries are merged, so each distinct text is
+                    # stored once per day.
                     group = pa.concat_tables(pending).unify_dictionaries().combine_chunks()
                     group = group.take(pc.sort_indices(group["ts"]))
-                    part.write_table(group, row_group_size=group.num_rows or 1)
+                    part.write_table(group, row_group_size=max(group.num_rows, 1))
                     rows += group.num_rows
-                    pending = []
+                    pending, pending_truth = [], []
                 if item is None:
                     break
         except BaseException as exc:  # surfaced by put()/finish()
