@@ -225,3 +225,15 @@ def test_reseller_hydra_mixes_honest_and_attack_traffic_on_the_same_accounts(out
                (SELECT account_id FROM t_exchanges WHERE campaign_id IS NOT NULL)))
         FROM t_accounts""")
     assert flagged_ok
+
+
+def test_campaign_window_and_late_phase(out: Path):
+    rows = query(out, """
+        SELECT e.ts::DATE - DATE '2026-03-02' AS day, min(e.ts), count(*),
+               avg((e.messages[1].content LIKE '%agent transcript%')::INT)
+        FROM exchanges e JOIN t_exchanges t USING (request_id)
+        WHERE t.campaign_id = 'mimic' GROUP BY day ORDER BY day""")
+    (day0, first, _, trace0), (day1, _, _, trace1) = rows
+    assert (day0, day1) == (0, 1)
+    assert first.hour >= 12  # start_day 0.5: nothing before noon of day 0
+    assert trace0 == 0 and trace1 == 1.0  # the reconstruction phase covers the late window
