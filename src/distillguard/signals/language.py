@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 
 #: Characters examined: the language of a prompt is clear from its start.
-SAMPLE_CHARS = 2000
+SAMPLE_CHARS = 1000
+#: Words of Latin-script text looked up in the stopword sets.
+SAMPLE_WORDS = 80
 
 # Non-Latin scripts and the language each one most likely means.
 _SCRIPTS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -26,6 +28,7 @@ _SCRIPTS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 _UKRAINIAN = re.compile(r"[іїєґІЇЄҐ]")
 _PERSIAN = re.compile(r"[پچژگ]")
+_NON_LATIN = re.compile(r"[^\u0000-\u024f\u2000-\u206f]")
 _LATIN_LETTER = re.compile(r"[A-Za-z\u00c0-\u024f]")
 _WORD = re.compile(r"[a-zà-öø-ÿ]+")
 
@@ -46,25 +49,44 @@ _STOPWORDS: dict[str, frozenset[str]] = {
 }
 
 
-def detect_language(text: str) -> str | None:
-    """ISO 639-1 guess for `text` (see module docstring for what it can and cannot do)."""
-    sample = text[:SAMPLE_CHARS]
-    latin = len(_LATIN_LETTER.findall(sample))
+_LANGUAGES = tuple(_STOPWORDS)
+#: word -> indices (into _LANGUAGES) of the languages it is a stopword of
+_STOPWORD_INDEX: dict[str, tuple[int, ...]] = {}
+for _i, _lang in enumerate(_LANGUAGES):
+    for _word in _STOPWORDS[_lang]:
+        _STOPWORD_INDEX[_word] = (*_STOPWORD_INDEX.get(_word, ()), _i)
+
+
+def _script_language(sample: str) -> str | None:
+    """The language a non-Latin script says, if that script dominates the sample."""
     counts = {lang: len(pattern.findall(sample)) for lang, pattern in _SCRIPTS}
     # Japanese mixes kana with Han characters: a little kana is enough to tell it from Chinese.
     if counts["ja"] >= 2 and counts["ja"] * 10 >= counts["zh"]:
         counts["ja"] += counts.pop("zh")
     best_script, best_count = max(counts.items(), key=lambda item: item[1])
-    if best_count >= max(2, latin // 2):
-        if best_script == "ru" and _UKRAINIAN.search(sample):
-            return "uk"
-        if best_script == "ar" and _PERSIAN.search(sample):
-            return "fa"
-        return best_script
-    if latin < 3:
+    if best_count < max(2, len(_LATIN_LETTER.findall(sample)) // 2):
         return None
-    words = _WORD.findall(sample.lower())
-    scores = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS.items()}
-    lang, score = max(scores.items(), key=lambda item: item[1])
-    # Latin-script text without enough stopwords (code, lists of names) is most often English.
-    return lang if score > 0 else "en"
+    if best_script == "ru" and _UKRAINIAN.search(sample):
+        return "uk"
+    if best_script == "ar" and _PERSIAN.search(sample):
+        return "fa"
+    return best_script
+
+
+def detect_language(text: str) -> str | None:
+    """ISO 639-1 guess for `text` (see module docstring for what it can and cannot do)."""
+    sample = text[:SAMPLE_CHARS]
+    if _NON_LATIN.search(sample):
+        script = _script_language(sample)
+        if script is not None:
+            return script
+    words = _WORD.findall(sample.lower(), 0)[:SAMPLE_WORDS]
+    if not words:
+        return None
+    scores = [0] * len(_LANGUAGES)
+    for word in words:
+        for i in _STOPWORD_INDEX.get(word, ()):
+            scores[i] += 1
+    best = max(range(len(_LANGUAGES)), key=scores.__getitem__)
+    # Latin-script text without stopwords (code, lists of names) is most often English.
+    return _LANGUAGES[best] if scores[best] > 0 else "en"

@@ -18,8 +18,10 @@ _HS_FLAGS = {
     "dotall": hyperscan.HS_FLAG_DOTALL,
     "multiline": hyperscan.HS_FLAG_MULTILINE,
 }
-# Every pattern reports at most once per scan and reads UTF-8 (texts are encoded before scanning).
-_BASE_FLAGS = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8
+# Every pattern reports at most once per scan. Patterns are ASCII and texts are scanned as UTF-8
+# bytes WITHOUT HS_FLAG_UTF8: with it, bounded repeats such as `.{0,400}` become multi-byte
+# automata that take minutes to compile, and ASCII rules gain nothing from it.
+_BASE_FLAGS = hyperscan.HS_FLAG_SINGLEMATCH
 
 
 def _pattern_flags(rule: Rule) -> int:

@@ -24,22 +24,35 @@ LSH_BANDS = 8
 LSH_ROWS = NUM_PERM // LSH_BANDS
 MINHASH_SEED = 20260223
 SHINGLE_WORDS = 3
-
-# Order matters: blocks of data first (they may contain numbers and names), then tokens.
-_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"```.*?(```|\Z)", re.S), " <code> "),
-    (re.compile(r"<(\w{1,30})>.*?</\1>", re.S), r" <\1><data></\1> "),
-    (re.compile(r"`[^`\n]{1,300}`"), " <code> "),
-    (re.compile(r"https?://\S+|www\.\S+"), " <url> "),
-    (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), " <email> "),
-    (re.compile(r"\"[^\"\n]{1,500}\"|“[^”\n]{1,500}”|«[^»\n]{1,500}»|„[^“\n]{1,500}“"), " <q> "),
-    (re.compile(r"(?<!\w)'[^'\n]{1,300}'(?!\w)"), " <q> "),
-    (re.compile(r"\b[A-Za-z_]\w*(?:\.\w+)+\(?|\b[a-z]+_\w+\b|\b[a-z]+[A-Z]\w*\b|\b\w+\(\)"), " <id> "),
-    (re.compile(r"[$€£¥]?[-+]?\d[\d,._:/]*(?:%|st|nd|rd|th)?"), " <num> "),
+_BAND_MULTIPLIERS = np.array(
+    [pow(0x9E3779B97F4A7C15, k + 1, 1 << 64) | 1 for k in range(LSH_ROWS)], dtype=np.uint64
 )
-# Capitalised words that are not common English words are taken to be names (people, places,
-# products). A cheap heuristic: no NER model in the hot path.
-_CAPITALISED = re.compile(r"\b[A-Z][a-zA-Z]+\b")
+
+#: The skeleton is built from the head and tail of a prompt: a template's own words sit at its
+#: start and end, and this bounds the cost of very long prompts.
+SKELETON_HEAD_CHARS = 3000
+SKELETON_TAIL_CHARS = 1000
+
+# (trigger, pattern, replacement): a mask is only tried when its trigger substring occurs (cheap
+# `in` tests skip most regexes on most prompts). Order matters: blocks of data first (they may
+# contain numbers and names), then single tokens.
+_MASKS: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("```", re.compile(r"```.*?(```|\Z)", re.S), " <code> "),
+    ("</", re.compile(r"<(\w{1,30})>.*?</\1>", re.S), r" <\1><data></\1> "),
+    ("`", re.compile(r"`[^`\n]{1,300}`"), " <code> "),
+    ("http", re.compile(r"https?://\S+"), " <url> "),
+    ("www.", re.compile(r"www\.\S+"), " <url> "),
+    ("@", re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), " <email> "),
+    ('"', re.compile(r'"[^"\n]{1,500}"'), " <q> "),
+    ("“", re.compile(r"“[^”\n]{1,500}”"), " <q> "),
+    ("«", re.compile(r"«[^»\n]{1,500}»"), " <q> "),
+    ("'", re.compile(r"(?<!\w)'[^'\n]{1,300}'(?!\w)"), " <q> "),
+)
+# Word-like tokens, classified in one pass by `_mask_token`: numbers, code identifiers (dotted,
+# snake_case, camelCase, calls) and names. Capitalised words that are not common English words
+# are taken to be names (people, places, products): a cheap heuristic, no NER model in the hot
+# path.
+_TOKEN = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?:\(\))?|\d[\d,._:/]*(?:%|st|nd|rd|th)?")
 _COMMON_WORDS = """a about above after again against all also an and any are as at be because been before
     being below between both but by can could did do does doing down during each few for from
     further had has have having he her here hers herself him himself his how i if in into is it its
@@ -55,21 +68,30 @@ _COMMON_WORDS = """a about above after again against all also an and any are as 
     first second third next finally also however therefore thus one two three
 """
 _COMMON_CAPITALISED = frozenset(_COMMON_WORDS.split())
-_WS = re.compile(r"\s+")
-_WORD = re.compile(r"<\w+>|\w+|[^\w\s]")
 
 
-def _mask_name(match: re.Match[str]) -> str:
-    word = match.group(0)
-    return word if word.lower() in _COMMON_CAPITALISED else "<name>"
+def _mask_token(match: re.Match[str]) -> str:
+    token = match.group(0)
+    if token.isalpha():
+        if token.islower():
+            return token
+        if token[0].isupper():
+            return token if token.lower() in _COMMON_CAPITALISED else "<name>"
+        return "<id>"  # camelCase
+    if token[0].isdigit():
+        return "<num>"
+    return "<id>"  # snake_case, dotted.name, call(), name2
 
 
 def skeleton(text: str) -> str:
     """The prompt with its variable data masked, lower-cased, whitespace collapsed."""
-    for pattern, replacement in _MASKS:
-        text = pattern.sub(replacement, text)
-    text = _CAPITALISED.sub(_mask_name, text)
-    return _WS.sub(" ", text).strip().lower()
+    if len(text) > SKELETON_HEAD_CHARS + SKELETON_TAIL_CHARS:
+        text = text[:SKELETON_HEAD_CHARS] + "\n" + text[-SKELETON_TAIL_CHARS:]
+    for trigger, pattern, replacement in _MASKS:
+        if trigger in text:
+            text = pattern.sub(replacement, text)
+    text = _TOKEN.sub(_mask_token, text)
+    return " ".join(text.split()).lower()
 
 
 def _hex_hash(data: bytes, size: int = 8) -> str:
@@ -83,10 +105,11 @@ def text_hash(text: str) -> str:
 
 def shingles(skel: str) -> list[str]:
     """Word shingles of a skeleton (the whole token list if it is shorter than one shingle)."""
-    tokens = _WORD.findall(skel)
+    tokens = skel.split()
     if len(tokens) <= SHINGLE_WORDS:
         return [" ".join(tokens)] if tokens else []
-    return [" ".join(tokens[i : i + SHINGLE_WORDS]) for i in range(len(tokens) - SHINGLE_WORDS + 1)]
+    grams = zip(*(tokens[k:] for k in range(SHINGLE_WORDS)), strict=False)
+    return [" ".join(gram) for gram in grams]
 
 
 def lsh_keys_batch(shingle_sets: Sequence[list[str]]) -> list[list[str]]:
@@ -98,11 +121,11 @@ def lsh_keys_batch(shingle_sets: Sequence[list[str]]) -> list[list[str]]:
     digests = RMinHash.digests_from_token_sets(
         [shingle_sets[i] for i in present], num_perm=NUM_PERM, seed=MINHASH_SEED
     )
-    bands = np.asarray(digests, dtype="<u4").reshape(len(present), LSH_BANDS, LSH_ROWS)
+    bands = np.asarray(digests, dtype=np.uint64).reshape(len(present), LSH_BANDS, LSH_ROWS)
+    # One 48-bit key per band: a polynomial hash of its rows (uint64 arithmetic wraps).
+    band_hash = (bands * _BAND_MULTIPLIERS).sum(axis=2, dtype=np.uint64) >> np.uint64(16)
     for row, i in enumerate(present):
-        keys[i] = [
-            f"{band}:{_hex_hash(bands[row, band].tobytes(), 6)}" for band in range(LSH_BANDS)
-        ]
+        keys[i] = [f"{band}:{value:012x}" for band, value in enumerate(band_hash[row].tolist())]
     return keys
 
 
