@@ -56,6 +56,9 @@ HOP_BY_HOP = frozenset({
 })
 REJECT_STATUS = {"block": 403, "challenge": 403, "throttle": 429}
 STREAM_END_MARKERS = (b"data: [DONE]", b"message_stop")
+WARMUP_EXCHANGE = {"request_id": "warmup", "ts": "2026-01-01T00:00:00+00:00",
+                   "account_id": "warmup", "model": "warmup", "endpoint": "chat.completions",
+                   "messages": [{"role": "user", "content": "warm up"}], "params": {}}
 
 
 class Gateway:
@@ -104,6 +107,8 @@ class Gateway:
                                       cfg.state.enforcement_refresh_s)
             self.worker.start()  # its first pass replays segments a crashed run left behind
         self._load_snapshot()
+        # Build the signal annotator (rule packs, classifier) before taking traffic.
+        await asyncio.to_thread(self.decider.annotate, WARMUP_EXCHANGE)
         window = self.policy.policy.window_s
         self._tasks = [
             asyncio.create_task(refresh_loop(1.0, self._reload_policy)),

@@ -1,0 +1,272 @@
+"""Gateway added latency and throughput versus calling the upstream directly, side by side.
+
+Three processes on 127.0.0.1: the upstream (tests/upstream_stub.py: uvicorn + uvloop + httptools),
+the gateway (`distillguard gateway`, real request signals, store worker on, default policy
+shape with roomy limits), and this load generator (open loop: request i is sent at t0 + i/rate
+whatever happened to earlier ones; latency is counted from the scheduled send time, so queueing
+shows up instead of being hidden by coordinated omission). For each mode (non-streaming,
+streaming) and rate, the upstream is called directly and through the gateway in alternation.
+Optionally the LiteLLM proxy (in its own virtualenv) is measured the same way as a peer.
+
+    .venv/bin/python benchmarks/gateway.py                       # 200, 500, 1000 req/s, 5 s each
+    .venv/bin/python benchmarks/gateway.py --rates 200 --seconds 2
+    .venv/bin/python benchmarks/gateway.py --litellm-python /path/to/litellm-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_summary, peak_rss_mib  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+PY = sys.executable
+BENCH_KEY = "bench-key-not-a-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int = 2000) -> list[str]:
+    """Real task prompts (GSM8K) when ../shared/data is present, else varied synthetic ones."""
+    path = SHARED / "tasks" / "gsm8k_train.jsonl"
+    if path.exists():
+        out = [json.loads(line)["question"] for line in path.open() if line.strip()]
+        random.Random(1).shuffle(out)
+        return out[:n]
+    return [f"Question {i}: what is {i} plus {i * 7}? Explain briefly." for i in range(n)]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0,
+               headers: dict | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1, headers=headers).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready")
+
+
+def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def gateway_config(tmp: Path, upstream: str, port: int) -> Path:
+    policy = tmp / "policy.yaml"
+    policy.write_text(
+        "mode: enforce\nwindow_s: 60\n"
+        "limits:\n"
+        "  - {id: account, scope: account, rate_per_s: 100000, burst: 1000000}\n"
+        "  - {id: cluster, scope: cluster, rate_per_s: 100000, burst: 1000000,"
+        " when: {account.flagged: true}}\n"
+        "rules:\n"
+        "  - {id: flagged, when: {account.flagged: true}, action: degrade}\n"
+        "  - {id: cot-farm, action: challenge, when: {signal.cot: true,"
+        " live.cot_share: {gte: 0.99}, live.template_repeat_share: {gte: 0.99},"
+        " live.requests: {gte: 1000000}}}\n")
+    cfg = tmp / "gateway.yaml"
+    cfg.write_text(
+        f"upstream: {upstream}\nlisten: {{host: 127.0.0.1, port: {port}}}\n"
+        f"store: {tmp / 'store.duckdb'}\npolicy: {policy}\n"
+        f"wal: {{dir: {tmp / 'wal'}, fsync: batch}}\n"
+        "auth: {admin_token_env: BENCH_ADMIN}\n"
+        "keys:\n  - {key_env: BENCH_KEY, account_id: bench-account}\n")
+    return cfg
+
+
+def litellm_config(tmp: Path, upstream: str) -> Path:
+    cfg = tmp / "litellm.yaml"
+    cfg.write_text(
+        "model_list:\n"
+        "  - model_name: stub-model\n"
+        f"    litellm_params: {{model: openai/stub-model, api_base: {upstream}/v1,"
+        " api_key: not-used}\n"
+        "general_settings: {master_key: sk-bench}\n"
+        "litellm_settings: {drop_params: true, telemetry: false}\n")
+    return cfg
+
+
+async def run_load(url: str, key: str, rate: int, seconds: float, stream: bool,
+                   texts: list[str]) -> dict:
+    """Open-loop load at `rate` for `seconds`; per-request latency from the scheduled time."""
+    n = max(1, int(rate * seconds))
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    lat: list[float] = []
+    ttfb: list[float] = []
+    errors: dict[str, int] = {}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30,
+                                 headers={"authorization": f"Bearer {key}"}) as client:
+        async def one(i: int, scheduled: float) -> None:
+            body = {"model": "stub-model", "stream": stream,
+                    "messages": [{"role": "user", "content": texts[i % len(texts)]}]}
+            try:
+                if stream:
+                    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                        first = None
+                        async for _ in r.aiter_raw():
+                            if first is None:
+                                first = time.perf_counter() - scheduled
+                        status = r.status_code
+                    ttfb.append(first or 0.0)
+                else:
+                    r = await client.post("/v1/chat/completions", json=body)
+                    status = r.status_code
+                if status != 200:
+                    errors[str(status)] = errors.get(str(status), 0) + 1
+                    return
+                lat.append(time.perf_counter() - scheduled)
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+        tasks = []
+        t0 = time.perf_counter() + 0.05
+        for i in range(n):
+            scheduled = t0 + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+    return {"n": n, "ok": len(lat), "errors": errors, "elapsed": elapsed,
+            "throughput": len(lat) / elapsed, "lat": lat, "ttfb": ttfb}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def gateway_added_mean_ms(url: str) -> tuple[float, int]:
+    """Mean time the gateway itself reports spending outside the upstream call."""
+    text = httpx.get(url + "/metrics", headers={"authorization": "Bearer bench-admin"}).text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("distillguard_gateway_added_latency_seconds_sum"):
+            total = float(line.split()[1])
+        elif line.startswith("distillguard_gateway_added_latency_seconds_count"):
+            count = float(line.split()[1])
+    return (total / count * 1000 if count else float("nan")), int(count)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", default="200,500,1000")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--modes", default="nonstream,stream")
+    ap.add_argument("--litellm-python", help="python of a venv with litellm[proxy] installed")
+    args = ap.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    modes = args.modes.split(",")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(machine_summary())
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (other work on the machine "
+          "inflates every figure below)")
+    texts = prompts()
+    tmp = Path(tempfile.mkdtemp(prefix="dg-bench-"))
+    up_port, gw_port, ll_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+    procs = []
+    env = {**os.environ, "BENCH_KEY": BENCH_KEY, "BENCH_ADMIN": "bench-admin"}
+    try:
+        procs.append(start([PY, str(REPO / "tests" / "upstream_stub.py"), "--port",
+                            str(up_port)], log=tmp / "upstream.log"))
+        wait_ready(upstream + "/v1/models", procs[-1])
+        procs.append(start([str(Path(PY).parent / "distillguard"), "gateway", "-c",
+                            str(gateway_config(tmp, upstream, gw_port)),
+                            "--log-level", "warning"], env=env, log=tmp / "gateway.log"))
+        gateway = f"http://127.0.0.1:{gw_port}"
+        wait_ready(gateway + "/readyz", procs[-1])
+        targets = {"direct": (upstream, BENCH_KEY), "gateway": (gateway, BENCH_KEY)}
+        if args.litellm_python:
+            procs.append(start([str(Path(args.litellm_python).parent / "litellm"), "--config",
+                                str(litellm_config(tmp, upstream)), "--port", str(ll_port),
+                                "--host", "127.0.0.1", "--num_workers", "1"],
+                               env={**env, "LITELLM_LOG": "ERROR"}, log=tmp / "litellm.log"))
+            litellm = f"http://127.0.0.1:{ll_port}"
+            wait_ready(litellm + "/health/liveliness", procs[-1])
+            targets["litellm"] = (litellm, "sk-bench")
+        for name, (url, key) in targets.items():  # warm connections, caches, JIT-free paths
+            asyncio.run(run_load(url, key, 100, 1.0, False, texts))
+        rows = []
+        for mode in modes:
+            for rate in rates:
+                results = {name: asyncio.run(run_load(url, key, rate, args.seconds,
+                                                      mode == "stream", texts))
+                           for name, (url, key) in targets.items()}
+                rows.append((mode, rate, results))
+                d = results["direct"]
+                for name, r in results.items():
+                    line = (f"{mode:9s} {rate:5d}/s {name:8s} ok {r['ok']:5d}/{r['n']:<5d} "
+                            f"thr {r['throughput']:7.1f}/s  p50 {pct(r['lat'], .5):7.2f} ms  "
+                            f"p99 {pct(r['lat'], .99):7.2f} ms")
+                    if mode == "stream":
+                        line += f"  ttfb p50 {pct(r['ttfb'], .5):6.2f} ms"
+                    if name != "direct":
+                        line += (f"  | added p50 {pct(r['lat'], .5) - pct(d['lat'], .5):+6.2f}"
+                                 f" ms  p99 {pct(r['lat'], .99) - pct(d['lat'], .99):+7.2f} ms")
+                    if r["errors"]:
+                        line += f"  errors {r['errors']}"
+                    print(line, flush=True)
+        mean_ms, count = gateway_added_mean_ms(gateway)
+        print(f"gateway's own measure (all runs, {count} requests): mean time outside the "
+              f"upstream call {mean_ms:.3f} ms")
+        summary = {"rows": [{"mode": m, "rate": r, **{
+            n: {"p50_ms": pct(x["lat"], .5), "p99_ms": pct(x["lat"], .99),
+                "throughput": x["throughput"], "ok": x["ok"], "n": x["n"],
+                "errors": x["errors"]} for n, x in res.items()}} for m, r, res in rows]}
+        out = tmp / "results.json.gz"
+        out.write_bytes(gzip.compress(orjson.dumps(summary)))
+        print(f"raw results: {out}")
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    print(f"peak RSS (load generator and children): {peak_rss_mib():.0f} MiB; "
+          f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
