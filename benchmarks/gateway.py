@@ -32,8 +32,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_summary, peak_rss_mib  # noqa: E402
+from _machine import machine_summary, peak_rss_mib  # benchmarks/ is sys.path[0]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -229,7 +228,7 @@ def main() -> None:
             litellm = f"http://127.0.0.1:{ll_port}"
             wait_ready(litellm + "/health/liveliness", procs[-1])
             targets["litellm"] = (litellm, "sk-bench")
-        for name, (url, key) in targets.items():  # warm connections, caches, JIT-free paths
+        for url, key in targets.values():  # warm up connections and caches
             asyncio.run(run_load(url, key, 100, 1.0, False, texts))
         rows = []
         for mode in modes:
