@@ -104,20 +104,18 @@ class BaselineResult:
         return float(candidates[best])
 
 
-def _records(con: duckdb.DuckDBPyConnection, source_sql: str, params: list) -> pa.Table:
-    """Rows of `source_sql` (account_id, ts, score) where the account's running max rose."""
-    return con.execute(
-        f"""SELECT account_id, ts::TIMESTAMPTZ AS ts, score::DOUBLE AS score FROM (
-              SELECT account_id, ts, score,
-                     max(score) OVER (PARTITION BY account_id ORDER BY ts, score
-                                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
-              FROM ({source_sql}))
-            WHERE prev IS NULL OR score > prev
-            ORDER BY account_id, ts""",
-        params,
-    ).arrow().read_all().cast(
-        pa.schema([("account_id", pa.string()), ("ts", contract.UTC_TS), ("score", pa.float64())])
+TRAJECTORY_SCHEMA = pa.schema(
+    [("account_id", pa.string()), ("ts", contract.UTC_TS), ("score", pa.float64())]
+)
+
+
+def _trajectory(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    """Run `sql` (account_id, ts, score) into a TRAJECTORY_SCHEMA table ordered by account, ts."""
+    rows = con.execute(
+        f"SELECT account_id, ts::TIMESTAMPTZ AS ts, score::DOUBLE AS score FROM ({sql}) "
+        "ORDER BY account_id, ts"
     )
+    return rows.arrow().read_all().cast(TRAJECTORY_SCHEMA)
 
 
 def volume_threshold_baseline(
@@ -131,23 +129,37 @@ def volume_threshold_baseline(
     glob = exchange_files(logs_dir)
     con = duckdb_connection()
     quoted = "'" + glob.replace("'", "''") + "'"  # views take no prepared parameters
-    con.execute(  # a view: re-reading three columns beats holding every exchange in memory
-        "CREATE VIEW ranked AS SELECT account_id, ts, row_number() OVER "
-        "(PARTITION BY account_id, date_trunc('day', ts) ORDER BY ts, request_id) AS rank "
+    con.execute(  # views: re-reading two columns beats holding every exchange in memory
+        "CREATE VIEW ex AS SELECT account_id, ts, epoch_ms(ts) // 86400000 AS day "
         f"FROM read_parquet({quoted})"
     )
+    con.execute("CREATE TEMP TABLE daily AS SELECT account_id, day, count(*) AS n FROM ex GROUP BY ALL")
     honest = pa.table(
         {"account_id": honest_account_ids if honest_account_ids is not None else pa.array([], pa.string())}
     )
     con.register("honest", honest)
     only_honest = "WHERE account_id IN (SELECT account_id FROM honest)" if len(honest) else ""
     (limit,) = con.execute(
-        f"""SELECT quantile_cont(n, {quantile}) FROM (
-              SELECT account_id, date_trunc('day', ts), max(rank) AS n FROM ranked
-              {only_honest} GROUP BY ALL)"""
+        f"SELECT quantile_cont(n, {quantile}) FROM daily {only_honest}"
     ).fetchone()
     limit = float(limit or 0.0)
-    trajectory = _records(con, "SELECT account_id, ts, rank AS score FROM ranked", [])
+    # The account's running maximum of daily rank only rises on days busier than every
+    # earlier day, and then only past the earlier peak: rank only those days' exchanges.
+    trajectory = _trajectory(
+        con,
+        """WITH record_days AS (
+               SELECT account_id, day, prev FROM (
+                   SELECT account_id, day, n, coalesce(max(n) OVER (
+                       PARTITION BY account_id ORDER BY day
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS prev
+                   FROM daily)
+               WHERE n > prev)
+           SELECT account_id, ts, rank AS score FROM (
+               SELECT account_id, ts, prev,
+                      row_number() OVER (PARTITION BY account_id, day ORDER BY ts) AS rank
+               FROM ex JOIN record_days USING (account_id, day))
+           WHERE rank > prev""",
+    )
     con.close()
     whose = "honest" if len(honest) else "all"
     return BaselineResult(
@@ -165,22 +177,23 @@ def _daily_cumulative_features(con: duckdb.DuckDBPyConnection, glob: str) -> Non
     """Table `snapshots`: per account and active UTC day, the account's features so far."""
     con.execute(
         """CREATE TEMP TABLE snapshots AS
-        WITH ex AS (
-            SELECT account_id, date_trunc('day', ts) AS day, ts, ip,
+        WITH ex AS (  -- integer day / hour arithmetic: no time-zone calendar per row
+            SELECT account_id, epoch_ms(ts) // 86400000 AS day,
+                   epoch_ms(ts) % 86400000 < 6 * 3600000 AS night, ip,
                    input_tokens, output_tokens, reasoning_tokens
             FROM read_parquet(?)),
         daily AS (
             SELECT account_id, day, count(*) AS n,
                    sum(input_tokens) AS in_sum, count(input_tokens) AS in_n,
                    sum(output_tokens) AS out_sum, count(output_tokens) AS out_n,
-                   count(*) FILTER (hour(ts) < 6) AS night,
+                   count(*) FILTER (night) AS night,
                    count(*) FILTER (reasoning_tokens > 0) AS reasoning
             FROM ex GROUP BY ALL),
         new_ips AS (
             SELECT account_id, day, count(*) AS n_new FROM (
                 SELECT account_id, ip, min(day) AS day FROM ex WHERE ip IS NOT NULL GROUP BY ALL)
             GROUP BY ALL)
-        SELECT account_id, day + INTERVAL 1 DAY AS ts,
+        SELECT account_id, epoch_ms((day + 1) * 86400000) AS ts,
                sum(n) OVER w AS cum_n, count(*) OVER w AS active_days, max(n) OVER w AS max_daily,
                sum(coalesce(n_new, 0)) OVER w AS cum_ips,
                sum(in_sum) OVER w AS cum_in, sum(in_n) OVER w AS cum_in_n,
@@ -193,7 +206,7 @@ def _daily_cumulative_features(con: duckdb.DuckDBPyConnection, glob: str) -> Non
 
 
 def isolation_forest_baseline(
-    logs_dir: str | Path, *, seed: int = 0, n_estimators: int = 200, contamination: float = 0.001
+    logs_dir: str | Path, *, seed: int = 0, n_estimators: int = 100, contamination: float = 0.001
 ) -> BaselineResult:
     """IsolationForest on per-account features, run as a nightly job: each account is scored
     on its cumulative features at the end of every UTC day it was active.
@@ -217,19 +230,22 @@ def isolation_forest_baseline(
     n_accounts = pa.compute.count_distinct(columns["account_id"]).as_py()
     # Fitted on every nightly snapshot, not only the final ones, so an account's early nights
     # (one active day, little volume) are in the distribution the model learned.
-    model = IsolationForest(
-        n_estimators=n_estimators, contamination=contamination, random_state=seed, n_jobs=1
-    )
-    model.fit(features)
-    scored = pa.table(
-        {
-            "account_id": columns["account_id"],
-            "ts": columns["ts"],
-            "score": pa.array(-model.score_samples(features)),
-        }
-    )
+    # The contamination cut is taken from these same scores rather than by scikit-learn's
+    # `contamination=`, which would score every snapshot a second time.
+    model = IsolationForest(n_estimators=n_estimators, random_state=seed, n_jobs=1)
+    scores = -model.fit(features).score_samples(features)
+    threshold = float(np.quantile(scores, 1 - contamination))
+    scored = pa.table({"account_id": columns["account_id"], "ts": columns["ts"], "score": scores})
     con.register("scored", scored)
-    trajectory = _records(con, "SELECT account_id, ts, score FROM scored", [])
+    trajectory = _trajectory(  # keep only the nights an account's running max score rose
+        con,
+        """SELECT account_id, ts, score FROM (
+               SELECT account_id, ts, score, max(score) OVER (
+                   PARTITION BY account_id ORDER BY ts
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
+               FROM scored)
+           WHERE prev IS NULL OR score > prev""",
+    )
     con.close()
     return BaselineResult(
         name="isolation_forest",
@@ -239,6 +255,6 @@ def isolation_forest_baseline(
             f"{len(IFOREST_FEATURES)} per-account features, {n_accounts:,} accounts, "
             "run nightly on cumulative features"
         ),
-        threshold=float(-model.offset_),
+        threshold=threshold,
         trajectory=trajectory,
     )
