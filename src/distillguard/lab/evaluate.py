@@ -761,43 +761,29 @@ def evaluate(
     warnings: list[str] = []
     step("reading truth")
     truth = load_truth(truth_dir)
-    detector = None
-    if findings_dir is not None:
-        step("scoring findings")
-        findings = (
-            findings_dir if isinstance(findings_dir, Findings) else load_findings(findings_dir)
+    try:
+        detector = None
+        if findings_dir is not None:
+            step("scoring findings")
+            findings = (
+                findings_dir if isinstance(findings_dir, Findings) else load_findings(findings_dir)
+            )
+            detector = score_findings(truth, findings, "detector", warnings=warnings)
+        baseline_scores = (
+            _score_baselines(
+                truth,
+                Path(logs_dir) if logs_dir is not None else Path(truth_dir).resolve().parent,
+                detector.account.fpr if detector else None,
+                seed,
+                baseline_findings_dir,
+                step,
+                warnings,
+            )
+            if baselines
+            else []
         )
-        detector = score_findings(truth, findings, "detector", warnings=warnings)
-    baseline_scores: list[DetectorScore] = []
-    if baselines:
-        from distillguard.lab import baselines as lab_baselines  # imports Findings from here
-
-        logs = Path(logs_dir) if logs_dir is not None else Path(truth_dir).resolve().parent
-        target_fpr = detector.account.fpr if detector else None
-        makers = {
-            "volume threshold": lambda: lab_baselines.volume_threshold_baseline(
-                logs, truth.honest_account_ids
-            ),
-            "isolation forest": lambda: lab_baselines.isolation_forest_baseline(logs, seed=seed),
-        }
-        for label, make in makers.items():
-            step(f"baseline: {label}")
-            result = make()
-            natural = result.findings_at()
-            if baseline_findings_dir is not None:
-                write_findings(natural, Path(baseline_findings_dir) / result.name)
-            score = score_findings(truth, natural, result.name, "natural", result.threshold, warnings)
-            score.note = result.description
-            baseline_scores.append(score)
-            if target_fpr is not None:
-                threshold = result.threshold_for_fpr(truth.honest_account_ids, target_fpr)
-                matched = score_findings(
-                    truth, result.findings_at(threshold), result.name, "matched FPR", threshold,
-                    warnings,
-                )
-                matched.note = f"re-thresholded to the detector's FPR {target_fpr:.5f}"
-                baseline_scores.append(matched)
-    truth.con.close()
+    finally:
+        truth.con.close()
     return EvalReport(
         truth_dir=str(truth_dir),
         findings=None
@@ -809,6 +795,45 @@ def evaluate(
         baselines=baseline_scores,
         warnings=warnings,
     )
+
+
+def _score_baselines(
+    truth: Truth,
+    logs: Path,
+    target_fpr: float | None,
+    seed: int,
+    findings_dir: str | Path | None,
+    step: Callable[[str], None],
+    warnings: list[str],
+) -> list[DetectorScore]:
+    """Both baselines at their natural threshold and, given a detector's FPR, at that FPR."""
+    from distillguard.lab import baselines  # it imports Findings from this module
+
+    makers = {
+        "volume threshold": lambda: baselines.volume_threshold_baseline(
+            logs, truth.honest_account_ids
+        ),
+        "isolation forest": lambda: baselines.isolation_forest_baseline(logs, seed=seed),
+    }
+    scores = []
+    for label, make in makers.items():
+        step(f"baseline: {label}")
+        result = make()
+        natural = result.findings_at()
+        if findings_dir is not None:
+            write_findings(natural, Path(findings_dir) / result.name)
+        score = score_findings(truth, natural, result.name, "natural", result.threshold, warnings)
+        score.note = result.description
+        scores.append(score)
+        if target_fpr is not None:
+            threshold = result.threshold_for_fpr(truth.honest_account_ids, target_fpr)
+            matched = score_findings(
+                truth, result.findings_at(threshold), result.name, "matched FPR", threshold,
+                warnings,
+            )
+            matched.note = f"re-thresholded to the detector's FPR {target_fpr:.5f}"
+            scores.append(matched)
+    return scores
 
 
 def _pct(value: float | None, digits: int = 2) -> str:
@@ -840,6 +865,7 @@ def render_report(report: EvalReport, console: Console | None = None) -> None:
     for column in (
         "detector", "threshold", "flagged", "precision", "recall", "F1", "FPR", "ROC AUC",
         "attack exch. flagged", "attack exch. right campaign", "honest exch. flagged", "ARI",
+        "campaigns 50% flagged",
     ):
         summary.add_column(column, justify="left" if column == "detector" else "right")
     for s in scores:
@@ -850,6 +876,7 @@ def render_report(report: EvalReport, console: Console | None = None) -> None:
             _pct(s.exchange.attack_flagged_share), _pct(s.exchange.attack_attributed_share),
             _pct(s.exchange.honest_wrong_share, 3),
             _num(s.cluster.ari),
+            f"{sum(c.hours_to_50pct is not None for c in s.campaigns)}/{len(s.campaigns)}",
         )
     console.print(summary)
 
