@@ -7,9 +7,9 @@ from datetime import timedelta
 import ibis
 import pyarrow as pa
 import pytest
-from test_engine_crafted import T0, crafted
 
 from distillguard import contract, fingerprints
+from test_engine_crafted import T0, crafted
 
 
 @pytest.fixture(scope="module")

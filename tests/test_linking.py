@@ -8,9 +8,9 @@ import ibis
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_engine_crafted import crafted
 
 from distillguard import fingerprints, linking
+from test_engine_crafted import crafted
 
 TS = datetime(2026, 1, 5, tzinfo=UTC)
 

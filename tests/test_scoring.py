@@ -21,7 +21,7 @@ def population(n: int = 200, odd: int = 10, seed: int = 0) -> pa.Table:
 
 def test_robust_z_ignores_the_outliers_themselves():
     x = np.r_[np.zeros(95) + np.linspace(0, 1, 95), [100.0] * 5]
-    z, med, scale = scoring.robust_z(x)
+    z, med, _scale = scoring.robust_z(x)
     assert med == pytest.approx(np.median(x))
     assert z[-1] > 50  # the outliers did not inflate the scale
     z_const, _, scale_const = scoring.robust_z(np.ones(10))
@@ -55,15 +55,34 @@ def test_supervised_mode_learns_from_verdicts():
         scoring.BehaviourScorer().fit_supervised(t, {"a000": True})
 
 
-def test_cluster_needs_both_cohesion_and_behaviour():
+def test_cluster_needs_cohesion_control_and_behaviour():
     s = scoring.BehaviourScorer().score(population())
     odd, normal = np.arange(0, 10), np.arange(50, 60)
+    control = np.zeros(200)
+    control[odd] = 5.0
+    control[normal] = 5.0
     members = {0: odd, 1: normal, 2: odd[:5]}
     internal = {0: 50.0, 1: 50.0, 2: 1.0}  # cluster 2: odd but barely tied together
-    verdicts = {v.label: v for v in scoring.ClusterScorer().score(members, s, internal, {})}
-    assert verdicts[0].flagged
+    no_block = np.zeros(200, dtype=bool)
+    scorer = scoring.ClusterScorer()
+    verdicts = {v.label: v for v in scorer.score(members, s, internal, control, no_block)}
+    assert verdicts[0].flagged and set(verdicts[0].core) == set(odd)
     assert not verdicts[1].flagged  # tied but ordinary (a NAT, a team)
     assert not verdicts[2].flagged  # odd but not tied (independent heavy users)
     assert verdicts[0].score > verdicts[1].score
-    dense = scoring.ClusterScorer().score({2: odd[:5]}, s, {2: 1.0}, {2: 1.0})
+    content_only = scorer.score({0: odd}, s, {0: 50.0}, np.zeros(200), no_block)
+    assert not content_only[0].flagged  # tied only by shared prompts: not common control
+    block = np.zeros(200, dtype=bool)
+    block[odd[:5]] = True
+    dense = scorer.score({2: odd[:5]}, s, {2: 1.0}, np.zeros(200), block)
     assert dense[0].flagged  # a FRAUDAR dense block stands in for cohesion
+
+
+def test_only_the_core_of_a_mixed_cluster_is_flagged():
+    s = scoring.BehaviourScorer().score(population())
+    mixed = np.r_[np.arange(0, 10), np.arange(50, 54)]
+    control = np.zeros(200)
+    control[:10] = 4.0  # attackers share cards and addresses; the others only prompts
+    v = scoring.ClusterScorer().score({0: mixed}, s, {0: 60.0}, control,
+                                      np.zeros(200, dtype=bool))[0]
+    assert v.flagged and set(v.core) == set(range(10))

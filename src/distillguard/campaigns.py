@@ -20,6 +20,7 @@ import ibis.expr.types as ir
 import pyarrow as pa
 
 from distillguard import contract
+from distillguard.fingerprints import NEW_MODEL_AFTER_S
 from distillguard.linking import KIND_LABELS
 
 #: Infrastructure evidence kinds reported as indicators (indicator name -> evidence kind).
@@ -101,8 +102,8 @@ def pivots(
     attributed: pa.Table, model_first_seen: dict[str, datetime], *, min_share: float = 0.3,
     window_hours: int = 6, flagged_at: dict[str, datetime] | None = None,
 ) -> dict[str, list[dict]]:
-    """Release pivots per campaign: a model that appeared during the log (first seen after the
-    log's first day) and reached `min_share` of the campaign's traffic in a `window_hours`
+    """Release pivots per campaign: a model that appeared during the log (first seen more than
+    NEW_MODEL_AFTER_S after it starts) and reached `min_share` of the campaign's traffic in a `window_hours`
     window. `flagged_at` is the end of the first such window (no earlier than the campaign's
     own flag time, when given)."""
     import duckdb
@@ -111,7 +112,8 @@ def pivots(
         return {}
     log_start = min(model_first_seen.values())
     new_models = {
-        m for m, t in model_first_seen.items() if (t - log_start).total_seconds() > 86400
+        m for m, t in model_first_seen.items()
+        if (t - log_start).total_seconds() > NEW_MODEL_AFTER_S
     }
     if not new_models:
         return {}

@@ -309,7 +309,8 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
         behaviour = scorer.score(fp)
         members = _members(label)
         verdict_list = config.clusters.score(
-            members, behaviour, _internal_weight(graph, label), _block_share(members, block)
+            members, behaviour, _internal_weight(graph, label), _member_control(graph, label),
+            block >= 0,
         )
     with _timed(seconds, "campaigns", progress):
         result = _campaigns(
@@ -346,8 +347,14 @@ def _internal_weight(graph: AccountGraph, label: np.ndarray) -> dict[int, float]
     return {i: float(w) for i, w in enumerate(sums)}
 
 
-def _block_share(members: dict[int, np.ndarray], block: np.ndarray) -> dict[int, float]:
-    return {lab: float((block[idx] >= 0).mean()) for lab, idx in members.items()}
+def _member_control(graph: AccountGraph, label: np.ndarray) -> np.ndarray:
+    """Per vertex: control-evidence weight of its edges to members of its own cluster."""
+    same = (label[graph.src] == label[graph.dst]) & (label[graph.src] >= 0)
+    w = graph.control_weight()[same]
+    n = len(graph.accounts)
+    return np.bincount(graph.src[same], weights=w, minlength=n) + np.bincount(
+        graph.dst[same], weights=w, minlength=n
+    )
 
 
 def _prior(con: duckdb.DuckDBPyConnection) -> tuple[dict, dict, dict]:
@@ -384,17 +391,17 @@ def _campaign_ids(
     hash of its smallest member."""
     ids: dict[int, str] = {}
     taken: set[str] = set()
-    for v in sorted(verdicts, key=lambda v: -len(v.members)):
+    for v in sorted(verdicts, key=lambda v: -len(v.core)):
         if not v.flagged:
             continue
         votes: dict[str, int] = {}
-        for i in v.members:
+        for i in v.core:
             prev = prior_accounts.get(names[i])
             if prev and prev[1]:
                 votes[prev[1]] = votes.get(prev[1], 0) + 1
         best = max(sorted(votes), key=lambda c: votes[c], default=None)
         if best is None or best in taken:
-            seed = min(names[i] for i in v.members)
+            seed = min(names[i] for i in v.core)
             best = "cmp-" + hashlib.sha1(seed.encode()).hexdigest()[:10]
         taken.add(best)
         ids[v.label] = best
@@ -446,7 +453,7 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
     flagged = np.zeros(len(names), dtype=bool)
     campaign_of: dict[str, str] = {}
     for lab, cid in ids.items():
-        for i in by_label[lab].members:
+        for i in by_label[lab].core:
             if not allowed[i]:
                 flagged[i] = True
                 campaign_of[names[i]] = cid
@@ -487,7 +494,7 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
         if flagged[i]:
             v = by_label[int(label[i])]
             reasons.append(
-                f"member of campaign {cid}: {len(v.members)} accounts tied by rare shared "
+                f"member of campaign {cid}: {len(v.core)} accounts tied by rare shared "
                 f"evidence (cohesion {v.cohesion:.1f}), median member behaviour at the "
                 f"{100 * v.behaviour_percentile:.0f}th percentile of all accounts"
             )
@@ -515,12 +522,12 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
     rows = []
     for lab, cid in ids.items():
         v = by_label[lab]
-        members = sorted(names[i] for i in v.members if not allowed[i])
+        members = sorted(names[i] for i in v.core if not allowed[i])
         if not members:
             continue
         inds, infra_reasons = camp.indicators(ev, members)
         w = window.get(cid, {})
-        idx = np.array([i for i in v.members if not allowed[i]])
+        idx = np.array([i for i in v.core if not allowed[i]])
         rows.append({
             "campaign_id": cid,
             "score": round(v.score, 6),
@@ -538,7 +545,7 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
                 for p in pivots.get(cid, [])
             ],
             "indicators": list(inds.items()),
-            "reasons": _campaign_reasons(v, idx, behaviour, infra_reasons, allowed, v.members),
+            "reasons": _campaign_reasons(v, idx, behaviour, infra_reasons, allowed, v.core),
         })
     rows.sort(key=lambda r: (-r["n_accounts"], r["campaign_id"]))
     campaigns_out = pa.Table.from_pylist(rows, schema=contract.FINDING_CAMPAIGN_SCHEMA)

@@ -29,6 +29,9 @@ SIGNAL_COLUMNS = (
     "distill_score",
 )
 
+#: A model first seen this long after the log starts counts as released inside the window.
+NEW_MODEL_AFTER_S = 6 * 3600
+
 #: Boolean signals whose per-account share is a fingerprint feature.
 SHARE_SIGNALS = ("cot", "reasoning_reconstruction", "rubric", "safe_rewrite", "extraction_params")
 
@@ -137,10 +140,11 @@ def account_fingerprints(view: ir.Table, accounts: ir.Table) -> ir.Table:
     """Cumulative per-account fingerprint (one row per active account), see NUMERIC_FEATURES."""
     log_start = view.ts.min().as_scalar()
     firsts = model_first_seen(view)
-    # A "new" model is one first seen more than a day after the log starts (a release inside
-    # the window); the share of an account's traffic on such models is its release reaction.
+    # A "new" model is one first seen well after the log starts (a release inside the window);
+    # the share of an account's traffic on such models is its release reaction.
     firsts = firsts.mutate(
-        is_new=(firsts.model_first_ts.epoch_seconds() - log_start.epoch_seconds()) > 86400
+        is_new=(firsts.model_first_ts.epoch_seconds() - log_start.epoch_seconds())
+        > NEW_MODEL_AFTER_S
     )
     v = view.join(firsts.select("model", "is_new"), "model")
     v = v.mutate(

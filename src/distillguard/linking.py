@@ -38,10 +38,18 @@ KIND_WEIGHTS: dict[str, float] = {
     "email_domain": 0.5,
     "user_agent": 0.3,
     "template": 1.0,
-    "lsh": 0.5,
+    "lsh": 0.08,  # per LSH band key: the bands of one shared prompt add up to about 0.6
     "system": 0.5,
     "sync": 1.5,
 }
+
+#: Kinds an account accumulates many keys of by using the API (as opposed to sign-up
+#: attributes with one value per account); their shared keys are discounted for hub accounts.
+USAGE_KINDS = frozenset({"ip", "prefix", "user_agent", "template", "lsh", "system"})
+
+#: Kinds that show common content rather than common control (a benchmark's prompts, a
+#: popular agent's system prompt): they tie clusters but cannot alone make one a campaign.
+CONTENT_KINDS = frozenset({"template", "lsh", "system"})
 
 #: Human names of evidence kinds, for reasons.
 KIND_LABELS: dict[str, str] = {
@@ -198,6 +206,11 @@ class AccountGraph:
     def n_edges(self) -> int:
         return int(self.src.size)
 
+    def control_weight(self) -> np.ndarray:
+        """Each edge's weight from control kinds only (everything but CONTENT_KINDS)."""
+        parts = [v for k, v in self.by_kind.items() if k not in CONTENT_KINDS]
+        return np.sum(parts, axis=0) if parts else np.zeros(self.n_edges)
+
     def edge_reasons(self, i: int) -> list[str]:
         """Human-readable evidence of edge `i`."""
         return [
@@ -213,7 +226,8 @@ class Linker:
 
     max_group: int = 2000
     sample_above: int = 64
-    min_edge_weight: float = 1.0
+    min_edge_weight: float = 1.5
+    kind_cap: float = 3.0
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(KIND_WEIGHTS))
     seed: int = 0
 
@@ -221,6 +235,17 @@ class Linker:
         """Rarity weight of each key: kind weight / log2(1 + accounts sharing it)."""
         base = np.array([self.kind_weights.get(k, 0.0) for k in kinds])
         return base / np.log2(1.0 + df)
+
+    @staticmethod
+    def _hub_factor(acct: np.ndarray, of_kind: np.ndarray, n: int) -> np.ndarray:
+        """How many times more keys of one kind an account has than the population's 90th
+        percentile (at least 1). An account that sends hundreds of different prompts or
+        rotates through hundreds of addresses collides with everyone by chance; its shared
+        keys are discounted by the square root of this factor on each side of a pair."""
+        counts = np.bincount(acct[of_kind], minlength=n).astype(float)
+        active = counts[counts > 0]
+        typical = max(1.0, float(np.quantile(active, 0.9))) if active.size else 1.0
+        return np.maximum(1.0, counts / typical)
 
     def link(self, ev: pa.Table, accounts: Iterable[str] | None = None) -> AccountGraph:
         """Build the graph; `accounts` fixes the vertex list (default: accounts in `ev`)."""
@@ -264,13 +289,21 @@ class Linker:
         kk = np.concatenate(key_parts)
         pid = s * len(names) + d
         upid, inv = np.unique(pid, return_inverse=True)
-        weight = np.bincount(inv, weights=kw[kk], minlength=upid.size)
         by_kind, shared = {}, {}
         kind_of_edge = uniq_kind[kk]
+        pair_src, pair_dst = upid // len(names), upid % len(names)
         for kname in kinds:
             mask = kind_of_edge == kname
-            by_kind[kname] = np.bincount(inv[mask], weights=kw[kk[mask]], minlength=upid.size)
+            w = np.bincount(inv[mask], weights=kw[kk[mask]], minlength=upid.size)
+            if kname in USAGE_KINDS:
+                hub = self._hub_factor(acct, uniq_kind[key_idx] == kname, len(names))
+                w = w / np.sqrt(hub[pair_src] * hub[pair_dst])
+            # many keys of one kind (e.g. every LSH band of one shared prompt) are one piece of
+            # evidence, not many: each kind's total is capped, so strong edges need several
+            # independent kinds
+            by_kind[kname] = np.minimum(w, self.kind_cap)
             shared[kname] = np.bincount(inv[mask], minlength=upid.size).astype(np.int64)
+        weight = np.sum(list(by_kind.values()), axis=0)
         strong = weight >= self.min_edge_weight
         return AccountGraph(
             names,

@@ -32,10 +32,12 @@ BEHAVIOUR_FEATURES: tuple[tuple[str, int, float, str], ...] = (
     ("extraction_params_share", 1, 0.5, "share of extraction-friendly parameters"),
     ("distill_score_mean", 1, 1.0, "mean distillation-style classifier score"),
     ("n_capabilities", 1, 0.5, "breadth of capabilities targeted"),
-    ("new_model_share", 1, 0.5, "share of traffic on newly released models"),
+    ("new_model_share", 1, 1.0, "share of traffic on newly released models"),
+    ("age_at_first_use_h", -1, 0.5, "account age at first use (hours)"),
     ("unique_template_share", 1, 0.25, "share of distinct prompt templates"),
     ("n_ips", 1, 0.25, "distinct IP addresses"),
-    ("hour_entropy", 1, 0.25, "spread over the hours of the day"),
+    ("daily_mean", 1, 0.25, "exchanges per active day"),
+    ("hour_entropy", 1, 0.5, "spread over the hours of the day (24/7 activity)"),
     ("gap_cv", -1, 0.25, "regularity of inter-arrival times"),
     ("depth_mean", -1, 0.25, "conversation depth (single-turn)"),
 )
@@ -139,12 +141,19 @@ class BehaviourScorer:
 
 @dataclass
 class ClusterVerdict:
-    """Score of one cluster and whether it is flagged, with the numbers behind it."""
+    """Score of one cluster and whether it is flagged, with the numbers behind it.
+
+    `members` are the cluster's vertices; `core` those tied to the rest by control evidence
+    (infrastructure, payment, sign-up: not only shared prompts) or in a dense block: only the
+    core of a flagged cluster is flagged.
+    """
 
     label: int
     members: np.ndarray
+    core: np.ndarray
     score: float
     cohesion: float
+    control: float
     behaviour_percentile: float
     flagged: bool
 
@@ -154,12 +163,16 @@ class ClusterScorer:
     """Flags clusters tied by rare evidence whose members sit in the behavioural tail.
 
     `min_cohesion`: mean internal evidence weight per member (a member typically shares
-    several rare keys with several others). `tail`: the median member's behaviour score must
-    exceed this quantile of the whole population's scores.
+    several rare keys with several others). `min_control`: the part of it that is evidence of
+    common control rather than common content (a benchmark's prompts or a popular agent's
+    system prompt tie honest strangers too). `tail`: the median core member's behaviour score
+    must exceed this quantile of the whole population's scores.
     """
 
     min_size: int = 3
     min_cohesion: float = 2.0
+    min_control: float = 1.0
+    min_member_control: float = 0.5
     tail: float = 0.9
 
     def score(
@@ -167,20 +180,29 @@ class ClusterScorer:
         members: dict[int, np.ndarray],
         behaviour: AccountScores,
         internal_weight: dict[int, float],
-        dense_block_share: dict[int, float],
+        member_control: np.ndarray,
+        in_block: np.ndarray,
     ) -> list[ClusterVerdict]:
+        """`member_control[i]`: control-evidence weight of vertex i's edges inside its cluster;
+        `in_block[i]`: whether vertex i is in a FRAUDAR dense block."""
         threshold = float(np.quantile(behaviour.score, self.tail)) if behaviour.score.size else 0.0
         out = []
         for lab, idx in members.items():
-            med = float(np.median(behaviour.score[idx]))
-            pct = float(np.median(behaviour.percentile[idx]))
+            core = idx[(member_control[idx] >= self.min_member_control) | in_block[idx]]
+            basis = core if core.size else idx
+            med = float(np.median(behaviour.score[basis]))
+            pct = float(np.median(behaviour.percentile[basis]))
             cohesion = 2.0 * internal_weight.get(lab, 0.0) / len(idx)
-            block = dense_block_share.get(lab, 0.0)
-            score = pct * (1.0 - np.exp(-cohesion / self.min_cohesion)) * (1.0 + block) / 2.0
+            control = float(member_control[idx].mean())
+            block = float(in_block[idx].mean())
+            tie = max(min(cohesion / self.min_cohesion, control / self.min_control), 2 * block)
+            score = pct * (1.0 - np.exp(-tie)) * (1.0 + block) / 2.0
             flagged = bool(
-                len(idx) >= self.min_size
+                core.size >= self.min_size
                 and med > threshold
-                and (cohesion >= self.min_cohesion or block >= 0.5)
+                and ((cohesion >= self.min_cohesion and control >= self.min_control)
+                     or block >= 0.5)
             )
-            out.append(ClusterVerdict(lab, idx, float(score), cohesion, pct, flagged))
+            out.append(ClusterVerdict(lab, idx, core, float(score), cohesion, control, pct,
+                                      flagged))
         return out
