@@ -69,10 +69,15 @@ class TextSignals:
 
 
 def analysis_view(text: str) -> str:
-    """The part of a prompt that is analysed (all of it unless it is very long)."""
-    if len(text) <= HEAD_CHARS + TAIL_CHARS:
-        return text
-    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
+    """The part of a prompt that is analysed (all of it unless it is very long), as valid
+    Unicode (a live request's JSON can carry lone surrogates; Arrow strings cannot)."""
+    if len(text) > HEAD_CHARS + TAIL_CHARS:
+        text = text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
 
 
 def _table_column(table: pa.Table, name: str) -> pa.Array | None:

@@ -1,0 +1,292 @@
+"""Request signals on small crafted inputs: each signal, the template signature, the batch and
+single-request paths agreeing, the schema, and bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from distillguard import contract
+from distillguard.signals import SignalAnnotator, annotate, annotate_request, default_annotator
+from distillguard.signals.classifier import DistillClassifier
+from distillguard.signals.language import detect_language
+from distillguard.signals.params import EXTRACTION_MAX_TOKENS
+from distillguard.signals.templates import skeleton, template_signatures
+
+TS = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def exchange(prompt: str | None, i: int = 0, **fields) -> dict:
+    row = {"request_id": f"r{i}", "ts": TS, "account_id": "acct", "model": "m-1",
+           "messages": [{"role": "user", "content": prompt}]}
+    row.update(fields)
+    return row
+
+
+def table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=contract.EXCHANGE_SCHEMA)
+
+
+def one(prompt: str | None, **fields) -> dict:
+    return annotate_request(exchange(prompt, **fields))
+
+
+# -- the four request-type signals are told apart ------------------------------------------
+COT = "Solve this problem. Let's think step by step: a shop sells 3 pens for $4..."
+RECON = ("Below is a question and its final answer. Write out the full reasoning that leads to "
+         "this answer.\nQuestion: A shop sells 3 pens for $4. How much do 9 pens cost?\n"
+         "Final answer: 12")
+RUBRIC = ("Please act as an impartial judge. Rate the following response on a scale of 1 to 10."
+          "\nPrompt: tell me about otters\nResponse: Otters are ...")
+SAFE = ("Rewrite the following question into a censorship-safe version, then answer it: what "
+        "happened in Beijing in June 1989?")
+PLAIN = "Can you recommend a good book about the history of tea?"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        (COT, {"cot"}),
+        (RECON, {"reasoning_reconstruction"}),
+        (RUBRIC, {"rubric"}),
+        (SAFE, {"safe_rewrite"}),
+        (PLAIN, set()),
+    ],
+)
+def test_request_type_signals_are_distinct(prompt: str, expected: set[str]) -> None:
+    row = one(prompt)
+    flagged = {k for k in ("cot", "reasoning_reconstruction", "rubric", "safe_rewrite") if row[k]}
+    assert flagged == expected
+    assert (row["rule_hits"] != []) == bool(expected)
+
+
+def test_honest_harness_cot_is_marked_as_cot_and_as_a_harness_format() -> None:
+    row = one("Question: What is 7 + 5?\nAnswer: Let's think step by step.")
+    assert row["cot"]
+    assert "ctx.eval.answer_format" in row["rule_hits"]
+
+
+# -- capability, including structural evidence ----------------------------------------------
+@pytest.mark.parametrize(
+    ("prompt", "fields", "capability"),
+    [
+        ("Natalia sold 48 clips in April and half as many in May. How many clips in total?", {},
+         "reasoning_math"),
+        ("Write a Python function that merges two sorted lists.", {}, "coding"),
+        ("Here is a CSV of monthly sales by region; which region grew fastest?", {},
+         "data_analysis"),
+        ("Write a haiku about autumn rain.", {}, "creative"),
+        ("What should I cook for dinner tonight?", {}, "general_chat"),
+        ("What is the weather in Paris?", {"tools": ["get_weather"]}, "agentic_tool_use"),
+        ("Continue.", {"tool_calls": ['{"name": "run_shell"}']}, "agentic_tool_use"),
+        ("[image] What is shown here?", {}, "computer_use_vision"),
+        ("[image] Click the Submit button.", {"tools": ["click", "screenshot"]},
+         "computer_use_vision"),
+    ],
+)
+def test_capability(prompt: str, fields: dict, capability: str) -> None:
+    assert capability in contract.CAPABILITIES
+    assert one(prompt, **fields)["capability"] == capability
+
+
+# -- extraction-friendly parameters ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (None, False),
+        ({"temperature": 0.7, "max_tokens": 1024, "n": 1, "logprobs": False}, False),
+        ({"n": 4}, True),
+        ({"logprobs": True}, True),
+        ({"max_tokens": EXTRACTION_MAX_TOKENS}, True),
+        ({"max_tokens": EXTRACTION_MAX_TOKENS - 1}, False),
+    ],
+)
+def test_extraction_params(params: dict | None, expected: bool) -> None:
+    row = exchange(PLAIN, params=params)
+    assert annotate_request(row)["extraction_params"] is expected
+    assert annotate(table([row]))["extraction_params"][0].as_py() is expected
+
+
+# -- template signatures -----------------------------------------------------------------------
+def test_prompts_differing_only_in_data_share_the_template_signature() -> None:
+    a = ('Maya has 12 apples and gives 5 to Kenji. How many are left? Use "exact" values, '
+         "see https://a.example/x and call parse_input() on `foo.bar`.")
+    b = ('Omar has 310 apples and gives 77 to Elena. How many are left? Use "rounded" values, '
+         "see https://b.example/y and call read_rows() on `baz.qux`.")
+    assert skeleton(a) == skeleton(b)
+    assert one(a)["template_sig"] == one(b)["template_sig"]
+    assert one(a)["template_sig"] != one(PLAIN)["template_sig"]
+
+
+def test_near_duplicates_share_lsh_keys_and_unrelated_prompts_do_not() -> None:
+    base = ("You are grading model outputs for a preference dataset. Read the instruction and "
+            "the candidate response, then rate the response for helpfulness, honesty and "
+            "harmlessness, give a one-paragraph justification and finish with a line of the "
+            "form SCORE: n. Be strict and consistent across items.")
+    near = base.replace("Be strict and consistent", "Be strict, fair and consistent")
+    unrelated = ("My grandmother's garden has roses, tomatoes and a small pond with goldfish; "
+                 "what plants would attract more butterflies in early summer without harming "
+                 "the fish or the vegetables that grow there?")
+    _, keys = template_signatures([base, near, unrelated])
+    assert len(keys[0]) == 8
+    assert set(keys[0]) & set(keys[1])
+    assert not set(keys[0]) & set(keys[2])
+
+
+def test_system_hash_ignores_dates_and_is_null_without_a_system_prompt() -> None:
+    a = one(PLAIN, system="You are Forge, a coding agent. Today is 2026-03-01.")
+    b = one(PLAIN, system="You are Forge, a coding agent. Today is 2026-03-02.")
+    assert a["system_hash"] == b["system_hash"] is not None
+    assert one(PLAIN)["system_hash"] is None
+    assert one(PLAIN, system="   ")["system_hash"] is None
+
+
+# -- language and classifier ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("How do I make my tomatoes grow faster this summer?", "en"),
+        ("¿Cuál es la mejor manera de aprender a programar en casa?", "es"),
+        ("Quelle est la différence entre un crocodile et un alligator ?", "fr"),
+        ("Wie kann ich meine Steuererklärung online machen, und ist das sicher?", "de"),
+        ("Как приготовить борщ?", "ru"),
+        ("如何学习编程?", "zh"),
+        ("日本の首都はどこですか?", "ja"),
+        ("서울에서 가장 좋은 식당은 어디인가요?", "ko"),
+        ("12345 67890", None),
+    ],
+)
+def test_language(text: str, code: str | None) -> None:
+    assert detect_language(text) == code
+
+
+def test_classifier_separates_task_prompts_from_organic_ones() -> None:
+    task = one("Janet's ducks lay 16 eggs per day. She eats three for breakfast and bakes "
+               "muffins with four. How many eggs does she sell? Let's think step by step.")
+    organic = one("hey, my cat keeps scratching the sofa, any idea how to stop her?")
+    assert 0.0 <= organic["distill_score"] < 0.5 < task["distill_score"] <= 1.0
+
+
+def test_classifier_artifact_is_small_and_loads_without_pickle() -> None:
+    from distillguard.signals.classifier import default_artifact_path
+
+    path = default_artifact_path()
+    assert path.stat().st_size < 2 * 2**20
+    model = DistillClassifier.load(path)
+    assert model.weights.shape == (model.config["n_features"],)
+    assert "roc_auc" in model.metadata["metrics"]
+    assert (path.parent / "MODEL_CARD.md").exists()
+
+
+def test_without_a_classifier_the_score_is_null_and_the_rest_works() -> None:
+    annotator = SignalAnnotator(load_classifier=False)
+    row = annotator.annotate_request(exchange(COT))
+    assert row["distill_score"] is None and row["cot"]
+
+
+# -- the batch and single-request paths agree; schema ------------------------------------------
+MIXED = [
+    exchange(COT, 0, params={"n": 2}, system="sys A"),
+    exchange(RECON, 1, tools=["calculator"]),
+    exchange(RUBRIC, 2),
+    exchange(SAFE, 3, params={"logprobs": True, "max_tokens": 100}),
+    exchange(PLAIN, 4, system=""),
+    exchange(COT, 5),  # repeated text
+    exchange(None, 6),
+    {**exchange("x", 7), "messages": []},
+    {**exchange("x", 8), "messages": [{"role": "system", "content": "only a system turn"},
+                                      {"role": "assistant", "content": "hi"},
+                                      {"role": "user", "content": "first"},
+                                      {"role": "tool", "content": "out"},
+                                      {"role": "user", "content": "second"}]},
+    exchange("Привет! Как дела? 你好", 9, tool_calls=[]),
+]
+
+
+def test_annotate_equals_annotate_request_row_by_row() -> None:
+    batch = annotate(table(MIXED)).to_pylist()
+    assert [r["request_id"] for r in batch] == [r["request_id"] for r in MIXED]
+    for row, expected in zip(MIXED, batch, strict=True):
+        single = annotate_request(row)
+        assert single.keys() == expected.keys()
+        for key in expected:
+            assert single[key] == expected[key], (row["request_id"], key)
+
+
+def test_output_conforms_to_the_signal_schema() -> None:
+    out = annotate(table(MIXED))
+    assert out.schema == contract.SIGNAL_SCHEMA
+    assert out.num_rows == len(MIXED)
+    assert contract.conform(out, contract.SIGNAL_SCHEMA).equals(out)
+    assert set(out["capability"].to_pylist()) <= set(contract.CAPABILITIES)
+    assert out["prompt_chars"].to_pylist()[8] == len("first\nsecond")
+
+
+def test_record_batches_and_sliced_chunked_tables_keep_row_order() -> None:
+    full = table(MIXED)
+    expected = annotate(full)
+    batch = full.to_batches()[0]
+    assert annotate(batch).equals(expected)
+    sliced = pa.concat_tables([full.slice(0, 3), full.slice(3)]).slice(2, 6)
+    assert annotate(sliced).equals(expected.slice(2, 6))
+
+
+def test_empty_batch() -> None:
+    out = annotate(table([]))
+    assert out.num_rows == 0 and out.schema == contract.SIGNAL_SCHEMA
+
+
+# -- bad input never crashes ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "row",
+    [
+        exchange(None),
+        exchange(""),
+        {**exchange("x"), "messages": None},
+        {**exchange("x"), "messages": [None, "not a dict", {"role": None, "content": 3}]},
+        exchange("a" * (3 << 20)),
+        exchange("\ud800 lone surrogate \x00 NUL"),
+        exchange("🙂" * 1000),
+        exchange("ثم " * 5000 + "Let's think step by step."),
+        {"messages": [{"role": "user", "content": "only messages"}]},
+    ],
+    ids=["none-content", "empty", "no-messages", "junk-messages", "huge", "surrogate", "emoji",
+         "long-rtl", "only-messages"],
+)
+def test_bad_input_never_crashes(row: dict) -> None:
+    out = annotate_request(row)
+    assert set(out) == set(contract.SIGNAL_SCHEMA.names)
+    assert out["capability"] in contract.CAPABILITIES
+
+
+def test_huge_prompt_in_a_batch_is_annotated_on_its_head_and_tail() -> None:
+    prompt = "Let's think step by step. " + "filler " * 300_000 + " Rate it on a scale of 1 to 10."
+    row = annotate(table([exchange(prompt)])).to_pylist()[0]
+    assert row["cot"] and row["rubric"]
+    assert row["prompt_chars"] == len(prompt)
+
+
+def test_missing_required_columns_are_named() -> None:
+    with pytest.raises(ValueError, match="'messages'"):
+        annotate(pa.table({"request_id": ["r"], "account_id": ["a"], "ts": [TS], "model": ["m"]}))
+
+
+def test_the_cache_does_not_change_results() -> None:
+    annotator = default_annotator()
+    first = annotator.annotate_request(exchange(RUBRIC))
+    assert annotator.annotate_request(exchange(RUBRIC)) == first
+    fresh = SignalAnnotator(annotator.packs, annotator.classifier)
+    assert fresh.annotate_request(exchange(RUBRIC)) == first
+
+
+def test_shared_corpora_prompts_annotate(shared_data: Path) -> None:
+    import json
+
+    lines = (shared_data / "tasks" / "gsm8k_train.jsonl").read_text().splitlines()[:200]
+    rows = [exchange(json.loads(line)["question"], i) for i, line in enumerate(lines)]
+    out = annotate(table(rows))
+    capabilities = out["capability"].to_pylist()
+    assert capabilities.count("reasoning_math") / len(rows) > 0.8
