@@ -442,7 +442,9 @@ def test_eval_command_writes_json_beside_findings(lab: Path, tmp_path: Path) -> 
 
     findings = findings_dir(tmp_path, HALF)
     result = CliRunner().invoke(
-        app, ["eval", "--truth", str(lab), "--findings", str(findings)], env={"COLUMNS": "200"}
+        app,
+        ["eval", "--truth", str(lab), "--findings", str(findings), "--fpr", "1"],
+        env={"COLUMNS": "200"},
     )
     assert result.exit_code == 0, result.output
     assert "Detector vs baselines" in result.output and "volume_threshold" in result.output
@@ -451,8 +453,13 @@ def test_eval_command_writes_json_beside_findings(lab: Path, tmp_path: Path) -> 
     points = [(b["name"], b["operating_point"]) for b in data["baselines"]]
     assert points == [
         ("volume_threshold", "natural"), ("volume_threshold", "matched FPR"),
+        ("volume_threshold", "FPR 100.00%"),
         ("isolation_forest", "natural"), ("isolation_forest", "matched FPR"),
+        ("isolation_forest", "FPR 100.00%"),
     ]
+    assert all(b["account"]["fpr"] == 1.0 for b in data["baselines"][2::3])
+    bad = CliRunner().invoke(app, ["eval", "--truth", str(lab), "--fpr", "5"])
+    assert bad.exit_code == 1 and "between 0 and 1" in bad.output
 
 
 def test_eval_command_bad_findings_is_one_clear_line(lab: Path, tmp_path: Path) -> None:

@@ -65,6 +65,14 @@ def eval_command(
             help="Also write each baseline's findings as a findings directory under this path.",
         ),
     ] = None,
+    fpr: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--fpr",
+            help="Also report each baseline re-thresholded to this honest FPR, e.g. 0.001 "
+            "(repeatable).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="IsolationForest random seed.")] = 0,
 ) -> None:
     """Score findings against the lab's labels, side by side with two baselines.
@@ -78,10 +86,12 @@ def eval_command(
 
         distillguard eval --truth out/smoke/truth --db lab.duckdb --out report.json
 
-        distillguard eval --truth out/smoke/truth    # the baselines alone
+        distillguard eval --truth out/smoke/truth --fpr 0.001 --fpr 0.01   # baselines alone
     """
     if findings is not None and db is not None:
         raise fail("give --findings or --db, not both")
+    if any(not 0.0 <= rate <= 1.0 for rate in fpr or ()):
+        raise fail("--fpr takes a rate between 0 and 1, e.g. 0.001 for 0.1 %")
     with console.status("evaluating") as status:
         try:
             report = evaluate(
@@ -91,6 +101,7 @@ def eval_command(
                 baselines=baselines,
                 seed=seed,
                 baseline_findings_dir=write_baselines,
+                baseline_fprs=fpr or (),
                 progress=lambda message: status.update(f"evaluating: {message}"),
             )
         except EvalInputError as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -746,6 +746,7 @@ def evaluate(
     *,
     seed: int = 0,
     baseline_findings_dir: str | Path | None = None,
+    baseline_fprs: Sequence[float] = (),
     progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Score `findings_dir` (a findings directory, JSON file or loaded `Findings`; None:
@@ -756,6 +757,7 @@ def evaluate(
 
     `baseline_findings_dir`, if given, receives each baseline's natural-point findings as a
     findings directory (`DIR/<baseline name>/`), so they can be inspected or re-scored.
+    `baseline_fprs` adds operating points: each baseline re-thresholded to each of these FPRs.
     """
     step = progress or (lambda _message: None)
     warnings: list[str] = []
@@ -773,7 +775,8 @@ def evaluate(
             _score_baselines(
                 truth,
                 Path(logs_dir) if logs_dir is not None else Path(truth_dir).resolve().parent,
-                detector.account.fpr if detector else None,
+                ([("matched FPR", detector.account.fpr)] if detector else [])
+                + [(f"FPR {fpr:.2%}", fpr) for fpr in baseline_fprs],
                 seed,
                 baseline_findings_dir,
                 step,
@@ -800,13 +803,14 @@ def evaluate(
 def _score_baselines(
     truth: Truth,
     logs: Path,
-    target_fpr: float | None,
+    targets: list[tuple[str, float | None]],
     seed: int,
     findings_dir: str | Path | None,
     step: Callable[[str], None],
     warnings: list[str],
 ) -> list[DetectorScore]:
-    """Both baselines at their natural threshold and, given a detector's FPR, at that FPR."""
+    """Both baselines at their natural threshold and re-thresholded to each (name, FPR) target
+    (the detector's FPR first, when there is a detector)."""
     from distillguard.lab import baselines  # it imports Findings from this module
 
     makers = {
@@ -825,13 +829,14 @@ def _score_baselines(
         score = score_findings(truth, natural, result.name, "natural", result.threshold, warnings)
         score.note = result.description
         scores.append(score)
-        if target_fpr is not None:
+        for point, target_fpr in targets:
+            if target_fpr is None:  # a detector on a run without honest accounts
+                continue
             threshold = result.threshold_for_fpr(truth.honest_account_ids, target_fpr)
             matched = score_findings(
-                truth, result.findings_at(threshold), result.name, "matched FPR", threshold,
-                warnings,
+                truth, result.findings_at(threshold), result.name, point, threshold, warnings
             )
-            matched.note = f"re-thresholded to the detector's FPR {target_fpr:.5f}"
+            matched.note = f"re-thresholded to the honest FPR nearest {target_fpr:.5f}"
             scores.append(matched)
     return scores
 
@@ -908,7 +913,7 @@ def render_report(report: EvalReport, console: Console | None = None) -> None:
     console.print(recall)
 
     for s in scores:
-        if s.operating_point == "matched FPR":
+        if s.operating_point not in ("as written", "natural"):
             continue
         timing = Table(title=f"{_label(s)}: attribution and time to detection per campaign")
         for column in (
