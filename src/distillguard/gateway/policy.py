@@ -216,7 +216,7 @@ def policy_from_dict(raw: dict, source: str = "<dict>", version: int = 0) -> Pol
         action = r.get("action")
         if action not in ACTIONS or action == "throttle":
             raise PolicyError(
-                f"{where}.action: use allow, degrade, challenge or block "
+                f"{where}.action: {action!r} is not allow, degrade, challenge or block "
                 "(throttling is configured under limits)"
             )
         try:

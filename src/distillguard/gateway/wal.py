@@ -53,6 +53,7 @@ class WriteAheadLog:
         self._seg_opened = 0.0
         self._dirty = False
         self._closed = False
+        self._retired: list[int] = []  # sealed segments' descriptors awaiting fsync + close
         self._open_segment()
         self._thread = threading.Thread(target=self._background, name="wal-sync", daemon=True)
         self._thread.start()
@@ -67,18 +68,20 @@ class WriteAheadLog:
         self._seg_records, self._seg_opened = 0, time.monotonic()
 
     def _seal(self) -> None:
-        """Close the current segment and mark it ready for the store worker."""
+        """Mark the current segment ready for the store worker (call with the lock held).
+
+        Only a rename happens here; the descriptor is fsynced and closed by the background
+        thread, so a request never waits for a disk flush it did not ask for.
+        """
         if self._fd is None:
             return
         fd, path = self._fd, self._path
         self._fd = None
-        if self.fsync != "off":
-            os.fsync(fd)
         if self._seg_records:
             os.rename(path, path.with_suffix(".jsonl"))
         else:
             os.unlink(path)
-        os.close(fd)  # closing releases the flock after the rename
+        self._retired.append(fd)
 
     def append(self, record: dict) -> None:
         """Write one exchange record; returns once it is in the OS (see module docstring)."""
@@ -98,27 +101,41 @@ class WriteAheadLog:
                 self._seal()
                 self._open_segment()
 
+    def _sync_and_close(self, to_sync: list[int], to_close: list[int]) -> None:
+        for fd in to_sync:
+            if self.fsync != "off":
+                os.fsync(fd)
+        for fd in to_close:
+            os.close(fd)  # releases the flock of a retired segment
+
     def _background(self) -> None:
-        """Batched fsync and age-based rotation, off the request path."""
+        """Batched fsync and age-based rotation, off the request path and outside the lock."""
         while not self._closed:
             time.sleep(self.interval)
+            dup = None
             with self._lock:
                 if self._closed or self._fd is None:
                     continue
                 if self._dirty and self.fsync == "batch":
-                    os.fsync(self._fd)
+                    dup = os.dup(self._fd)  # fsync a duplicate: rotation may close the original
                     self._dirty = False
                 if self._seg_records and time.monotonic() - self._seg_opened >= self.max_age:
                     self._seal()
                     self._open_segment()
+                retired, self._retired = self._retired, []
+            extra = [dup] if dup is not None else []
+            self._sync_and_close(extra + retired, extra + retired)
 
     def close(self) -> None:
+        """Seal the open segment and flush everything to disk (graceful shutdown)."""
         with self._lock:
             if self._closed:
                 return
             self._seal()
             self._closed = True
+            retired, self._retired = self._retired, []
         self._thread.join(timeout=1.0)
+        self._sync_and_close(retired, retired)
 
     def pending_segments(self) -> int:
         return sum(1 for p in self.dir.iterdir() if p.suffix in (".open", ".jsonl"))

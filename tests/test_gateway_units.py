@@ -1,0 +1,150 @@
+"""Gateway building blocks without HTTP: policy validation, degrade, WAL, decisions with the
+batch engine's real request signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import orjson
+import pytest
+
+from distillguard.gateway.config import ConfigError, KeyInfo, config_from_dict
+from distillguard.gateway.decide import Decider
+from distillguard.gateway.degrade import StreamDegrader, degrade_request, summarize
+from distillguard.gateway.policy import DegradeSpec, PolicyError, PolicyHolder, policy_from_dict
+from distillguard.gateway.state import EnforcementList, LocalState
+from distillguard.gateway.wal import WriteAheadLog, claim_segments
+
+
+@pytest.mark.parametrize(("policy", "message"), [
+    ({"mode": "audit"}, "mode"),
+    ({"rules": [{"id": "a", "action": "explode"}]}, "action"),
+    ({"rules": [{"id": "a", "action": "throttle"}]}, "limits"),
+    ({"rules": [{"id": "a", "action": "block", "when": {"secret.x": 1}}]}, "unknown fact"),
+    ({"rules": [{"id": "a", "action": "block", "when": {"signal.cot": {"gte": "x"}}}]},
+     "number"),
+    ({"rules": [{"id": "a", "action": "block"}, {"id": "a", "action": "allow"}]}, "duplicate"),
+    ({"limits": [{"id": "l", "rate_per_s": 0}]}, "rate_per_s"),
+    ({"limits": [{"id": "l", "rate_per_s": 1, "when": {"live.requests": {"gt": 1}}}]},
+     "live facts"),
+    ({"rules": [{"id": "a", "action": "degrade", "degrade": {"reasoning": "hide"}}]},
+     "strip or summary"),
+])
+def test_invalid_policies_are_rejected_with_the_offending_key(policy, message):
+    with pytest.raises(PolicyError, match=message):
+        policy_from_dict(policy)
+
+
+def test_conditions_operators_and_combinators():
+    policy = policy_from_dict({"rules": [{
+        "id": "r", "action": "block",
+        "when": {"any": [{"signal.rule_hits": {"contains": "cot.x"}},
+                         {"account.score": {"gte": 0.5, "lt": 0.9}}],
+                 "not": {"request.model": {"in": ["safe-model"]}}}}]})
+    rule = policy.rules[0]
+    assert rule.when({"signal.rule_hits": ["cot.x"], "request.model": "m"})
+    assert rule.when({"account.score": 0.7, "request.model": "m"})
+    assert not rule.when({"account.score": 0.95, "request.model": "m"})
+    assert not rule.when({"signal.rule_hits": ["cot.x"], "request.model": "safe-model"})
+    assert not rule.when({"account.score": None})  # absent facts never compare
+
+
+def test_policy_holder_keeps_previous_policy_on_bad_reload(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("rules: [{id: a, action: block}]\n")
+    holder = PolicyHolder(path)
+    path.write_text("rules: [{id: a, action: nope}]\n")
+    assert holder.reload(force=True) is False
+    assert holder.policy.rules[0].action == "block" and "nope" in holder.last_error
+    path.write_text("mode: monitor\n")
+    assert holder.reload(force=True) and holder.policy.mode == "monitor" and holder.version == 1
+
+
+def test_config_refuses_plaintext_keys_and_bad_values(monkeypatch):
+    with pytest.raises(ConfigError, match="plaintext"):
+        config_from_dict({"keys": [{"key": "sk-1", "account_id": "a"}]})
+    with pytest.raises(ConfigError, match="not set"):
+        config_from_dict({"keys": [{"key_env": "DG_UNSET_VAR_X", "account_id": "a"}]})
+    with pytest.raises(ConfigError, match="on_failure"):
+        config_from_dict({"state": {"on_failure": "maybe"}})
+    monkeypatch.setenv("DG_KEY_X", "sk-secret")
+    cfg = config_from_dict({"keys": [{"key_env": "DG_KEY_X", "account_id": "a"}],
+                            "trusted_proxies": ["10.0.0.0/8"]})
+    assert cfg.lookup_key("sk-secret").account_id == "a" and cfg.lookup_key("other") is None
+    assert cfg.is_trusted_proxy("10.2.3.4") and not cfg.is_trusted_proxy("11.0.0.1")
+
+
+def test_summary_keeps_the_conclusion_within_budget():
+    text = "First we set up. Then we compute a lot of steps. So the result is 12."
+    summary = summarize(text, 40)
+    assert len(summary) <= 40 and summary.endswith("So the result is 12.")
+    assert "set up" not in summary
+
+
+def test_degrade_request_caps():
+    spec = DegradeSpec(drop_logprobs=True, max_n=1, max_tokens=100, reasoning_effort="low")
+    out = degrade_request({"n": 5, "max_tokens": 900, "logprobs": True, "top_logprobs": 3,
+                           "reasoning_effort": "high", "thinking": {"budget_tokens": 5000}},
+                          spec, "chat.completions")
+    assert out == {"n": 1, "max_tokens": 100, "logprobs": False, "reasoning_effort": "low",
+                   "thinking": {"budget_tokens": 100}}
+    assert degrade_request({"prompt": "x", "logprobs": 5}, spec, "completions") == {
+        "prompt": "x", "max_tokens": 100}
+
+
+def test_stream_degrader_handles_events_split_across_chunks():
+    events = [{"choices": [{"index": 0, "delta": {"reasoning_content": "Step one. "}}]},
+              {"choices": [{"index": 0, "delta": {"reasoning_content": "Answer is 4."}}]},
+              {"choices": [{"index": 0, "delta": {"content": "4"}}]}]
+    raw = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    degrader = StreamDegrader(DegradeSpec(reasoning="summary", summary_chars=40),
+                              "chat.completions")
+    out = b"".join(degrader.feed(raw[i:i + 7]) for i in range(0, len(raw), 7)) + degrader.finish()
+    parsed = [orjson.loads(e[6:]) for e in out.split(b"\n\n") if e and e != b"data: [DONE]"]
+    deltas = [p["choices"][0]["delta"] for p in parsed]
+    assert deltas == [{"reasoning_content": "[reasoning summary] Answer is 4."},
+                      {"content": "4"}]
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_wal_segments_rotate_and_abandoned_ones_are_claimed(tmp_path):
+    wal = WriteAheadLog(tmp_path, segment_max_records=3, fsync_interval_ms=1)
+    for i in range(7):
+        wal.append({"request_id": f"r{i}"})
+    sealed = sorted(tmp_path.glob("*.jsonl"))
+    assert len(sealed) == 2 and len(list(tmp_path.glob("*.open"))) == 1
+    assert claim_segments(tmp_path) == sealed  # the live writer's open segment is locked
+    wal.close()
+    lines = [orjson.loads(x) for p in sorted(tmp_path.glob("*.jsonl"))
+             for x in p.read_bytes().splitlines()]
+    assert [r["request_id"] for r in lines] == [f"r{i}" for i in range(7)]
+    # a segment left open by a dead writer (no flock held) is claimed for replay
+    orphan = tmp_path / "seg-1-999-000001.open"
+    orphan.write_bytes(b'{"request_id": "x"}\n')
+    assert tmp_path / "seg-1-999-000001.jsonl" in claim_segments(tmp_path)
+    assert not orphan.exists() and os.path.exists(tmp_path / "seg-1-999-000001.jsonl")
+
+
+def test_decisions_with_the_batch_engines_request_signals():
+    """The gateway's decision runs on distillguard.signals.annotate_request, unmodified."""
+    from distillguard.signals import annotate_request
+
+    policy = policy_from_dict({"rules": [
+        {"id": "cot", "action": "challenge", "reason": "cot_prompt",
+         "when": {"signal.cot": True, "signal.rule_hits": {"contains": "cot.step_by_step"}}},
+        {"id": "extract", "action": "degrade", "reason": "extraction_params",
+         "when": {"signal.extraction_params": True}}]})
+    decider = Decider(PolicyHolder(None, policy), LocalState(), EnforcementList(),
+                      annotate=annotate_request)
+
+    def decide(text: str, **params) -> tuple[str, list[str]]:
+        exchange = {"request_id": "r", "ts": "2026-01-01T00:00:00+00:00", "account_id": "a",
+                    "model": "m", "endpoint": "chat.completions",
+                    "messages": [{"role": "user", "content": text}], "params": params}
+        d = asyncio.run(decider.decide(exchange, KeyInfo("a")))
+        return d.action, d.reasons
+
+    assert decide("Solve this step by step: what is 17*23?") == ("challenge", ["cot_prompt"])
+    assert decide("hello, how are you?") == ("allow", [])
+    assert decide("hello again", n=8, logprobs=True) == ("degrade", ["extraction_params"])
