@@ -60,6 +60,17 @@ def robust_z(x: np.ndarray) -> tuple[np.ndarray, float, float]:
     return (x - med) / scale, med, scale
 
 
+#: Pseudo-count of the empirical-Bayes prior on per-account shares.
+PRIOR_EXCHANGES = 20.0
+
+
+def shrink_share(share: np.ndarray, n: np.ndarray, prior_n: float = PRIOR_EXCHANGES) -> np.ndarray:
+    """Shrink each account's share toward the population median by `prior_n` pseudo-exchanges,
+    so one chain-of-thought prompt from a one-exchange account is not a 100% share."""
+    prior = float(np.median(share)) if share.size else 0.0
+    return (share * n + prior * prior_n) / (n + prior_n)
+
+
 @dataclass
 class AccountScores:
     """Behaviour score per account with its per-feature contributions."""
@@ -95,8 +106,12 @@ class BehaviourScorer:
 
     def _matrix(self, fp: pa.Table) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, float]]:
         values, zs, meds = {}, [], {}
+        n = (fp["n_exchanges"].to_numpy(zero_copy_only=False).astype(float)
+             if "n_exchanges" in fp.column_names else None)
         for name, direction, _, _ in self.features:
             x = np.nan_to_num(fp[name].to_numpy(zero_copy_only=False).astype(float))
+            if n is not None and name.endswith("_share"):
+                x = shrink_share(x, n)
             z, med, _ = robust_z(x)
             values[name], meds[name] = x, med
             zs.append(np.clip(direction * z, 0.0, Z_CAP))
