@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from sklearn.ensemble import IsolationForest
 
 from distillguard import contract
@@ -94,10 +95,10 @@ class BaselineResult:
         scores = self.account_scores()
         if n_honest == 0 or scores.num_rows == 0:
             return self.threshold
-        honest = pa.compute.is_in(scores["account_id"], value_set=honest_account_ids)
+        honest = pc.is_in(scores["account_id"], value_set=honest_account_ids)
         values, counts = np.unique(scores.filter(honest)["score"].to_numpy(), return_counts=True)
         # candidate 0 flags every scored account; candidate i flags honest scores > values[i-1]
-        lowest = float(pa.compute.min(scores["score"]).as_py())
+        lowest = float(pc.min(scores["score"]).as_py())
         candidates = np.append(min(lowest, *values[:1]), np.nextafter(values, np.inf))
         fprs = np.append(np.cumsum(counts[::-1])[::-1], 0) / n_honest
         best = min(range(len(candidates)), key=lambda i: (abs(fprs[i] - target_fpr), fprs[i]))
@@ -227,7 +228,7 @@ def isolation_forest_baseline(
         [columns[name].to_numpy(zero_copy_only=False) for name, _ in IFOREST_FEATURES]
     )
     features = np.nan_to_num(features)
-    n_accounts = pa.compute.count_distinct(columns["account_id"]).as_py()
+    n_accounts = pc.count_distinct(columns["account_id"]).as_py()
     # Fitted on every nightly snapshot, not only the final ones, so an account's early nights
     # (one active day, little volume) are in the distribution the model learned.
     # The contamination cut is taken from these same scores rather than by scikit-learn's

@@ -25,6 +25,7 @@ import duckdb
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
@@ -104,7 +105,7 @@ def _conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
 
 
 def _check_unique(table: pa.Table, key: str, source: str) -> None:
-    distinct = pa.compute.count_distinct(table[key]).as_py()
+    distinct = pc.count_distinct(table[key]).as_py()
     if distinct != table.num_rows:
         raise EvalInputError(
             f"{source}: {table.num_rows - distinct} duplicate {key} values (each must appear once)"
@@ -250,7 +251,6 @@ class Truth:
     dir: Path
     accounts: pa.Table
     campaigns: pa.Table
-    releases: pa.Table
     exchanges_path: Path
     #: per (account_id, campaign_id) exchange counts: all implicit attribution needs
     account_exchanges: pa.Table
@@ -258,7 +258,7 @@ class Truth:
 
     @property
     def honest_account_ids(self) -> pa.Array:
-        mask = pa.compute.invert(self.accounts["is_attack"])
+        mask = pc.invert(self.accounts["is_attack"])
         return self.accounts.filter(mask)["account_id"].combine_chunks()
 
 
@@ -268,18 +268,14 @@ def load_truth(truth_dir: str | Path) -> Truth:
     if not truth_dir.is_dir():
         raise EvalInputError(f"{truth_dir}: truth directory not found")
     tables = {}
-    for name, schema, required in (
-        ("accounts", contract.TRUTH_ACCOUNT_SCHEMA, True),
-        ("campaigns", contract.TRUTH_CAMPAIGN_SCHEMA, True),
-        ("exchanges", contract.TRUTH_EXCHANGE_SCHEMA, True),
-        ("releases", contract.TRUTH_RELEASE_SCHEMA, False),
+    for name, schema in (
+        ("accounts", contract.TRUTH_ACCOUNT_SCHEMA),
+        ("campaigns", contract.TRUTH_CAMPAIGN_SCHEMA),
+        ("exchanges", contract.TRUTH_EXCHANGE_SCHEMA),
     ):
         file = truth_dir / f"{name}.parquet"
         if not file.exists():
-            if required:
-                raise EvalInputError(f"{file}: missing (is {truth_dir} a lab truth/ directory?)")
-            tables[name] = contract.empty_table(schema)
-            continue
+            raise EvalInputError(f"{file}: missing (is {truth_dir} a lab truth/ directory?)")
         if name == "exchanges":  # possibly tens of millions of rows: only its schema is read
             found = pq.read_schema(file)
             missing = [f.name for f in schema if f.name not in found.names]
@@ -298,7 +294,6 @@ def load_truth(truth_dir: str | Path) -> Truth:
         dir=truth_dir,
         accounts=tables["accounts"],
         campaigns=tables["campaigns"],
-        releases=tables["releases"],
         exchanges_path=exchanges_path,
         account_exchanges=account_exchanges,
         con=con,
