@@ -17,6 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from distillguard import contract
 from distillguard.lab.evaluate import (
@@ -499,3 +501,36 @@ def test_findings_from_the_store(lab: Path, tmp_path: Path, con, db_path: Path) 
     assert json.loads(out.read_text())["detector"]["account"]["tp"] == 3
     with pytest.raises(EvalInputError, match="cannot open the store"):
         load_findings_from_store(tmp_path / "missing.duckdb")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    choice=st.lists(st.sampled_from([None, "P", "Q", "R"]), min_size=len(ACCOUNTS),
+                    max_size=len(ACCOUNTS))
+)
+def test_metrics_agree_with_sklearn_on_random_findings(lab: Path, choice) -> None:
+    """Any findings: the counts are consistent and the rates are sklearn's."""
+    from sklearn.metrics import adjusted_rand_score, precision_score, recall_score
+
+    flagged = {a[0]: c for a, c in zip(ACCOUNTS, choice, strict=True) if c is not None}
+    rows = [
+        {"account_id": a[0], "score": float(a[0] in flagged), "flagged": a[0] in flagged,
+         "first_flagged_at": hours(1), "campaign_id": flagged.get(a[0])}
+        for a in ACCOUNTS
+    ]
+    findings = Findings.from_accounts(pa.Table.from_pylist(rows))
+    score = evaluate(lab, findings, baselines=False).detector
+    truth = [a[2] for a in ACCOUNTS]
+    predicted = [a[0] in flagged for a in ACCOUNTS]
+    a = score.account
+    assert a.tp + a.fp == len(flagged) and a.tp + a.fn == 7
+    assert a.recall == recall_score(truth, predicted)
+    if flagged:
+        assert a.precision == precision_score(truth, predicted)
+    true_labels = [a[3] for a in ATTACKERS]
+    found_labels = [flagged.get(a[0], f"single-{a[0]}") for a in ATTACKERS]
+    assert score.cluster.ari == pytest.approx(adjusted_rand_score(true_labels, found_labels))
+    ex = score.exchange
+    assert ex.n_attack == 20 and ex.n_honest == 16
+    assert 0 <= ex.attack_attributed <= ex.attack_flagged <= ex.n_attack
+    assert sum(c.exchanges_attributed for c in score.campaigns) == ex.attack_attributed

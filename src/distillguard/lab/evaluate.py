@@ -63,11 +63,8 @@ class Findings:
     @classmethod
     def from_accounts(cls, accounts: pa.Table, source: str = "") -> Findings:
         """Findings with accounts only (no campaigns): what a non-clustering detector writes."""
-        return cls(
-            accounts=_conform(accounts, contract.FINDING_ACCOUNT_SCHEMA, source or "accounts"),
-            campaigns=contract.empty_table(contract.FINDING_CAMPAIGN_SCHEMA),
-            source=source,
-        )
+        campaigns = contract.empty_table(contract.FINDING_CAMPAIGN_SCHEMA)
+        return _validated({"accounts": accounts, "campaigns": campaigns}, source or "findings")
 
 
 _FINDING_PARTS: dict[str, tuple[pa.Schema, bool]] = {
