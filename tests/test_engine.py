@@ -145,3 +145,13 @@ def test_cli_scan_campaigns_report(db_path, tmp_path):
     assert res.exit_code == 1 and "RFC 3339" in " ".join(res.output.split())
     res = runner.invoke(app, ["scan", "--db", str(tmp_path / "nope.duckdb")])
     assert res.exit_code == 1 and "no store here" in " ".join(res.output.split())
+
+
+def test_replay_stamps_the_checkpoint_that_first_saw_each_flag(con, world):
+    f = engine.replay(con, every=timedelta(days=1))
+    times = {r["first_flagged_at"] for r in f.accounts.to_pylist() if r["flagged"]}
+    assert times and max(times) <= T0 + timedelta(days=DAYS)
+    first_ts = con.execute("SELECT min(ts) FROM exchanges").fetchone()[0]
+    assert min(times) == first_ts + timedelta(days=1)  # seen at the first daily checkpoint
+    with pytest.raises(ValueError, match="positive"):
+        engine.replay(con, every=timedelta(0))

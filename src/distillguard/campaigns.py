@@ -100,14 +100,12 @@ def attribute(
 
 def pivots(
     attributed: pa.Table, model_first_seen: dict[str, datetime], *, min_share: float = 0.3,
-    window_hours: int = 6, flagged_at: dict[str, datetime] | None = None,
+    window_hours: int = 6,
 ) -> dict[str, list[dict]]:
     """Release pivots per campaign: a model that appeared during the log (first seen more than
-    NEW_MODEL_AFTER_S after it starts) and reached `min_share` of the campaign's traffic in a `window_hours`
-    window. `flagged_at` is the end of the first such window (no earlier than the campaign's
-    own flag time, when given)."""
-    import duckdb
-
+    NEW_MODEL_AFTER_S after it starts) and reached `min_share` of the campaign's traffic in a
+    `window_hours` window. Returns per campaign [{model, reached_at, share}] where `reached_at`
+    is the end of the first such window (the scan that sees it flags it then or later)."""
     if attributed.num_rows == 0:
         return {}
     log_start = min(model_first_seen.values())
@@ -117,35 +115,32 @@ def pivots(
     }
     if not new_models:
         return {}
-    rows = duckdb.sql(
+    db = duckdb.connect()
+    db.register("attributed", attributed.select(["campaign_id", "model", "ts"]))
+    rows = db.execute(
         f"""
         WITH w AS (
           SELECT campaign_id, model,
-                 time_bucket(INTERVAL '{int(window_hours)} hours', ts) AS win,
-                 count(*) AS n
+                 time_bucket(INTERVAL '{int(window_hours)} hours', ts) AS win, count(*) AS n
           FROM attributed GROUP BY ALL),
-        tot AS (SELECT campaign_id, win, sum(n) AS total FROM w GROUP BY ALL)
-        SELECT w.campaign_id, w.model, min(w.win) AS win
-        FROM w JOIN tot USING (campaign_id, win)
-        WHERE w.n >= {float(min_share)} * tot.total
-        GROUP BY ALL
-        """
+        tot AS (SELECT campaign_id, win, sum(n) AS total FROM w GROUP BY ALL),
+        hit AS (
+          SELECT w.campaign_id, w.model, w.win, w.n / tot.total AS share,
+                 row_number() OVER (PARTITION BY w.campaign_id, w.model ORDER BY w.win) AS k
+          FROM w JOIN tot USING (campaign_id, win)
+          WHERE w.n >= ? * tot.total)
+        SELECT campaign_id, model, win + INTERVAL '{int(window_hours)} hours', share
+        FROM hit WHERE k = 1 ORDER BY ALL
+        """,
+        [min_share],
     ).fetchall()
     out: dict[str, list[dict]] = {}
-    for campaign_id, model, win in rows:
-        if model not in new_models:
-            continue
-        at = win + _hours(window_hours)
-        if flagged_at and flagged_at.get(campaign_id) and flagged_at[campaign_id] > at:
-            at = flagged_at[campaign_id]
-        out.setdefault(campaign_id, []).append({"model": model, "flagged_at": at})
+    for campaign_id, model, reached, share in rows:
+        if model in new_models:
+            out.setdefault(campaign_id, []).append(
+                {"model": model, "reached_at": reached, "share": float(share)}
+            )
     return out
-
-
-def _hours(h: int):
-    from datetime import timedelta
-
-    return timedelta(hours=h)
 
 
 def shares(attributed: pa.Table, column: str) -> dict[str, dict[str, float]]:

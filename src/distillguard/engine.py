@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -281,6 +281,33 @@ def scan(
     return findings
 
 
+def replay(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    every: timedelta,
+    until: datetime | None = None,
+    progress: Progress | None = None,
+    **scan_args,
+) -> Findings:
+    """Scan the log as it grew: `scan(until=t)` at every `every` from the first exchange's
+    time to `until` (default: the last exchange), so each flag carries the checkpoint that first
+    saw it (the lab's day-by-day replay, in one call). Returns the last checkpoint's findings."""
+    if every <= timedelta(0):
+        raise ValueError("the replay step must be positive")
+    first, last = con.execute("SELECT min(ts), max(ts) FROM exchanges").fetchone()
+    if first is None:
+        return scan(con, until=until, progress=progress, **scan_args)
+    end = until or last
+    t = first + every
+    findings = None
+    while True:
+        t = min(t, end)
+        findings = scan(con, until=t, progress=progress, **scan_args)
+        if t >= end:
+            return findings
+        t += every
+
+
 def _detect(con, backend, until, config, seconds, progress, allow_accounts, allow_orgs, verdicts):
     view = exchange_view(backend.table("exchanges"), backend.table("signals"), until=until)
     accounts_t = backend.table("accounts")
@@ -481,7 +508,7 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
     models = camp.shares(attributed, "model")
     first_seen = {r["model"]: r["model_first_ts"] for r in firsts.to_pylist()}
     campaign_ffa = {cid: _earliest(prior_campaigns.get(cid), now) for cid in ids.values()}
-    pivots = camp.pivots(attributed, first_seen, flagged_at=campaign_ffa)
+    pivots = camp.pivots(attributed, first_seen)
     win = attributed.group_by("campaign_id").aggregate(
         [("ts", "min"), ("ts", "max"), ("request_id", "count")]
     )
@@ -540,12 +567,15 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
             "capabilities": list(caps.get(cid, {}).items()),
             "models": list(models.get(cid, {}).items()),
             "pivots": [
-                {"model": p["model"],
-                 "flagged_at": _earliest(prior_pivots.get((cid, p["model"])), p["flagged_at"])}
+                {"model": p["model"], "flagged_at": _earliest(prior_pivots.get((cid, p["model"])),
+                                                              now)}
                 for p in pivots.get(cid, [])
             ],
             "indicators": list(inds.items()),
-            "reasons": _campaign_reasons(v, idx, behaviour, infra_reasons, allowed, v.core),
+            "reasons": _campaign_reasons(v, idx, behaviour, infra_reasons, allowed, v.core)
+            + [f"release pivot: {p['model']} reached {100 * p['share']:.0f}% of the campaign's "
+               f"traffic in the 6 h window ending {p['reached_at']:%Y-%m-%d %H:%M} UTC"
+               for p in pivots.get(cid, [])],
         })
     rows.sort(key=lambda r: (-r["n_accounts"], r["campaign_id"]))
     campaigns_out = pa.Table.from_pylist(rows, schema=contract.FINDING_CAMPAIGN_SCHEMA)

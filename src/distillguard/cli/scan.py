@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +46,18 @@ def _read_verdicts(path: Path) -> dict[str, bool]:
     return verdicts
 
 
+def _parse_step(text: str) -> timedelta:
+    """`6h`, `30m`, `1d` -> timedelta."""
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    try:
+        value, unit = float(text[:-1]), units[text[-1]]
+    except (ValueError, KeyError, IndexError):
+        raise fail(f"--replay-every {text!r}: use a number and m, h or d (e.g. 6h)") from None
+    if value <= 0:
+        raise fail("--replay-every must be positive")
+    return timedelta(**{unit: value})
+
+
 @app.command("scan")
 def scan_command(
     db: DbOption = DEFAULT_DB_PATH,
@@ -69,13 +82,20 @@ def scan_command(
         Path | None,
         typer.Option(help="Analyst verdicts (account_id,attacker|honest): supervised scoring."),
     ] = None,
+    replay_every: Annotated[
+        str | None,
+        typer.Option(help="Replay the log in steps (e.g. 6h, 1d): true first-flag times."),
+    ] = None,
 ) -> None:
     """Find distillation campaigns in the stored exchanges and write the findings.
 
     Example: [bold]distillguard scan --db lab.duckdb --until 2026-02-03T00:00:00Z --out findings/[/]
+
+    With --replay-every 6h the log is scanned as it grew (checkpoint after checkpoint), so
+    first_flagged_at and pivot times are what a provider scanning every 6 h would have seen.
     """
     from distillguard import store
-    from distillguard.engine import STAGES, parse_until, scan
+    from distillguard.engine import STAGES, parse_until, replay, scan
     from distillguard.reports import campaign_summary_table
 
     if not Path(db).exists():
@@ -86,6 +106,7 @@ def scan_command(
         raise fail(f"--until {until!r}: not an RFC 3339 timestamp") from None
     if engine not in ("duckdb", "spark"):
         raise fail(f"--engine {engine!r}: choose duckdb or spark")
+    step = _parse_step(replay_every) if replay_every else None
     allow_accounts = _read_ids(allow_account, allow_list)
     verdict_map = _read_verdicts(verdicts) if verdicts else None
     con = store.connect(db)
@@ -97,10 +118,13 @@ def scan_command(
         def progress(stage: str, done: int, total: int) -> None:
             bar.update(tasks[stage], completed=done, total=max(total, 1), visible=True)
 
+        args = dict(engine=engine, out=out, allow_accounts=allow_accounts,
+                    allow_orgs=allow_org or (), verdicts=verdict_map, progress=progress)
         try:
-            findings = scan(con, until=until_ts, engine=engine, out=out,
-                            allow_accounts=allow_accounts, allow_orgs=allow_org or (),
-                            verdicts=verdict_map, progress=progress)
+            if step is None:
+                findings = scan(con, until=until_ts, **args)
+            else:
+                findings = replay(con, every=step, until=until_ts, **args)
         except ValueError as exc:
             raise fail(str(exc)) from None
         finally:

@@ -1,0 +1,100 @@
+"""Stage 6: signatures, per-exchange attribution of mixed accounts, pivots, indicators."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import ibis
+import pyarrow as pa
+
+from distillguard import campaigns, linking
+
+T0 = datetime(2026, 2, 2, tzinfo=UTC)
+
+
+def ev(rows):
+    return pa.table(
+        {"account_id": [r[0] for r in rows], "kind": [r[1] for r in rows],
+         "key": [r[2] for r in rows],
+         "first_ts": pa.array([T0] * len(rows), pa.timestamp("ms", tz="UTC")),
+         "n": [1] * len(rows)},
+        schema=linking.EVIDENCE_SCHEMA,
+    )
+
+
+def test_signatures_need_two_campaign_users_and_a_campaign_majority():
+    rows = [("a1", "template", "t-attack"), ("a2", "template", "t-attack"),
+            ("a1", "template", "t-own"),  # one campaign user only
+            ("a1", "template", "t-popular"), ("a2", "template", "t-popular")]
+    rows += [(f"h{i}", "template", "t-popular") for i in range(5)]  # honest majority
+    rows += [("a1", "ip", "10.0.0.1"), ("a2", "ip", "10.0.0.1")]  # not a text kind
+    sigs = campaigns.campaign_signatures(ev(rows), {"a1": "C", "a2": "C"})
+    assert sigs.to_pylist() == [{"campaign_id": "C", "kind": "template", "key": "t-attack"}]
+
+
+def view_table():
+    """A dedicated attacker (all attack templates), a reseller pooled account (half honest) and
+    an honest account."""
+    rows = []
+    k = 0
+    for account, templates in (
+        ("atk", ["A1", "A2"] * 5),
+        ("pool", ["A1", "H1", "A2", "H2", "H3", "A1"]),
+        ("hon", ["H1", "H2"]),
+    ):
+        for t in templates:
+            k += 1
+            rows.append({"request_id": f"r{k:03d}", "account_id": account,
+                         "ts": T0 + timedelta(minutes=k), "model": "m", "capability": "coding",
+                         "template_sig": t, "template_lsh": [f"b-{t}"]})
+    return pa.Table.from_pylist(rows)
+
+
+def test_attribution_separates_a_mixed_accounts_honest_traffic():
+    view = view_table()
+    con = ibis.duckdb.connect()
+    ac = pa.table({"account_id": ["atk", "pool"], "campaign_id": ["C", "C"]})
+    sigs = pa.table({"campaign_id": ["C", "C"], "kind": ["template", "lsh"],
+                     "key": ["A1", "b-A2"]})
+    out = campaigns.attribute(con.create_table("v", view), con.create_table("ac", ac),
+                              con.create_table("s", sigs)).to_pyarrow().to_pylist()
+    by_account: dict[str, set[str]] = {}
+    for r in out:
+        by_account.setdefault(r["account_id"], set()).add(r["request_id"])
+    templates = {r["request_id"]: r["template_sig"] for r in view.to_pylist()}
+    assert len(by_account["atk"]) == 10  # dedicated: everything
+    assert {templates[r] for r in by_account["pool"]} == {"A1", "A2"}  # only the matches
+    assert "hon" not in by_account
+    assert {r["campaign_id"] for r in out} == {"C"}
+
+
+def test_pivot_to_a_newly_released_model():
+    rows = []
+    for h in range(48):
+        ts = T0 + timedelta(hours=h)
+        n_new = 6 if h >= 30 else 0  # the new model takes over 60% from hour 30
+        for k in range(10):
+            model = "new" if k < n_new else "old"
+            rows.append({"request_id": f"r{h}-{k}", "campaign_id": "C", "ts": ts, "model": model})
+    attributed = pa.Table.from_pylist(rows, schema=pa.schema(
+        [("request_id", pa.string()), ("campaign_id", pa.string()),
+         ("ts", pa.timestamp("ms", tz="UTC")), ("model", pa.string())]))
+    first_seen = {"old": T0, "new": T0 + timedelta(hours=30)}
+    out = campaigns.pivots(attributed, first_seen)
+    assert [p["model"] for p in out["C"]] == ["new"]
+    assert out["C"][0]["reached_at"] == T0 + timedelta(hours=36)  # end of the 6 h window
+    assert out["C"][0]["share"] >= 0.3
+    # a model present from the start is never a pivot
+    assert campaigns.pivots(attributed, {"old": T0, "new": T0}) == {}
+
+
+def test_shares_and_indicators():
+    attributed = pa.table({"request_id": ["1", "2", "3", "4"], "campaign_id": ["C"] * 4,
+                           "capability": ["coding", "coding", "coding", None]})
+    assert campaigns.shares(attributed, "capability") == {"C": {"coding": 0.75, "unknown": 0.25}}
+    rows = [("a1", "payment", "card"), ("a2", "payment", "card"), ("a3", "payment", "other"),
+            ("a1", "prefix", "203.0.113.0/24"), ("a2", "prefix", "203.0.113.0/24"),
+            ("a3", "prefix", "203.0.113.0/24")]
+    inds, reasons = campaigns.indicators(ev(rows), ["a1", "a2", "a3"])
+    assert inds == {"cidrs": ["203.0.113.0/24"], "payment_fingerprints": ["card"]}
+    assert any("payment fingerprints" in r and "2 of 3 accounts" in r for r in reasons)
