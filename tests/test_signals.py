@@ -290,3 +290,15 @@ def test_shared_corpora_prompts_annotate(shared_data: Path) -> None:
     out = annotate(table(rows))
     capabilities = out["capability"].to_pylist()
     assert capabilities.count("reasoning_math") / len(rows) > 0.8
+
+
+def test_fast_analyzer_yields_exactly_scikit_learns_features() -> None:
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    from distillguard.signals.classifier import VECTORIZER_CONFIG, make_vectorizer
+
+    reference = HashingVectorizer(ngram_range=(1, 2), lowercase=True, alternate_sign=False,
+                                  norm="l2", n_features=VECTORIZER_CONFIG["n_features"])
+    docs = [COT, RECON, "Ünïcödé WORDS, a b cc dd_ee 12 345", "", "x"]
+    difference = make_vectorizer().transform(docs) - reference.transform(docs)
+    assert abs(difference).max() < 1e-6

@@ -9,8 +9,10 @@ unpickles code; `signals train` (distillguard.signals.training) rebuilds it repr
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +32,23 @@ VECTORIZER_CONFIG = {
 MAX_CHARS = 4000
 
 
+_WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token_pattern
+
+
+def word_ngrams(doc: str) -> list[str]:
+    """Lower-cased word uni- and bigrams, exactly the features HashingVectorizer's built-in
+    analyzer yields for VECTORIZER_CONFIG, in one list comprehension instead of its generic
+    n-gram loop (about twice as fast; `tests/test_signals.py` checks they are identical)."""
+    tokens = _WORD.findall(doc.lower())
+    return tokens + [f"{a} {b}" for a, b in pairwise(tokens)]
+
+
 def make_vectorizer(config: dict | None = None) -> HashingVectorizer:
     """The HashingVectorizer used both to train and to score (stateless: nothing to fit)."""
     cfg = dict(VECTORIZER_CONFIG if config is None else config)
-    cfg["ngram_range"] = tuple(cfg["ngram_range"])
-    return HashingVectorizer(dtype=np.float32, **cfg)
+    if list(cfg.pop("ngram_range")) != [1, 2] or not cfg.pop("lowercase"):
+        raise ValueError(f"unsupported vectorizer settings {config}: retrain the classifier")
+    return HashingVectorizer(analyzer=word_ngrams, dtype=np.float32, **cfg)
 
 
 def default_artifact_path() -> Path:

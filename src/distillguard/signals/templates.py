@@ -48,11 +48,6 @@ _MASKS: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("«", re.compile(r"«[^»\n]{1,500}»"), " <q> "),
     ("'", re.compile(r"(?<!\w)'[^'\n]{1,300}'(?!\w)"), " <q> "),
 )
-# Word-like tokens, classified in one pass by `_mask_token`: numbers, code identifiers (dotted,
-# snake_case, camelCase, calls) and names. Capitalised words that are not common English words
-# are taken to be names (people, places, products): a cheap heuristic, no NER model in the hot
-# path.
-_TOKEN = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?:\(\))?|\d[\d,._:/]*(?:%|st|nd|rd|th)?")
 _COMMON_WORDS = """a about above after again against all also an and any are as at be because been before
     being below between both but by can could did do does doing down during each few for from
     further had has have having he her here hers herself him himself his how i if in into is it its
@@ -70,17 +65,23 @@ _COMMON_WORDS = """a about above after again against all also an and any are as 
 _COMMON_CAPITALISED = frozenset(_COMMON_WORDS.split())
 
 
-def _mask_token(match: re.Match[str]) -> str:
-    token = match.group(0)
-    if token.isalpha():
-        if token.islower():
-            return token
-        if token[0].isupper():
-            return token if token.lower() in _COMMON_CAPITALISED else "<name>"
-        return "<id>"  # camelCase
-    if token[0].isdigit():
-        return "<num>"
-    return "<id>"  # snake_case, dotted.name, call(), name2
+# Token masks, applied with literal replacements (C speed, no per-token Python callback), each
+# only when a cheap `search` hint shows it can match. Capitalised words that are not common
+# English words are taken to be names (people, places, products): a cheap heuristic, no NER
+# model in the hot path.
+_NAME = re.compile(
+    r"\b(?=[A-Z])(?!(?:" + "|".join(sorted((w.capitalize() for w in _COMMON_CAPITALISED),
+                                           key=len, reverse=True)) + r")\b)[A-Za-z]{2,}\b"
+)
+_TOKEN_MASKS: tuple[tuple[re.Pattern[str], re.Pattern[str], str], ...] = (
+    (re.compile(r"[A-Za-z_]\.[A-Za-z_]"),
+     re.compile(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?"), "<id>"),
+    (re.compile(r"\w_|_\w"), re.compile(r"\b\w+_\w+\b"), "<id>"),
+    (re.compile(r"\w\(\)"), re.compile(r"\b\w+\(\)"), "<id>"),
+    (re.compile(r"[a-z][A-Z]"), re.compile(r"\b[a-z]+[A-Z]\w*"), "<id>"),
+    (re.compile(r"[A-Z]"), _NAME, "<name>"),
+    (re.compile(r"\d"), re.compile(r"\d[\d,._:/]*(?:%|st\b|nd\b|rd\b|th\b)?"), "<num>"),
+)
 
 
 def skeleton(text: str) -> str:
@@ -90,7 +91,9 @@ def skeleton(text: str) -> str:
     for trigger, pattern, replacement in _MASKS:
         if trigger in text:
             text = pattern.sub(replacement, text)
-    text = _TOKEN.sub(_mask_token, text)
+    for hint, pattern, replacement in _TOKEN_MASKS:
+        if hint.search(text):
+            text = pattern.sub(replacement, text)
     return " ".join(text.split()).lower()
 
 
