@@ -423,6 +423,13 @@ def test_missing_truth(tmp_path: Path, lab: Path) -> None:
         evaluate(lab, None, baselines=False)
 
 
+def test_campaign_without_a_row_is_reported(lab: Path, tmp_path: Path) -> None:
+    report = evaluate(lab, findings_dir(tmp_path, HALF, campaigns=[{"campaign_id": "X"}]),
+                      baselines=False)
+    assert report.detector.cluster.mapping == {"X": "A", "Z": "B"}
+    assert any("1 campaign ids of flagged accounts have no row" in w for w in report.warnings)
+
+
 def test_unknown_accounts_are_reported(lab: Path, tmp_path: Path) -> None:
     path = findings_dir(tmp_path, HALF)
     accounts = pq.read_table(path / "accounts.parquet")

@@ -447,6 +447,16 @@ def score_findings(
                 f"{name}: {undated} flagged accounts have no first_flagged_at "
                 "(they count as flagged, but not towards time to detection)"
             )
+        undescribed = _fetch(
+            con,
+            """SELECT count(DISTINCT found_c) FROM joined WHERE found_c IS NOT NULL
+               AND found_c NOT IN (SELECT campaign_id FROM f_campaigns)""",
+        )[0][0]
+        if undescribed:
+            warnings.append(
+                f"{name}: {undescribed} campaign ids of flagged accounts have no row in "
+                "campaigns (scored from the accounts; no pivots)"
+            )
         account = _account_metrics(con)
         populations = _population_metrics(con)
         contingency, unknown_requests = _contingency(con, truth, findings)
