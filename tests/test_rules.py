@@ -93,3 +93,16 @@ def test_a_custom_pack_directory_is_loaded_and_scanned(tmp_path: Path) -> None:
     assert matcher.scan("Please THINK STEP BY STEP.") == ["t.one"]
     assert matcher.scan("hello") == []
     assert matcher.scan("") == []
+
+
+def test_compiled_database_is_cached_and_a_corrupt_cache_is_recompiled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISTILLGUARD_CACHE", str(tmp_path / "cache"))
+    pack = parse_rule_pack(GOOD_RULE)
+    first = RuleMatcher.from_packs([pack])
+    cached = list((tmp_path / "cache").glob("rules-*.hsdb"))
+    assert len(cached) == 1
+    assert RuleMatcher.from_packs([pack]).scan("step by step") == first.scan("step by step")
+    cached[0].write_bytes(b"not a database")
+    assert RuleMatcher.from_packs([pack]).scan("step by step") == ["t.one"]

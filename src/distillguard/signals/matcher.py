@@ -6,8 +6,13 @@ slowing the engine or the gateway.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import platform
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import hyperscan
 
@@ -31,6 +36,35 @@ def _pattern_flags(rule: Rule) -> int:
     return flags
 
 
+def cache_dir() -> Path:
+    """Where compiled databases are kept: $DISTILLGUARD_CACHE, else ~/.cache/distillguard."""
+    return Path(os.environ.get("DISTILLGUARD_CACHE") or Path.home() / ".cache" / "distillguard")
+
+
+def _compiled(expressions: list[bytes], flags: list[int]) -> hyperscan.Database:
+    """Compile the patterns into one block-mode database, reusing a serialized copy when the
+    same patterns were compiled before (compiling takes seconds; loading, milliseconds: this is
+    what every Spark worker, gateway and CLI process would otherwise pay at start)."""
+    key = hashlib.blake2b(digest_size=16)
+    key.update(f"hyperscan {hyperscan.__version__} {platform.machine()}".encode())
+    for expression, flag in zip(expressions, flags, strict=True):
+        key.update(len(expression).to_bytes(4, "little") + expression + flag.to_bytes(4, "little"))
+    path = cache_dir() / f"rules-{key.hexdigest()}.hsdb"
+    with contextlib.suppress(OSError, hyperscan.error):
+        return hyperscan.loadb(path.read_bytes(), mode=hyperscan.HS_MODE_BLOCK)
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    try:
+        db.compile(expressions=expressions, ids=list(range(len(expressions))), flags=flags)
+    except hyperscan.error as exc:
+        raise RuleError(f"rules do not compile for Hyperscan: {exc}") from exc
+    with contextlib.suppress(OSError):  # a read-only home only costs the compile next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(hyperscan.dumpb(db))
+        tmp.replace(path)
+    return db
+
+
 class RuleMatcher:
     """Compiled rule set: `scan(text)` returns the ids of the rules that match, in rule order."""
 
@@ -45,14 +79,7 @@ class RuleMatcher:
                 pattern_rule.append(index)
                 flags.append(_pattern_flags(rule))
         self._pattern_rule = pattern_rule
-        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        if expressions:
-            try:
-                self._db.compile(
-                    expressions=expressions, ids=list(range(len(expressions))), flags=flags
-                )
-            except hyperscan.error as exc:
-                raise RuleError(f"rules do not compile for Hyperscan: {exc}") from exc
+        self._db = _compiled(expressions, flags) if expressions else None
         self._local = threading.local()
 
     @classmethod
@@ -68,7 +95,7 @@ class RuleMatcher:
 
     def scan_indices(self, text: str) -> list[int]:
         """Indices (into `self.rules`) of the rules matching `text`, sorted, without repeats."""
-        if not self._pattern_rule or not text:
+        if self._db is None or not text:
             return []
         hits: set[int] = set()
         pattern_rule = self._pattern_rule
