@@ -862,7 +862,8 @@ def _label(score: DetectorScore) -> str:
 
 
 def render_report(report: EvalReport, console: Console | None = None) -> None:
-    """Print the side-by-side summary, per-population FPR, per-campaign and timing tables."""
+    """Print side by side, for the detector and every baseline operating point: the summary,
+    FPR per honest population, and per campaign recall, attribution and time to detection."""
     console = console or Console()
     scores = report.scores
     if not scores:
@@ -902,34 +903,35 @@ def render_report(report: EvalReport, console: Console | None = None) -> None:
         populations.add_row(pop.population, f"{pop.n_honest:,}", *cells)
     console.print(populations)
 
-    recall = Table(title="Recall per campaign (accounts flagged)")
-    recall.add_column("campaign")
-    recall.add_column("kind")
-    recall.add_column("accounts", justify="right")
-    for s in scores:
-        recall.add_column(_label(s), justify="right")
-    for i, c in enumerate(scores[0].campaigns):
-        recall.add_row(
-            c.campaign_id, c.kind, f"{c.n_accounts:,}", *[_pct(s.campaigns[i].recall) for s in scores]
-        )
-    console.print(recall)
-
-    for s in scores:
-        if s.operating_point not in ("as written", "natural"):
-            continue
-        timing = Table(title=f"{_label(s)}: attribution and time to detection per campaign")
-        for column in (
-            "campaign", "exch. right campaign", "found campaigns", "50% flagged", "90% flagged",
-            "pivot", "pivot flagged",
-        ):
-            timing.add_column(column, justify="left" if column == "campaign" else "right")
-        for c in s.campaigns:
-            timing.add_row(
-                c.campaign_id, _pct(c.attributed_share), str(len(c.found_campaigns)),
-                _hours_text(c.hours_to_50pct), _hours_text(c.hours_to_90pct),
-                c.pivot_model or "—",
-                _hours_text(c.hours_to_pivot) if c.pivot_model else "—",
+    per_campaign: list[tuple[str, Callable[[CampaignMetrics], str]]] = [
+        ("Recall per campaign (accounts flagged)", lambda c: _pct(c.recall)),
+        (
+            "Campaign exchanges attributed to the right campaign",
+            lambda c: f"{_pct(c.attributed_share)} · {len(c.found_campaigns)} found",
+        ),
+        (
+            "Hours from campaign start until 50 % / 90 % of its accounts were flagged",
+            lambda c: f"{_hours_text(c.hours_to_50pct)} / {_hours_text(c.hours_to_90pct)}",
+        ),
+    ]
+    if any(c.pivot_model for c in scores[0].campaigns):
+        per_campaign.append(
+            (
+                "Hours from the release pivot's start until it was flagged",
+                lambda c: _hours_text(c.hours_to_pivot) if c.pivot_model else "—",
             )
-        console.print(timing)
+        )
+    for title, cell in per_campaign:
+        table = Table(title=title)
+        table.add_column("campaign")
+        table.add_column("kind")
+        table.add_column("accounts", justify="right")
+        for s in scores:
+            table.add_column(_label(s), justify="right")
+        for i, c in enumerate(scores[0].campaigns):
+            table.add_row(
+                c.campaign_id, c.kind, f"{c.n_accounts:,}", *[cell(s.campaigns[i]) for s in scores]
+            )
+        console.print(table)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
