@@ -17,20 +17,25 @@ NEGATIVE = [pytest.param(r.id, ex, id=f"{r.id}-{i}") for r in RULES
             for i, ex in enumerate(r.no_match_examples)]
 
 
+SCOPE = {r.id: r.scope for r in RULES}
+
+
 @pytest.fixture(scope="module")
-def matcher() -> RuleMatcher:
-    return default_annotator().matcher
+def matchers() -> dict[str, RuleMatcher]:
+    annotator = default_annotator()
+    return {"prompt": annotator.matcher, "tools": annotator.tool_matcher}
 
 
 @pytest.mark.parametrize(("rule_id", "example"), POSITIVE)
-def test_rule_matches_its_examples(matcher: RuleMatcher, rule_id: str, example: str) -> None:
-    assert rule_id in matcher.scan(example)
+def test_rule_matches_its_examples(matchers: dict[str, RuleMatcher], rule_id: str,
+                                   example: str) -> None:
+    assert rule_id in matchers[SCOPE[rule_id]].scan(example)
 
 
 @pytest.mark.parametrize(("rule_id", "example"), NEGATIVE)
-def test_rule_ignores_its_counter_examples(matcher: RuleMatcher, rule_id: str,
+def test_rule_ignores_its_counter_examples(matchers: dict[str, RuleMatcher], rule_id: str,
                                            example: str) -> None:
-    assert rule_id not in matcher.scan(example)
+    assert rule_id not in matchers[SCOPE[rule_id]].scan(example)
 
 
 def test_every_rule_has_negative_examples_and_a_description() -> None:
@@ -39,8 +44,10 @@ def test_every_rule_has_negative_examples_and_a_description() -> None:
         assert len(rule.description) > 10, rule.id
 
 
-def test_one_database_holds_every_rule(matcher: RuleMatcher) -> None:
-    assert {r.id for r in matcher.rules} == {r.id for r in RULES}
+def test_one_database_per_scope_holds_every_rule(matchers: dict[str, RuleMatcher]) -> None:
+    assert {r.id for m in matchers.values() for r in m.rules} == {r.id for r in RULES}
+    assert {r.id for r in matchers["prompt"].rules} == {r.id for r in RULES
+                                                        if r.scope == "prompt"}
     assert len(RULES) >= 20
 
 
@@ -67,6 +74,8 @@ rules:
         (GOOD_RULE.replace("patterns: ['step by step']", "patterns: []"), "at least one pattern"),
         (GOOD_RULE.replace("signal: cot", "signal: cot\n    flags: [utf16]"), "unknown flags"),
         (GOOD_RULE.replace("    description: a test rule\n", ""), "`description`"),
+        (GOOD_RULE.replace("signal: cot", "signal: cot\n    scope: response"), "scope 'response'"),
+        (GOOD_RULE.replace("signal: cot", "signal: cot\n    scope: tools"), "only set a capability"),
     ],
 )
 def test_malformed_packs_are_rejected_with_the_reason(text: str, message: str) -> None:

@@ -81,10 +81,15 @@ def test_honest_harness_cot_is_marked_as_cot_and_as_a_harness_format() -> None:
         ("Write a haiku about autumn rain.", {}, "creative"),
         ("What should I cook for dinner tonight?", {}, "general_chat"),
         ("What is the weather in Paris?", {"tools": ["get_weather"]}, "agentic_tool_use"),
-        ("Continue.", {"tool_calls": ['{"name": "run_shell"}']}, "agentic_tool_use"),
+        ("Continue.", {"tool_calls": ['{"name": "lookup_order"}']}, "agentic_tool_use"),
         ("[image] What is shown here?", {}, "computer_use_vision"),
         ("[image] Click the Submit button.", {"tools": ["click", "screenshot"]},
          "computer_use_vision"),
+        ("Book the cheapest flight.", {"tools": ["screenshot", "left_click"]},
+         "computer_use_vision"),
+        ("Fix the login redirect bug.", {"tools": ["read_file", "edit_file", "run_tests"]},
+         "coding"),
+        ("Continue.", {"tool_calls": ['{"name": "run_shell", "arguments": {}}']}, "coding"),
     ],
 )
 def test_capability(prompt: str, fields: dict, capability: str) -> None:
@@ -203,6 +208,8 @@ MIXED = [
                                       {"role": "tool", "content": "out"},
                                       {"role": "user", "content": "second"}]},
     exchange("Привет! Как дела? 你好", 9, tool_calls=[]),
+    exchange("Fix the bug.", 10, tools=["read_file", None], tool_calls=["run_shell"]),
+    exchange("Go on.", 11, tools=["screenshot"], tool_calls=[None]),
 ]
 
 

@@ -112,6 +112,17 @@ def user_text(messages: Sequence[Any] | None) -> str:
     )
 
 
+def tools_text_of(exchange: Mapping[str, Any]) -> str:
+    """The single-request twin of `SignalAnnotator._tools_text` (a list holding a null joins to
+    "" there, as Arrow's binary_join makes it null)."""
+    parts = []
+    for key in ("tools", "tool_calls"):
+        items = exchange.get(key)
+        ok = isinstance(items, list | tuple) and all(item is not None for item in items)
+        parts.append("\n".join(str(item) for item in items) if ok else "")
+    return "\n".join(parts).strip("\n")
+
+
 def system_hash(system: str | None) -> str | None:
     """Hash of the system prompt's skeleton (dates, names, ids masked), None if there is none."""
     if system is None or not system.strip():
@@ -130,7 +141,8 @@ class SignalAnnotator:
         load_classifier: bool = True,
     ):
         self.packs = list(load_rule_packs() if packs is None else packs)
-        self.matcher = RuleMatcher.from_packs(self.packs)
+        self.matcher = RuleMatcher.from_packs(self.packs, "prompt")
+        self.tool_matcher = RuleMatcher.from_packs(self.packs, "tools")
         rules = self.matcher.rules
         self._rule_signal = [BOOLEAN_SIGNALS.index(r.signal) if r.signal in BOOLEAN_SIGNALS
                              else -1 for r in rules]
@@ -147,6 +159,20 @@ class SignalAnnotator:
         self.classifier = classifier
         self._cache: dict[str, TextSignals] = {}
         self._cache_lock = threading.Lock()
+
+    # -- tools ----------------------------------------------------------------------------
+    def tool_capability(self, tools_text: str) -> str | None:
+        """Capability the tool names point to (tools-scope rules), None if none matches."""
+        ranks = [CAPABILITY_PRIORITY.index(self.tool_matcher.rules[i].capability)
+                 for i in self.tool_matcher.scan_indices(tools_text)]
+        return CAPABILITY_PRIORITY[min(ranks)] if ranks else None
+
+    def capability(self, text_capability: str, tools_text: str) -> str:
+        """The exchange's capability: vision evidence in the prompt wins; with tools, what the
+        tool names say (e.g. a coding agent's file and shell tools), else agentic_tool_use."""
+        if not tools_text or text_capability == CAPABILITY_PRIORITY[0]:
+            return text_capability
+        return self.tool_capability(tools_text) or "agentic_tool_use"
 
     # -- per text --------------------------------------------------------------------------
     def analyse(self, texts: Sequence[str]) -> list[TextSignals]:
@@ -225,11 +251,12 @@ class SignalAnnotator:
         for k, name in enumerate(BOOLEAN_SIGNALS):
             columns[name] = per_text([s.flags[k] for s in distinct], pa.bool_())
         text_capability = per_text([s.capability for s in distinct], pa.string())
-        columns["capability"] = pc.if_else(
-            pc.and_(self._has_tools(table), pc.not_equal(text_capability, CAPABILITY_PRIORITY[0])),
-            pa.scalar("agentic_tool_use"),
-            text_capability,
-        )
+        # Capability depends on (prompt capability, tool names) only: resolved per distinct pair.
+        pairs = pc.dictionary_encode(pc.binary_join_element_wise(
+            text_capability, self._tools_text(table), "\x1f"))
+        resolved = [self.capability(*pair.split("\x1f", 1))
+                    for pair in pairs.dictionary.to_pylist()]
+        columns["capability"] = pc.take(pa.array(resolved, pa.string()), pairs.indices)
         columns["extraction_params"] = extraction_mask(_table_column(table, "params"), num_rows)
         columns["template_sig"] = per_text([s.template_sig for s in distinct], pa.string())
         columns["template_lsh"] = per_text(
@@ -246,14 +273,18 @@ class SignalAnnotator:
         )
 
     @staticmethod
-    def _has_tools(table: pa.Table) -> pa.Array:
-        present = pa.array(np.zeros(table.num_rows, dtype=bool))
+    def _tools_text(table: pa.Table) -> pa.Array:
+        """Per row: tool names offered, then tool calls, one per line ("" if none)."""
+        parts = []
         for name in ("tools", "tool_calls"):
             column = _table_column(table, name)
             if column is not None and pa.types.is_list(column.type):
-                present = pc.or_(present, pc.fill_null(pc.greater(pc.list_value_length(column), 0),
-                                                       False))
-        return present
+                parts.append(pc.fill_null(pc.binary_join(column.cast(pa.list_(pa.string())),
+                                                         "\n"), ""))
+        if not parts:
+            return pa.array([""] * table.num_rows, pa.string())
+        joined = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\n")
+        return pc.utf8_trim(joined, "\n")
 
     @staticmethod
     def _system_hashes(system: pa.Array | None, num_rows: int) -> pa.Array:
@@ -268,10 +299,7 @@ class SignalAnnotator:
         """Signals of one exchange given as a contract-shaped dict (keys of SIGNAL_SCHEMA)."""
         text = user_text(exchange.get("messages"))
         signals = self.analyse([text])[0]
-        capability = signals.capability
-        if (exchange.get("tools") or exchange.get("tool_calls")) and \
-                capability != CAPABILITY_PRIORITY[0]:
-            capability = "agentic_tool_use"
+        tools_text = tools_text_of(exchange)
         system = exchange.get("system")
         return {
             "request_id": exchange.get("request_id"),
@@ -283,7 +311,7 @@ class SignalAnnotator:
             "reasoning_reconstruction": signals.flags[1],
             "rubric": signals.flags[2],
             "safe_rewrite": signals.flags[3],
-            "capability": capability,
+            "capability": self.capability(signals.capability, tools_text),
             "extraction_params": is_extraction(exchange.get("params")),
             "template_sig": signals.template_sig,
             "template_lsh": list(signals.template_lsh),

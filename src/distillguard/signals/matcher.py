@@ -83,8 +83,9 @@ class RuleMatcher:
         self._local = threading.local()
 
     @classmethod
-    def from_packs(cls, packs: Sequence[RulePack]) -> RuleMatcher:
-        return cls([rule for pack in packs for rule in pack.rules])
+    def from_packs(cls, packs: Sequence[RulePack], scope: str = "prompt") -> RuleMatcher:
+        """The rules of `packs` that read `scope` (see rules.RULE_SCOPES)."""
+        return cls([rule for pack in packs for rule in pack.rules if rule.scope == scope])
 
     def _scratch(self) -> hyperscan.Scratch:
         # Hyperscan scratch space is not thread-safe: one per thread (the gateway is threaded).

@@ -19,6 +19,10 @@ from distillguard.contract import CAPABILITIES
 #: that helps an analyst read the traffic; they set no boolean signal.
 RULE_SIGNALS = ("cot", "reasoning_reconstruction", "rubric", "safe_rewrite", "capability", "context")
 
+#: What a rule reads: the user turns ("prompt", the default) or the names of the tools offered and
+#: called ("tools": capability evidence such as `run_shell` or `screenshot`).
+RULE_SCOPES = ("prompt", "tools")
+
 #: YAML flag names -> Hyperscan flag names (hyperscan.HS_FLAG_*).
 RULE_FLAGS = ("caseless", "dotall", "multiline")
 #: Rules are case-insensitive unless they list their own flags.
@@ -42,6 +46,7 @@ class Rule:
     match_examples: tuple[str, ...] = ()
     no_match_examples: tuple[str, ...] = ()
     pack: str = ""
+    scope: str = "prompt"
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,11 @@ def _parse_rule(raw: object, pack: str, where: str) -> Rule:
         raise RuleError(f"{where}: capability must be one of {', '.join(CAPABILITIES)}")
     if signal != "capability" and capability is not None:
         raise RuleError(f"{where}: only capability rules take `capability`")
+    scope = raw.get("scope", "prompt")
+    if scope not in RULE_SCOPES:
+        raise RuleError(f"{where}: scope {scope!r} is not one of {', '.join(RULE_SCOPES)}")
+    if scope == "tools" and signal != "capability":
+        raise RuleError(f"{where}: tools-scope rules can only set a capability")
     patterns = _string_list(raw.get("patterns", raw.get("pattern")), f"{where} patterns")
     if not patterns:
         raise RuleError(f"{where}: needs at least one pattern")
@@ -107,6 +117,7 @@ def _parse_rule(raw: object, pack: str, where: str) -> Rule:
         match_examples=match,
         no_match_examples=_string_list(tests.get("no_match"), f"{where} tests.no_match"),
         pack=pack,
+        scope=scope,
     )
 
 
