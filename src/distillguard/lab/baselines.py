@@ -79,7 +79,7 @@ class BaselineResult:
                       min(ts) FILTER (score >= $t) AS first_flagged_at,
                       NULL::VARCHAR AS campaign_id,
                       CASE WHEN max(score) >= $t
-                           THEN [printf('%s: score %.4g >= threshold %.4g', $name, max(score), $t)]
+                           THEN [printf('%s: score %.6g >= threshold %.6g', $name, max(score), $t)]
                            ELSE []::VARCHAR[] END AS reasons
                FROM trajectory GROUP BY account_id ORDER BY account_id""",
             {"t": threshold, "name": self.name},
@@ -99,7 +99,7 @@ class BaselineResult:
         values, counts = np.unique(scores.filter(honest)["score"].to_numpy(), return_counts=True)
         # candidate 0 flags every scored account; candidate i flags honest scores > values[i-1]
         lowest = float(pc.min(scores["score"]).as_py())
-        candidates = np.append(min(lowest, *values[:1]), np.nextafter(values, np.inf))
+        candidates = np.append(lowest, np.nextafter(values, np.inf))
         fprs = np.append(np.cumsum(counts[::-1])[::-1], 0) / n_honest
         best = min(range(len(candidates)), key=lambda i: (abs(fprs[i] - target_fpr), fprs[i]))
         return float(candidates[best])
@@ -166,7 +166,7 @@ def volume_threshold_baseline(
     return BaselineResult(
         name="volume_threshold",
         description=(
-            f"daily volume > {limit:.4g} exchanges ({100 * quantile:g}th percentile of "
+            f"daily volume > {limit:.6g} exchanges ({100 * quantile:g}th percentile of "
             f"{whose} account-days)"
         ),
         threshold=float(np.floor(limit) + 1),
