@@ -309,3 +309,14 @@ def test_fast_analyzer_yields_exactly_scikit_learns_features() -> None:
     docs = [COT, RECON, "Ünïcödé WORDS, a b cc dd_ee 12 345", "", "x"]
     difference = make_vectorizer().transform(docs) - reference.transform(docs)
     assert abs(difference).max() < 1e-6
+
+
+def test_fast_scoring_matches_the_scikit_learn_pipeline() -> None:
+    import numpy as np
+
+    model = default_annotator().classifier
+    docs = [COT, RECON, RUBRIC, SAFE, PLAIN, "", "a", "Ünïcödé " * 50, "word " * 5000]
+    logits = model.vectorizer().transform([d[:4000] for d in docs]) @ model.weights
+    expected = 1 / (1 + np.exp(-(logits + model.intercept)))
+    assert np.allclose(model.predict_proba(docs), expected, atol=1e-5)
+    assert model.predict_proba([]).shape == (0,)

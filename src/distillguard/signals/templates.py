@@ -121,9 +121,13 @@ def lsh_keys_batch(shingle_sets: Sequence[list[str]]) -> list[list[str]]:
     present = [i for i, s in enumerate(shingle_sets) if s]
     if not present:
         return keys
-    digests = RMinHash.digests_from_token_sets(
-        [shingle_sets[i] for i in present], num_perm=NUM_PERM, seed=MINHASH_SEED
-    )
+    # One sketch object per text: rensa's batch call spins up a thread pool per call, which
+    # costs milliseconds for a single request and measured slower here even for batches.
+    digests = []
+    for i in present:
+        sketch = RMinHash(num_perm=NUM_PERM, seed=MINHASH_SEED)
+        sketch.update(shingle_sets[i])
+        digests.append(sketch.digest())
     bands = np.asarray(digests, dtype=np.uint64).reshape(len(present), LSH_BANDS, LSH_ROWS)
     # One 48-bit key per band: a polynomial hash of its rows (uint64 arithmetic wraps).
     band_hash = (bands * _BAND_MULTIPLIERS).sum(axis=2, dtype=np.uint64) >> np.uint64(16)
