@@ -44,10 +44,25 @@ def word_ngrams(doc: str) -> list[str]:
     return tokens + [f"{a} {b}" for a, b in pairwise(tokens)]
 
 
-def _feature_index(feature: str, n_features: int) -> int:
-    """Column of `feature`, as scikit-learn's FeatureHasher computes it."""
-    h = murmurhash3_32(feature, seed=0)
-    return (2**31 - 1 - (n_features - 1)) % n_features if h == -(2**31) else abs(h) % n_features
+#: N-grams whose hashed column is remembered (Zipf: a small vocabulary covers most of the text).
+INDEX_CACHE_ENTRIES = 500_000
+
+
+class _FeatureIndex(dict):
+    """n-gram -> column, as scikit-learn's FeatureHasher computes it (murmurhash3, |h| mod n),
+    memoised: a dict hit costs a fraction of a murmurhash call through scikit-learn's wrapper."""
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.n_features = n_features
+
+    def __missing__(self, feature: str) -> int:
+        h = murmurhash3_32(feature, seed=0)
+        n = self.n_features
+        index = (2**31 - 1 - (n - 1)) % n if h == -(2**31) else abs(h) % n
+        if len(self) < INDEX_CACHE_ENTRIES:
+            self[feature] = index
+        return index
 
 
 def make_vectorizer(config: dict | None = None) -> HashingVectorizer:
@@ -73,6 +88,7 @@ class DistillClassifier:
 
     def __post_init__(self) -> None:
         self._vectorizer = make_vectorizer(self.config)
+        self._index = _FeatureIndex(int(self.config["n_features"]))
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """Probability per text (float64); empty input gives an empty array.
@@ -85,10 +101,11 @@ class DistillClassifier:
         n_features = int(self.config["n_features"])
         lengths = np.zeros(len(texts), dtype=np.int64)
         indices: list[int] = []
+        column_of = self._index.__getitem__
         for row, text in enumerate(texts):
             features = word_ngrams(text[:MAX_CHARS])
             lengths[row] = len(features)
-            indices.extend(_feature_index(f, n_features) for f in features)
+            indices.extend(map(column_of, features))
         rows = np.repeat(np.arange(len(texts)), lengths)
         keys, counts = np.unique(rows * n_features + np.asarray(indices, dtype=np.int64),
                                  return_counts=True)
