@@ -320,3 +320,52 @@ def test_fast_scoring_matches_the_scikit_learn_pipeline() -> None:
     expected = 1 / (1 + np.exp(-(logits + model.intercept)))
     assert np.allclose(model.predict_proba(docs), expected, atol=1e-5)
     assert model.predict_proba([]).shape == (0,)
+
+
+def _tiny_corpus(root: Path) -> Path:
+    """A miniature ../shared/data layout (same file formats) for a fast training run."""
+    import gzip
+    import json
+
+    (root / "organic").mkdir(parents=True)
+    (root / "tasks").mkdir()
+    (root / "tool_use").mkdir()
+    chats = ["how do I keep basil alive indoors", "any tips for a first date", "why is the sky "
+             "blue", "what should I name my cat", "is coffee bad for you", "best way to learn "
+             "guitar as an adult", "my landlord won't fix the heating, what can I do"]
+    (root / "organic" / "oasst_prompt_lottery_en_250.jsonl").write_text(
+        "\n".join(json.dumps(c) for c in chats))
+    (root / "organic" / "arena_hard_v0.1.jsonl").write_text("\n".join(
+        json.dumps({"uid": f"u{i}", "prompt": f"{c}? I'm asking for a friend"})
+        for i, c in enumerate(chats)))
+    with gzip.open(root / "organic" / "hh_rlhf_harmless_base_test.jsonl.gz", "wt") as fh:
+        for c in chats:
+            fh.write(json.dumps({"chosen": f"\n\nHuman: {c}\n\nAssistant: sure\n\nHuman: thanks"
+                                           "\n\nAssistant: ok"}) + "\n")
+    (root / "tasks" / "gsm8k_train.jsonl").write_text("\n".join(
+        json.dumps({"question": f"Sam has {i} apples and buys {i + 3} more. How many apples "
+                                "does Sam have?", "answer": f"{i}+{i + 3}\n#### {2 * i + 3}"})
+        for i in range(20)))
+    (root / "tool_use" / "bfcl_v4_simple_python.json").write_text("\n".join(
+        json.dumps({"id": f"s{i}", "question": [[{"role": "user", "content":
+                    f"Find the area of a triangle with base {i} and height {i + 1}."}]]})
+        for i in range(10)))
+    return root
+
+
+def test_training_is_reproducible_and_writes_artifact_and_card(tmp_path: Path) -> None:
+    import numpy as np
+
+    from distillguard.signals.training import train, write_artifacts
+
+    data = _tiny_corpus(tmp_path / "data")
+    first = train(data, seed=7, per_family=10)
+    second = train(data, seed=7, per_family=10)
+    assert np.array_equal(first.classifier.weights, second.classifier.weights)
+    assert first.n_test > 0 and "roc_auc" in first.metrics
+    artifact, card = write_artifacts(first, tmp_path / "model", data)
+    loaded = DistillClassifier.load(artifact)
+    assert np.allclose(loaded.predict_proba([COT, PLAIN]),
+                       first.classifier.predict_proba([COT, PLAIN]), atol=1e-2)
+    text = card.read_text()
+    assert "ROC AUC" in text and "gsm8k" in text and "Alpaca" in text
