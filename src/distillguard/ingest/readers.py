@@ -19,6 +19,7 @@ from typing import BinaryIO
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zstandard
 
@@ -174,7 +175,7 @@ def _utf8_lines(data: bytes, offsets: np.ndarray, drop: np.ndarray) -> tuple[pa.
         binary = pa.LargeBinaryArray.from_buffers(
             pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
         )
-        cleaned = pa.compute.if_else(pa.array(nulls), pa.scalar(None, pa.large_binary()), binary)
+        cleaned = pc.if_else(pa.array(nulls), pa.scalar(None, pa.large_binary()), binary)
         text = cleaned.cast(pa.large_string())
     return text, bad
 
@@ -379,7 +380,7 @@ def _longest_text(data: pa.Table | pa.Array | pa.ChunkedArray) -> int:
         return max((_longest_text(chunk) for chunk in data.chunks), default=0)
     dtype = data.type
     if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
-        longest = pa.compute.max(pa.compute.binary_length(data)).as_py()
+        longest = pc.max(pc.binary_length(data)).as_py()
         return longest or 0
     if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
         return _longest_text(data.flatten())
