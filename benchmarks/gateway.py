@@ -167,6 +167,12 @@ async def run_load(url: str, key: str, rate: int, seconds: float, stream: bool,
             "throughput": len(lat) / elapsed, "lat": lat, "ttfb": ttfb}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -220,6 +226,7 @@ def main() -> None:
         gateway = f"http://127.0.0.1:{gw_port}"
         wait_ready(gateway + "/readyz", procs[-1])
         targets = {"direct": (upstream, BENCH_KEY), "gateway": (gateway, BENCH_KEY)}
+        pids = {"direct": procs[0].pid, "gateway": procs[1].pid}
         if args.litellm_python:
             procs.append(start([str(Path(args.litellm_python).parent / "litellm"), "--config",
                                 str(litellm_config(tmp, upstream)), "--port", str(ll_port),
@@ -228,20 +235,26 @@ def main() -> None:
             litellm = f"http://127.0.0.1:{ll_port}"
             wait_ready(litellm + "/health/liveliness", procs[-1])
             targets["litellm"] = (litellm, "sk-bench")
+            pids["litellm"] = procs[-1].pid
         for url, key in targets.values():  # warm up connections and caches
             asyncio.run(run_load(url, key, 100, 1.0, False, texts))
         rows = []
         for mode in modes:
             for rate in rates:
-                results = {name: asyncio.run(run_load(url, key, rate, args.seconds,
-                                                      mode == "stream", texts))
-                           for name, (url, key) in targets.items()}
+                results = {}
+                for name, (url, key) in targets.items():
+                    before = cpu_seconds(pids[name])
+                    results[name] = asyncio.run(run_load(url, key, rate, args.seconds,
+                                                         mode == "stream", texts))
+                    used = cpu_seconds(pids[name]) - before
+                    results[name]["cpu_ms"] = used / max(1, results[name]["n"]) * 1000
                 rows.append((mode, rate, results))
                 d = results["direct"]
                 for name, r in results.items():
                     line = (f"{mode:9s} {rate:5d}/s {name:8s} ok {r['ok']:5d}/{r['n']:<5d} "
                             f"thr {r['throughput']:7.1f}/s  p50 {pct(r['lat'], .5):7.2f} ms  "
-                            f"p99 {pct(r['lat'], .99):7.2f} ms")
+                            f"p99 {pct(r['lat'], .99):7.2f} ms  "
+                            f"server CPU {r['cpu_ms']:.2f} ms/req")
                     if mode == "stream":
                         line += f"  ttfb p50 {pct(r['ttfb'], .5):6.2f} ms"
                     if name != "direct":
@@ -256,6 +269,7 @@ def main() -> None:
         summary = {"rows": [{"mode": m, "rate": r, **{
             n: {"p50_ms": pct(x["lat"], .5), "p99_ms": pct(x["lat"], .99),
                 "throughput": x["throughput"], "ok": x["ok"], "n": x["n"],
+                "server_cpu_ms_per_request": x["cpu_ms"],
                 "errors": x["errors"]} for n, x in res.items()}} for m, r, res in rows]}
         out = tmp / "results.json.gz"
         out.write_bytes(gzip.compress(orjson.dumps(summary)))
