@@ -65,7 +65,9 @@ def _exchange_from_store(db: Path, request_id: str) -> dict:
         raise fail(f"{db}: no store here (run `distillguard ingest` first)")
     con = store.connect(db, read_only=True)
     try:
-        rows = con.execute("SELECT * FROM exchanges WHERE request_id = ?", [request_id]).arrow()
+        rows = con.execute(
+            "SELECT * FROM exchanges WHERE request_id = ?", [request_id]
+        ).to_arrow_table()
     finally:
         con.close()
     if rows.num_rows == 0:
@@ -124,8 +126,9 @@ def explain_command(
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
     hits = Table(title=f"rule hits ({len(row['rule_hits'])})")
-    for column in ("rule", "sets", "why"):
-        hits.add_column(column)
+    hits.add_column("rule", no_wrap=True)
+    hits.add_column("sets")
+    hits.add_column("why")
     for rule_id in row["rule_hits"]:
         rule = rules[rule_id]
         hits.add_row(rule.id, rule.capability or rule.signal, rule.description)
@@ -151,8 +154,10 @@ def rules_command(
     if not packs:
         raise fail(f"no rule pack named {pack!r}")
     table = Table(title=f"{sum(len(p.rules) for p in packs)} rules in {len(packs)} packs")
-    for column in ("pack", "rule", "sets", "description"):
-        table.add_column(column)
+    table.add_column("pack")
+    table.add_column("rule", no_wrap=True)
+    table.add_column("sets")
+    table.add_column("description")
     if verbose:
         table.add_column("patterns")
     for p in packs:
