@@ -16,7 +16,7 @@ import httpx
 import orjson
 import yaml
 
-from distillguard.gateway.app import create_app
+from distillguard.gateway.app import create_app, fast_path
 from distillguard.gateway.config import config_from_dict, hash_key
 from upstream_stub import ThreadedServer, free_port
 
@@ -72,7 +72,7 @@ def running_gateway(tmp: Path, upstream: str, policy: dict | None = None, *,
            "keys": keys_config(cfg_extra.pop("orgs", None)), **cfg_extra}
     cfg = config_from_dict(raw, tmp)
     cfg.admin_token, cfg.decide_token = ADMIN, DECIDE
-    with ThreadedServer(create_app(cfg, annotate=annotate, start_worker=False),
+    with ThreadedServer(fast_path(create_app(cfg, annotate=annotate, start_worker=False)),
                         server_header=False, date_header=False, proxy_headers=False) as server:
         yield server
 

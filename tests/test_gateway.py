@@ -144,6 +144,10 @@ def test_malformed_requests_get_clear_4xx_and_gateway_stays_up(tmp_path, upstrea
                         headers={"authorization": "Bearer wrong"}), 401, "API key"),
             (httpx.get(gw.url + "/v1/models"), 401, "API key"),
         ]
+        # wrongly typed fields are forwarded (the upstream judges them) and still logged
+        assert c.post("/v1/chat/completions", json={"model": "m", "messages": 5,
+                                                    "tools": "x"}).status_code == 200
+        assert wait_for(lambda: wal_records(tmp_path / "wal"))[-1]["messages"] == []
         for response, status, text in cases:
             assert response.status_code == status, response.text
             assert text in response.json()["error"]["message"]

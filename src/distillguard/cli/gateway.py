@@ -106,10 +106,10 @@ def gateway(
         return
     import uvicorn
 
-    from distillguard.gateway.app import create_app
+    from distillguard.gateway.app import create_app, fast_path
 
     try:
-        application = create_app(cfg)
+        application = fast_path(create_app(cfg))
     except (ValueError, OSError) as exc:
         raise fail(str(exc)) from exc
     uvicorn.run(application, host=cfg.host, port=cfg.port, loop="uvloop", http="httptools",

@@ -62,7 +62,7 @@ def request_fields(endpoint: str, body: dict) -> dict[str, Any]:
     else:
         if endpoint == "messages" and body.get("system") is not None:
             system = _text(body.get("system"))
-        for m in body.get("messages") or []:
+        for m in _list(body.get("messages")):
             if not isinstance(m, dict):
                 continue
             role = m.get("role")
@@ -71,7 +71,7 @@ def request_fields(endpoint: str, body: dict) -> dict[str, Any]:
                 continue
             messages.append({"role": _role(role), "content": _text(m.get("content"))})
     tools = []
-    for t in body.get("tools") or []:
+    for t in _list(body.get("tools")):
         if isinstance(t, dict):
             name = (t.get("function") or {}).get("name") if "function" in t else t.get("name")
             tools.append(str(name) if name else orjson.dumps(t).decode())
@@ -96,6 +96,11 @@ def request_fields(endpoint: str, body: dict) -> dict[str, Any]:
         "tools": tools or None,
         "params": params,
     }
+
+
+def _list(value: Any) -> list:
+    """`value` if it is a list, else empty: a malformed field never breaks logging."""
+    return value if isinstance(value, list) else []
 
 
 def _num(value: Any) -> float | None:
