@@ -33,6 +33,10 @@ from distillguard.signals.annotate import user_text_column
 from distillguard.signals.classifier import DistillClassifier
 from distillguard.signals.rules import load_rule_packs
 
+#: The exchange columns `annotate` reads (responses are not needed: keeps memory down).
+COLUMNS = ["request_id", "account_id", "ts", "model", "system", "messages", "tools", "tool_calls",
+           "params"]
+
 
 def load_exchanges(args: argparse.Namespace) -> pa.Table:
     if args.logs is not None:
@@ -40,14 +44,14 @@ def load_exchanges(args: argparse.Namespace) -> pa.Table:
             args.logs.glob("*.parquet"))
         if not files:
             sys.exit(f"{args.logs}: no exchanges/*.parquet")
-        return pa.concat_tables(pq.read_table(f) for f in files)
+        return pa.concat_tables(pq.read_table(f, columns=COLUMNS) for f in files)
     from distillguard.lab.simulate import simulate
 
     with tempfile.TemporaryDirectory() as tmp:
         print(f"simulating {args.scenario} at scale {args.scale} ...", flush=True)
         simulate(args.scenario, Path(tmp) / "lab", scale=args.scale, seed=args.seed)
         files = sorted((Path(tmp) / "lab" / "exchanges").glob("*.parquet"))
-        return pa.concat_tables(pq.read_table(f) for f in files)
+        return pa.concat_tables(pq.read_table(f, columns=COLUMNS) for f in files)
 
 
 def run_batches(annotator: SignalAnnotator, table: pa.Table, batch_rows: int) -> float:

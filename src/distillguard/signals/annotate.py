@@ -49,8 +49,8 @@ BOOLEAN_SIGNALS = ("cot", "reasoning_reconstruction", "rubric", "safe_rewrite")
 HEAD_CHARS = 64_000
 TAIL_CHARS = 16_000
 #: Per-text results are cached for texts up to this length, at most CACHE_ENTRIES of them.
-CACHE_MAX_TEXT_CHARS = 4_096
-CACHE_ENTRIES = 100_000
+CACHE_MAX_TEXT_CHARS = 2_048
+CACHE_ENTRIES = 250_000
 
 USER_JOIN = "\n"
 

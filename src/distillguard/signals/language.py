@@ -12,7 +12,7 @@ import re
 #: Characters examined: the language of a prompt is clear from its start.
 SAMPLE_CHARS = 1000
 #: Words of Latin-script text looked up in the stopword sets.
-SAMPLE_WORDS = 80
+SAMPLE_WORDS = 40
 
 # Non-Latin scripts and the language each one most likely means.
 _SCRIPTS: tuple[tuple[str, re.Pattern[str]], ...] = (

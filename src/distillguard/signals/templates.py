@@ -76,8 +76,8 @@ _NAME = re.compile(
 _TOKEN_MASKS: tuple[tuple[re.Pattern[str], re.Pattern[str], str], ...] = (
     (re.compile(r"[A-Za-z_]\.[A-Za-z_]"),
      re.compile(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?"), "<id>"),
-    (re.compile(r"\w_|_\w"), re.compile(r"\b\w+_\w+\b"), "<id>"),
-    (re.compile(r"\w\(\)"), re.compile(r"\b\w+\(\)"), "<id>"),
+    (re.compile("_"), re.compile(r"\b\w+_\w+\b"), "<id>"),  # literal hints: fast search
+    (re.compile(r"\(\)"), re.compile(r"\b\w+\(\)"), "<id>"),
     (re.compile(r"[a-z][A-Z]"), re.compile(r"\b[a-z]+[A-Z]\w*"), "<id>"),
     (re.compile(r"[A-Z]"), _NAME, "<name>"),
     (re.compile(r"\d"), re.compile(r"\d[\d,._:/]*(?:%|st\b|nd\b|rd\b|th\b)?"), "<num>"),
