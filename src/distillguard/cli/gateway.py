@@ -61,9 +61,7 @@ def gateway(
 ) -> None:
     """Run the real-time gateway: a reverse proxy in front of an OpenAI-compatible server.
 
-    Serves /v1/chat/completions, /v1/completions, /v1/messages and /v1/models; scores every
-    request, enforces the policy, logs every exchange into the store; also serves the decision
-    API (POST /v1/decide), /metrics, /healthz, /readyz and /admin/*.
+    Serves /v1/chat/completions, /v1/completions, /v1/messages and /v1/models; scores every request, enforces the policy, logs every exchange into the store; also serves the decision API (POST /v1/decide), /metrics, /healthz, /readyz and /admin/*. Reference: docs/gateway.md.
 
     Example:
 
@@ -123,8 +121,9 @@ def gateway_flush(
     wal_dir: Annotated[Path, typer.Argument(help="The gateway's write-ahead log directory.")],
     db: DbOption = Path("distillguard.duckdb"),
 ) -> None:
-    """Ingest a gateway's write-ahead log segments into the store (after a crash, or in spool
-    mode). Segments still held by a running gateway are left alone.
+    """Ingest a gateway's write-ahead log segments into the store (after a crash, or in spool mode).
+
+    Segments still held by a running gateway are left alone; ingest is idempotent on request_id.
 
     Example:
 
