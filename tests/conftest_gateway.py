@@ -87,10 +87,17 @@ def chat(model: str = "stub-model", text: str = "hello", **extra) -> dict:
 
 
 def wal_records(wal_dir: Path) -> list[dict]:
-    records = []
-    for path in sorted(wal_dir.glob("seg-*")):
-        records.extend(orjson.loads(line) for line in path.read_bytes().splitlines() if line)
-    return records
+    """Every record in the WAL segments, in order. A segment can be sealed (renamed) between
+    listing and reading it; then the listing is simply taken again."""
+    for _ in range(20):
+        records = []
+        try:
+            for path in sorted(wal_dir.glob("seg-*")):
+                records.extend(orjson.loads(x) for x in path.read_bytes().splitlines() if x)
+        except FileNotFoundError:
+            continue
+        return records
+    raise AssertionError(f"{wal_dir}: segments kept moving while being read")
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
