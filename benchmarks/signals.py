@@ -83,8 +83,7 @@ def main() -> None:
 
     print(machine_summary())
     table = load_exchanges(args)
-    table = table.combine_chunks()
-    texts = user_text_column(table["messages"].combine_chunks())
+    texts = pa.concat_arrays([user_text_column(chunk) for chunk in table["messages"].chunks])
     distinct = len(pc.unique(texts))
     print(f"{table.num_rows:,} exchanges, {distinct:,} distinct prompt texts "
           f"({distinct / max(table.num_rows, 1):.0%}), median prompt "
