@@ -9,12 +9,6 @@ import typer
 
 from distillguard.cli import app
 from distillguard.cli.common import console, fail
-from distillguard.lab.evaluate import (
-    EvalInputError,
-    evaluate,
-    load_findings_from_store,
-    render_report,
-)
 
 
 def default_out(findings: Path | None, truth: Path) -> Path:
@@ -88,6 +82,14 @@ def eval_command(
 
         distillguard eval --truth out/smoke/truth --fpr 0.001 --fpr 0.01   # baselines alone
     """
+    # Imported here: scikit-learn costs seconds, and every other command would pay for it.
+    from distillguard.lab.evaluate import (
+        EvalInputError,
+        evaluate,
+        load_findings_from_store,
+        render_report,
+    )
+
     if findings is not None and db is not None:
         raise fail("give --findings or --db, not both")
     if any(not 0.0 <= rate <= 1.0 for rate in fpr or ()):
