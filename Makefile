@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# LiteLLM's proxy (~740 MB, strict pins of its own) lives in its own venv, used only by the
+# test that runs distillguard's guardrail inside a real LiteLLM proxy.
+LITELLM_VENV ?= .venv-litellm
 
 .PHONY: demo test lint bench system-deps clean
 
@@ -17,14 +20,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed-base
 
+$(LITELLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
+	$(LITELLM_VENV)/bin/pip install -q -e '.[litellm]' 'litellm[proxy]==1.106.2'
+	touch $@
+
 ## make demo: set up and run the main job end to end on the embedded DuckDB store.
 demo: $(VENV)/.installed-base
 	$(BIN)/distillguard demo
 
 ## make test: set up (Python packages, Redis, Java) and run lint + the whole test suite.
-test: $(VENV)/.installed-dev system-deps
+test: $(VENV)/.installed-dev $(LITELLM_VENV)/.installed system-deps
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q
+	DISTILLGUARD_LITELLM_PYTHON=$(abspath $(LITELLM_VENV))/bin/python $(BIN)/pytest -q
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
@@ -37,4 +46,4 @@ system-deps:
 	bash scripts/system-deps.sh
 
 clean:
-	rm -rf $(VENV) distillguard.duckdb out
+	rm -rf $(VENV) $(LITELLM_VENV) distillguard.duckdb out

@@ -62,7 +62,8 @@ def test_litellm_proxy_with_distillguard_guardrail(tmp_path):
             f"      api_base: {gw.url}\n"
             f"      api_key: {DECIDE}\n"
             "      account_from: end_user\n")
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        # LiteLLM fetches a model-cost map from the internet unless told to use its bundled one.
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
         log = open(tmp_path / "litellm.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             [str(Path(python).parent / "litellm"), "--config", str(config), "--port",
