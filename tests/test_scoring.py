@@ -55,34 +55,52 @@ def test_supervised_mode_learns_from_verdicts():
         scoring.BehaviourScorer().fit_supervised(t, {"a000": True})
 
 
+def background(control: np.ndarray) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+    """Thirty ordinary 3-account clusters (accounts 100..189) with everyday control ties."""
+    members, internal = {}, {}
+    for k in range(30):
+        idx = np.arange(100 + 3 * k, 103 + 3 * k)
+        control[idx] = 1.0 + 0.1 * (k % 5)
+        members[10 + k], internal[10 + k] = idx, 3.0
+    return members, internal
+
+
 def test_cluster_needs_cohesion_control_and_behaviour():
     s = scoring.BehaviourScorer().score(population())
     odd, normal = np.arange(0, 10), np.arange(50, 60)
     control = np.zeros(200)
-    control[odd] = 5.0
-    control[normal] = 5.0
-    members = {0: odd, 1: normal, 2: odd[:5]}
-    internal = {0: 50.0, 1: 50.0, 2: 1.0}  # cluster 2: odd but barely tied together
+    members, internal = background(control)
+    control[odd] = 20.0
+    control[normal] = 20.0
+    members |= {0: odd, 1: normal, 2: odd[:5]}
+    internal |= {0: 100.0, 1: 100.0, 2: 1.0}  # cluster 2: odd but barely tied together
     no_block = np.zeros(200, dtype=bool)
     scorer = scoring.ClusterScorer()
     verdicts = {v.label: v for v in scorer.score(members, s, internal, control, no_block)}
     assert verdicts[0].flagged and set(verdicts[0].core) == set(odd)
     assert not verdicts[1].flagged  # tied but ordinary (a NAT, a team)
     assert not verdicts[2].flagged  # odd but not tied (independent heavy users)
+    assert not any(verdicts[k].flagged for k in range(10, 40))
     assert verdicts[0].score > verdicts[1].score
-    content_only = scorer.score({0: odd}, s, {0: 50.0}, np.zeros(200), no_block)
-    assert not content_only[0].flagged  # tied only by shared prompts: not common control
+    weak = control.copy()
+    weak[odd] = 1.2  # tied only by everyday control evidence (or only by shared prompts)
+    content_only = {v.label: v for v in scorer.score(members, s, internal, weak, no_block)}
+    assert not content_only[0].flagged
     block = np.zeros(200, dtype=bool)
     block[odd[:5]] = True
-    dense = scorer.score({2: odd[:5]}, s, {2: 1.0}, np.zeros(200), block)
-    assert dense[0].flagged  # a FRAUDAR dense block stands in for cohesion
+    dense = {v.label: v for v in scorer.score(members, s, internal, control, block)}
+    assert dense[2].flagged  # a FRAUDAR dense block stands in for cohesion
 
 
 def test_only_the_core_of_a_mixed_cluster_is_flagged():
     s = scoring.BehaviourScorer().score(population())
-    mixed = np.r_[np.arange(0, 10), np.arange(50, 54)]
     control = np.zeros(200)
-    control[:10] = 4.0  # attackers share cards and addresses; the others only prompts
-    v = scoring.ClusterScorer().score({0: mixed}, s, {0: 60.0}, control,
-                                      np.zeros(200, dtype=bool))[0]
+    members, internal = background(control)
+    ordinary = 10 + np.argsort(s.score[10:100])[:3]  # three of the most ordinary accounts
+    mixed = np.r_[np.arange(0, 10), np.arange(50, 54), ordinary]
+    control[:10] = 20.0  # attackers share cards and addresses ...
+    control[ordinary] = 20.0  # ... and ordinary users sit in the same address pool
+    members[0], internal[0] = mixed, 150.0
+    v = {v.label: v for v in scoring.ClusterScorer().score(
+        members, s, internal, control, np.zeros(200, dtype=bool))}[0]
     assert v.flagged and set(v.core) == set(range(10))

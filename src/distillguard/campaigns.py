@@ -72,8 +72,10 @@ def attribute(
 
     `account_campaigns` has (account_id, campaign_id); `signatures` (campaign_id, kind, key).
     An exchange matches when its template signature or one of its LSH bands is a signature of
-    its account's campaign. Accounts whose matched share is at least `dedicated_share` are
-    dedicated and attributed whole; others only by matching exchanges.
+    its account's campaign, or when it carries a distillation signal (chain-of-thought,
+    reconstruction, rubric, safe rewrite, extraction parameters, classifier score >= 0.5).
+    Accounts whose matched share is at least `dedicated_share` are dedicated and attributed
+    whole; others (pooled reseller accounts) only by their matching exchanges.
     """
     v = view.join(account_campaigns, "account_id")
     tmpl = signatures.filter(signatures.kind == "template").select(
@@ -91,7 +93,9 @@ def attribute(
         .mutate(l_hit=ibis.literal(1))
     )
     v = v.left_join(band_hits, "request_id").drop("request_id_right")
-    v = v.mutate(match=(v.t_hit.notnull() | v.l_hit.notnull()).cast("float64"))
+    signal = (v.cot | v.reasoning_reconstruction | v.rubric | v.safe_rewrite
+              | v.extraction_params).fill_null(False) | (v.distill_score.fill_null(0) >= 0.5)
+    v = v.mutate(match=(v.t_hit.notnull() | v.l_hit.notnull() | signal).cast("float64"))
     share = v.group_by("account_id").aggregate(matched_share=v.match.mean())
     v = v.join(share, "account_id")
     keep = (v.matched_share >= dedicated_share) | (v.match > 0)

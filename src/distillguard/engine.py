@@ -312,7 +312,8 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
     view = exchange_view(backend.table("exchanges"), backend.table("signals"), until=until)
     accounts_t = backend.table("accounts")
     with _timed(seconds, "fingerprints", progress):
-        fp = _arrow(account_fingerprints(view, accounts_t))
+        # one account order for every in-process stage (code-point order, as Python sorts)
+        fp = _arrow(account_fingerprints(view, accounts_t)).sort_by("account_id")
         firsts = _arrow(model_first_seen(view))
     if fp.num_rows == 0:
         acc, cmp_, exc = camp.empty_findings()

@@ -27,6 +27,7 @@ import ibis
 import ibis.expr.types as ir
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 #: Evidence kinds and how much one rare shared key of that kind says about common control.
 KIND_WEIGHTS: dict[str, float] = {
@@ -47,9 +48,10 @@ KIND_WEIGHTS: dict[str, float] = {
 #: attributes with one value per account); their shared keys are discounted for hub accounts.
 USAGE_KINDS = frozenset({"ip", "prefix", "user_agent", "template", "lsh", "system"})
 
-#: Kinds that show common content rather than common control (a benchmark's prompts, a
-#: popular agent's system prompt): they tie clusters but cannot alone make one a campaign.
-CONTENT_KINDS = frozenset({"template", "lsh", "system"})
+#: Kinds that show common content or timing rather than common control (a benchmark's prompts,
+#: a popular agent's system prompt, evaluation harnesses all hitting a model on its release
+#: day): they tie clusters but cannot alone make one a campaign.
+CONTENT_KINDS = frozenset({"template", "lsh", "system", "sync"})
 
 #: Human names of evidence kinds, for reasons.
 KIND_LABELS: dict[str, str] = {
@@ -249,31 +251,32 @@ class Linker:
 
     def link(self, ev: pa.Table, accounts: Iterable[str] | None = None) -> AccountGraph:
         """Build the graph; `accounts` fixes the vertex list (default: accounts in `ev`)."""
-        names = sorted(set(accounts) if accounts is not None else set(ev["account_id"].to_pylist()))
-        index = {a: i for i, a in enumerate(names)}
-        acct = np.array([index.get(a, -1) for a in ev["account_id"].to_pylist()], dtype=np.int64)
-        keep = acct >= 0
-        kind = np.asarray(ev["kind"].to_pylist(), dtype=object)[keep]
-        key = np.asarray(ev["key"].to_pylist(), dtype=object)[keep]
-        acct = acct[keep]
-        full_key = np.char.add(np.char.add(kind.astype(str), "\x1f"), key.astype(str))
-        uniq, key_idx = np.unique(full_key, return_inverse=True)
-        uniq_kind = np.array([u.split("\x1f", 1)[0] for u in uniq], dtype=object)
+        names, acct, key_idx, uniq_kind = encode_evidence(ev, accounts)
         # distinct (account, key) pairs only
+        n_keys = uniq_kind.size
         pair = np.unique(key_idx.astype(np.int64) * len(names) + acct)
         key_idx, acct = pair // len(names), pair % len(names)
-        df = np.bincount(key_idx, minlength=len(uniq))
+        df = np.bincount(key_idx, minlength=n_keys)
         kw = self.key_weights(df.astype(float), uniq_kind)
         usable = (df >= 2) & (df <= self.max_group) & (kw > 0)
         rng = np.random.default_rng(self.seed)
         order = np.argsort(key_idx, kind="stable")
         key_idx, acct = key_idx[order], acct[order]
-        starts = np.searchsorted(key_idx, np.arange(len(uniq)))
-        ends = np.searchsorted(key_idx, np.arange(len(uniq)), side="right")
+        starts = np.searchsorted(key_idx, np.arange(n_keys))
+        ends = np.searchsorted(key_idx, np.arange(n_keys), side="right")
         src_parts, dst_parts, key_parts = [], [], []
-        for k in np.flatnonzero(usable):
-            members = acct[starts[k] : ends[k]]
-            a, b = _group_pairs(members, self.sample_above, rng)
+        # small groups: all pairs, vectorised over every group of the same size
+        for m in np.unique(df[usable & (df <= self.sample_above)]):
+            keys = np.flatnonzero(usable & (df == m))
+            grid = acct[starts[keys][:, None] + np.arange(m)[None, :]]
+            iu, ju = np.triu_indices(m, 1)
+            a, b = grid[:, iu].ravel(), grid[:, ju].ravel()
+            src_parts.append(np.minimum(a, b))
+            dst_parts.append(np.maximum(a, b))
+            key_parts.append(np.repeat(keys, iu.size))
+        # big groups: sampled partners
+        for k in np.flatnonzero(usable & (df > self.sample_above)):
+            a, b = _group_pairs(acct[starts[k] : ends[k]], self.sample_above, rng)
             src_parts.append(a)
             dst_parts.append(b)
             key_parts.append(np.full(a.size, k, dtype=np.int64))
@@ -315,18 +318,37 @@ class Linker:
         )
 
 
+def encode_evidence(
+    ev: pa.Table, accounts: Iterable[str] | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised encoding of an evidence table: (sorted account names, account index per row,
+    key index per row, kind name per key). Rows of accounts not in `accounts` are dropped."""
+    if accounts is None:
+        accounts = pc.unique(ev["account_id"]).to_pylist()
+    names = sorted(set(accounts))
+    acct = pc.index_in(ev["account_id"], value_set=pa.array(names, pa.string()))
+    acct = acct.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    keep = acct >= 0
+    full = pc.binary_join_element_wise(ev["kind"], ev["key"], "\x1f")
+    enc = pc.dictionary_encode(full).combine_chunks()
+    key_idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    kinds = pc.dictionary_encode(ev["kind"]).combine_chunks()
+    kind_names = np.asarray(kinds.dictionary.to_pylist(), dtype=object)
+    kind_of_key = np.empty(len(enc.dictionary), dtype=object)
+    kind_of_key[key_idx] = kind_names[kinds.indices.to_numpy(zero_copy_only=False)]
+    return names, acct[keep], key_idx[keep], kind_of_key
+
+
 def _group_pairs(
     members: np.ndarray, sample_above: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i < j) within a group: all of them, or `sample_above` sampled partners each."""
+    """Pairs (i < j) linking each member of a big group to `sample_above` sampled others."""
     m = members.size
-    if m <= sample_above:
-        iu, ju = np.triu_indices(m, 1)
-        a, b = members[iu], members[ju]
-    else:
-        a = np.repeat(members, sample_above)
-        offsets = rng.integers(1, m, size=a.size)
-        pos = (np.repeat(np.arange(m), sample_above) + offsets) % m
-        b = members[pos]
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    a = np.repeat(members, sample_above)
+    offsets = rng.integers(1, m, size=a.size)
+    pos = (np.repeat(np.arange(m), sample_above) + offsets) % m
+    b = members[pos]
+    span = int(members.max()) + 1
+    pairs = np.unique(np.minimum(a, b) * span + np.maximum(a, b))  # each pair once per key
+    lo, hi = pairs // span, pairs % span
     return lo, hi

@@ -175,19 +175,27 @@ class ClusterVerdict:
 
 @dataclass
 class ClusterScorer:
-    """Flags clusters tied by rare evidence whose members sit in the behavioural tail.
+    """Flags clusters tied by unusually strong control evidence whose members sit in the
+    behavioural tail.
 
-    `min_cohesion`: mean internal evidence weight per member (a member typically shares
-    several rare keys with several others). `min_control`: the part of it that is evidence of
-    common control rather than common content (a benchmark's prompts or a popular agent's
-    system prompt tie honest strangers too). `tail`: the median core member's behaviour score
-    must exceed this quantile of the whole population's scores.
+    * cohesion: mean internal evidence weight per member must reach `min_cohesion`;
+    * control: the part of it that is evidence of common control rather than common content
+      (a benchmark's prompts or a popular agent's system prompt tie honest strangers too) must
+      be an outlier among all clusters: robust z >= `control_z` (3.5, the usual
+      Iglewicz-Hoaglin cut), so families sharing a card or colleagues behind one NAT, common
+      everywhere, do not qualify, while an operator's pool of cards and addresses does;
+    * behaviour: the median core member's score must exceed the population's `tail` quantile.
+    A FRAUDAR dense block covering half the cluster stands in for cohesion and control.
+    The core keeps members tied by control evidence (or in a dense block) whose own behaviour
+    score is at least `member_fraction` of the core's median: honest users who merely share an
+    address pool or prompts with a campaign stay out.
     """
 
     min_size: int = 3
     min_cohesion: float = 2.0
-    min_control: float = 1.0
+    control_z: float = 3.5
     min_member_control: float = 0.5
+    member_fraction: float = 0.5
     tail: float = 0.9
 
     def score(
@@ -201,23 +209,27 @@ class ClusterScorer:
         """`member_control[i]`: control-evidence weight of vertex i's edges inside its cluster;
         `in_block[i]`: whether vertex i is in a FRAUDAR dense block."""
         threshold = float(np.quantile(behaviour.score, self.tail)) if behaviour.score.size else 0.0
+        labs = list(members)
+        controls = np.array([float(member_control[members[lab]].mean()) for lab in labs])
+        control_z = robust_z(controls)[0] if controls.size >= 3 else np.full(controls.size, np.inf)
         out = []
-        for lab, idx in members.items():
-            core = idx[(member_control[idx] >= self.min_member_control) | in_block[idx]]
-            basis = core if core.size else idx
+        for k, lab in enumerate(labs):
+            idx = members[lab]
+            tied = idx[(member_control[idx] >= self.min_member_control) | in_block[idx]]
+            basis = tied if tied.size else idx
             med = float(np.median(behaviour.score[basis]))
+            core = tied[behaviour.score[tied] >= self.member_fraction * med]
             pct = float(np.median(behaviour.percentile[basis]))
             cohesion = 2.0 * internal_weight.get(lab, 0.0) / len(idx)
-            control = float(member_control[idx].mean())
             block = float(in_block[idx].mean())
-            tie = max(min(cohesion / self.min_cohesion, control / self.min_control), 2 * block)
-            score = pct * (1.0 - np.exp(-tie)) * (1.0 + block) / 2.0
+            tie = max(min(cohesion / self.min_cohesion, control_z[k] / self.control_z), 2 * block)
+            score = pct * (1.0 - np.exp(-max(tie, 0.0))) * (1.0 + block) / 2.0
             flagged = bool(
                 core.size >= self.min_size
                 and med > threshold
-                and ((cohesion >= self.min_cohesion and control >= self.min_control)
+                and ((cohesion >= self.min_cohesion and control_z[k] >= self.control_z)
                      or block >= 0.5)
             )
-            out.append(ClusterVerdict(lab, idx, core, float(score), cohesion, control, pct,
-                                      flagged))
+            out.append(ClusterVerdict(lab, idx, core, float(score), cohesion, float(controls[k]),
+                                      pct, flagged))
         return out
