@@ -42,7 +42,7 @@ class Clusters:
 
 
 def leiden_clusters(
-    graph: AccountGraph, *, resolution: float = 0.05, min_size: int = 3, seed: int = 0
+    graph: AccountGraph, *, resolution: float = 1.0, min_size: int = 3, seed: int = 0
 ) -> np.ndarray:
     """Leiden community label per vertex; communities smaller than `min_size` get -1.
 

@@ -53,7 +53,7 @@ class ScanConfig:
     """Knobs of the detector. Defaults are population-relative, not tuned to one lab seed."""
 
     linker: Linker = field(default_factory=Linker)
-    resolution: float = 0.05
+    resolution: float = 1.0
     clusters: ClusterScorer = field(default_factory=ClusterScorer)
     sync_bucket_minutes: int = 10
     sync_min_cells: int = 8
