@@ -39,14 +39,18 @@ def view_table():
     k = 0
     for account, templates in (
         ("atk", ["A1", "A2"] * 5),
-        ("pool", ["A1", "H1", "A2", "H2", "H3", "A1"]),
+        ("pool", ["A1", "H1", "A2", "H2", "H3", "A3", "H1", "H2"]),
         ("hon", ["H1", "H2"]),
     ):
         for t in templates:
             k += 1
             rows.append({"request_id": f"r{k:03d}", "account_id": account,
-                         "ts": T0 + timedelta(minutes=k), "model": "m", "capability": "coding",
-                         "template_sig": t, "template_lsh": [f"b-{t}"]})
+                         "ts": T0 + timedelta(minutes=k), "model": "m",
+                         "capability": "coding" if t.startswith("A") else "general_chat",
+                         "template_sig": t, "template_lsh": [f"b-{t}"],
+                         "cot": t == "A3", "reasoning_reconstruction": False, "rubric": False,
+                         "safe_rewrite": False, "extraction_params": False,
+                         "distill_score": 0.1})
     return pa.Table.from_pylist(rows)
 
 
@@ -63,7 +67,8 @@ def test_attribution_separates_a_mixed_accounts_honest_traffic():
         by_account.setdefault(r["account_id"], set()).add(r["request_id"])
     templates = {r["request_id"]: r["template_sig"] for r in view.to_pylist()}
     assert len(by_account["atk"]) == 10  # dedicated: everything
-    assert {templates[r] for r in by_account["pool"]} == {"A1", "A2"}  # only the matches
+    # only the matches: signatures (A1, A2 by its LSH band) and a chain-of-thought request (A3)
+    assert {templates[r] for r in by_account["pool"]} == {"A1", "A2", "A3"}
     assert "hon" not in by_account
     assert {r["campaign_id"] for r in out} == {"C"}
 

@@ -73,7 +73,8 @@ def attribute(
     `account_campaigns` has (account_id, campaign_id); `signatures` (campaign_id, kind, key).
     An exchange matches when its template signature or one of its LSH bands is a signature of
     its account's campaign, or when it carries a distillation signal (chain-of-thought,
-    reconstruction, rubric, safe rewrite, extraction parameters, classifier score >= 0.5).
+    reconstruction, rubric, safe rewrite, extraction parameters, classifier score >= 0.5), or
+    targets a capability that is at least 10% of the campaign's other matching traffic.
     Accounts whose matched share is at least `dedicated_share` are dedicated and attributed
     whole; others (pooled reseller accounts) only by their matching exchanges.
     """
@@ -96,6 +97,17 @@ def attribute(
     signal = (v.cot | v.reasoning_reconstruction | v.rubric | v.safe_rewrite
               | v.extraction_params).fill_null(False) | (v.distill_score.fill_null(0) >= 0.5)
     v = v.mutate(match=(v.t_hit.notnull() | v.l_hit.notnull() | signal).cast("float64"))
+    # the capabilities a campaign's matching traffic targets (>= 10% of it) also identify its
+    # unmatched exchanges: an agentic campaign's tool-use calls carry no chain-of-thought
+    matched = v.filter(v.match > 0)
+    caps = matched.group_by(["campaign_id", "capability"]).aggregate(c=matched.count())
+    caps = caps.mutate(s=caps.c / caps.c.sum().over(group_by=caps.campaign_id))
+    caps = caps.filter(caps.s >= 0.1).select("campaign_id", cap_key="capability",
+                                              cap_hit=ibis.literal(1))
+    v = v.left_join(
+        caps, (v.campaign_id == caps.campaign_id) & (v.capability == caps.cap_key)
+    ).drop("campaign_id_right", "cap_key")
+    v = v.mutate(match=((v.match > 0) | v.cap_hit.notnull()).cast("float64"))
     share = v.group_by("account_id").aggregate(matched_share=v.match.mean())
     v = v.join(share, "account_id")
     keep = (v.matched_share >= dedicated_share) | (v.match > 0)
