@@ -212,13 +212,19 @@ def _spark_backend(
     known = spark.read.parquet(str(root / "signals.parquet"))
     missing = ex.join(known.select("request_id"), "request_id", "left_anti")
 
+    spark_signal_schema = pa.schema(
+        [f.with_type(pa.timestamp("us", tz="UTC")) if f.type == contract.UTC_TS else f
+         for f in contract.SIGNAL_SCHEMA]
+    )
+
     def annotate_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             if batch.num_rows:
                 from distillguard.signals import annotate
 
                 table = contract.conform(pa.Table.from_batches([batch]), contract.EXCHANGE_SCHEMA)
-                yield from contract.conform(annotate(table), contract.SIGNAL_SCHEMA).to_batches()
+                out = contract.conform(annotate(table), contract.SIGNAL_SCHEMA)
+                yield from out.cast(spark_signal_schema).to_batches()  # Spark wants µs
 
     new = missing.mapInArrow(annotate_batches, from_arrow_schema(contract.SIGNAL_SCHEMA))
     new_path = root / "new_signals.parquet"
