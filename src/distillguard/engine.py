@@ -319,7 +319,7 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
     accounts_t = backend.table("accounts")
     with _timed(seconds, "fingerprints", progress):
         # one account order for every in-process stage (code-point order, as Python sorts)
-        fp = _arrow(account_fingerprints(view, accounts_t)).sort_by("account_id")
+        fp = _rounded(_arrow(account_fingerprints(view, accounts_t)).sort_by("account_id"))
         firsts = _arrow(model_first_seen(view))
     if fp.num_rows == 0:
         acc, cmp_, exc = camp.empty_findings()
@@ -365,6 +365,14 @@ def _arrow(expr) -> pa.Table:
             col = col.cast(contract.UTC_TS)
         cols.append(col)
     return pa.Table.from_arrays(cols, names=t.column_names)
+
+
+def _rounded(table: pa.Table, digits: int = 9) -> pa.Table:
+    """Round float columns so sums computed in a different order (Spark vs DuckDB) agree."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_floating(f.type):
+            table = table.set_column(i, f.name, pc.round(table[f.name], digits))
+    return table
 
 
 def _members(label: np.ndarray) -> dict[int, np.ndarray]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+from scipy.stats import rankdata
 
 #: (feature, direction, weight, how a person reads it). Direction +1: high is suspicious.
 BEHAVIOUR_FEATURES: tuple[tuple[str, int, float, str], ...] = (
@@ -143,7 +144,8 @@ class BehaviourScorer:
             weights = np.array([w for _, _, w, _ in self.features])
         contrib = z * weights
         total = contrib.sum(axis=1)
-        pct = np.argsort(np.argsort(total, kind="stable"), kind="stable") / max(len(total) - 1, 1)
+        # tied scores share one (average) rank, so the result never depends on row order
+        pct = (rankdata(total, method="average") - 1) / max(len(total) - 1, 1)
         return AccountScores(
             accounts=fp["account_id"].to_pylist(),
             score=total,
