@@ -367,7 +367,7 @@ def _arrow(expr) -> pa.Table:
     return pa.Table.from_arrays(cols, names=t.column_names)
 
 
-def _rounded(table: pa.Table, digits: int = 9) -> pa.Table:
+def _rounded(table: pa.Table, digits: int = 6) -> pa.Table:
     """Round float columns so sums computed in a different order (Spark vs DuckDB) agree."""
     for i, f in enumerate(table.schema):
         if pa.types.is_floating(f.type):
