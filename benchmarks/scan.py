@@ -44,7 +44,7 @@ def main() -> None:
         t = time.perf_counter()
         summary = simulate(args.scenario, out=lab, scale=args.scale, seed=args.seed)
         print(f"simulated {summary.exchanges:,} exchanges in {time.perf_counter() - t:.0f} s")
-    db = lab.with_suffix(".duckdb")
+    db = lab.parent / f"{lab.name}.duckdb"
     if not db.exists():
         con = store.connect(db)
         t = time.perf_counter()
