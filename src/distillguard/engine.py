@@ -330,6 +330,9 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
         ev = _arrow(evidence(view, accounts_t, lsh=config.lsh_evidence)).cast(EVIDENCE_SCHEMA)
         cells = _arrow(activity_cells(view, bucket_minutes=config.sync_bucket_minutes))
         ev = pa.concat_tables([ev, sync_evidence(cells, min_cells=config.sync_min_cells)])
+        # a fixed row order: key numbering, sampling and Leiden then agree across engines
+        ev = ev.sort_by([("kind", "ascending"), ("key", "ascending"),
+                         ("account_id", "ascending")])
     names = fp["account_id"].to_pylist()
     with _timed(seconds, "linking", progress):
         graph = config.linker.link(ev, names)
