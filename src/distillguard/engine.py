@@ -349,6 +349,7 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
             members, behaviour, _internal_weight(graph, label), _member_control(graph, label),
             block >= 0,
         )
+        verdict_list = _merge_flagged(verdict_list, graph, label, config.clusters.min_cohesion)
     with _timed(seconds, "campaigns", progress):
         result = _campaigns(
             con, backend, view, fp, ev, graph, label, block, behaviour, verdict_list, firsts,
@@ -368,6 +369,51 @@ def _arrow(expr) -> pa.Table:
             col = col.cast(contract.UTC_TS)
         cols.append(col)
     return pa.Table.from_arrays(cols, names=t.column_names)
+
+
+def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: np.ndarray,
+                   min_tie: float) -> list[ClusterVerdict]:
+    """Merge flagged clusters tied to each other as strongly as a cluster is tied inside
+    (evidence weight between them per account of the smaller >= `min_tie`): modularity splits
+    one operator's accounts along its payment instruments, the campaign is still one."""
+    flagged = {v.label: v for v in verdicts if v.flagged}
+    if len(flagged) < 2:
+        return verdicts
+    a, b = label[graph.src], label[graph.dst]
+    between = (a != b) & np.isin(a, list(flagged)) & np.isin(b, list(flagged))
+    ties: dict[tuple[int, int], float] = {}
+    for x, y, w in zip(a[between], b[between], graph.weight[between], strict=True):
+        key = (min(x, y), max(x, y))
+        ties[key] = ties.get(key, 0.0) + float(w)
+    parent = {lab: lab for lab in flagged}
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for (x, y), w in sorted(ties.items()):
+        if w / min(len(flagged[x].core), len(flagged[y].core)) >= min_tie:
+            parent[max(find(x), find(y))] = min(find(x), find(y))
+    groups: dict[int, list[ClusterVerdict]] = {}
+    for lab, v in flagged.items():
+        groups.setdefault(find(lab), []).append(v)
+    merged = [v for v in verdicts if not v.flagged]
+    for root, vs in groups.items():
+        size = sum(len(v.members) for v in vs)
+        merged.append(ClusterVerdict(
+            root,
+            np.concatenate([v.members for v in vs]),
+            np.concatenate([v.core for v in vs]),
+            max(v.score for v in vs),
+            sum(v.cohesion * len(v.members) for v in vs) / size,
+            sum(v.control * len(v.members) for v in vs) / size,
+            sum(v.behaviour_percentile * len(v.members) for v in vs) / size,
+            True,
+        ))
+        for v in vs:
+            label[v.members] = root
+    return merged
 
 
 def _rounded(table: pa.Table, digits: int = 6) -> pa.Table:
