@@ -16,9 +16,12 @@ from distillguard import engine, store
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 
-def _same(a: pa.Table, b: pa.Table) -> None:
+def _same(a: pa.Table, b: pa.Table, *, score_tol: float = 0.0) -> None:
+    """Identical rows; `score` may differ by `score_tol` (float sums in another order)."""
     assert a.num_rows == b.num_rows
-    assert a.to_pylist() == b.to_pylist()
+    for x, y in zip(a.to_pylist(), b.to_pylist(), strict=True):
+        assert x.pop("score") == pytest.approx(y.pop("score"), abs=score_tol)
+        assert x == y
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,8 @@ def test_smoke_findings_are_the_same_on_duckdb_and_spark(smoke_store):
         signals = con.execute("SELECT count(*) FROM signals").fetchone()[0]
         assert signals == duck.n_annotated
     assert duck.campaigns.num_rows >= 1
-    _same(duck.accounts, spark.accounts)
-    _same(duck.campaigns, spark.campaigns)
-    _same(duck.exchanges, spark.exchanges)
+    # decisions, campaigns, reasons and attribution are identical; an unflagged account's
+    # score (a population percentile) may move by a rank or two
+    _same(duck.accounts, spark.accounts, score_tol=0.01)
+    _same(duck.campaigns, spark.campaigns, score_tol=0.01)
+    assert duck.exchanges.to_pylist() == spark.exchanges.to_pylist()
