@@ -31,28 +31,32 @@ from _machine import machine_summary, peak_rss_mib
 from distillguard.lab.simulate import simulate
 
 
-def _cpu_seconds(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
+def _cpu_seconds(*who: int) -> float:
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, who))
+
+
+#: This process and its finished worker processes (the simulator joins its workers).
+_OWN_AND_WORKERS = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
 
 
 def _size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def speed(scale: float, repeats: int, work: Path) -> Path | None:
+def speed(scale: float, repeats: int, work: Path, workers: int | None) -> Path | None:
     """Generate `standard` `repeats` times; print each run and the median rate."""
     rates, out = [], None
     for i in range(repeats):
         out = work / f"standard-{i}"
-        cpu0, start = _cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
-        summary = simulate("standard", out, scale=scale, seed=0)
+        cpu0, start = _cpu_seconds(*_OWN_AND_WORKERS), time.perf_counter()
+        summary = simulate("standard", out, scale=scale, seed=0, workers=workers)
         wall = time.perf_counter() - start
-        cpu = _cpu_seconds(resource.RUSAGE_SELF) - cpu0
+        cpu = _cpu_seconds(*_OWN_AND_WORKERS) - cpu0
         rates.append(summary.exchanges / wall)
         print(f"  run {i + 1}: {summary.exchanges:,} exchanges, {summary.accounts:,} accounts in "
               f"{wall:.1f} s wall = {rates[-1]:,.0f} exchanges/s; {cpu:.1f} CPU s "
-              f"({summary.exchanges / cpu:,.0f} exchanges per CPU-second); "
+              f"({summary.exchanges / cpu:,.0f} exchanges per CPU-second; CPU/wall "
+              f"{cpu / wall:.2f} with {summary.workers} worker(s)); "
               f"{_size_mib(out):.0f} MiB on disk; load avg {os.getloadavg()[0]:.1f}")
         if i < repeats - 1:
             shutil.rmtree(out)
@@ -101,13 +105,15 @@ def main() -> None:
     parser.add_argument("--seeds", action="store_true", help="also run seeds-2026 --scale 0.1")
     parser.add_argument("--baselines", action="store_true",
                         help="score the baselines on the last standard run")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes (default: one per core)")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory")
     args = parser.parse_args()
     print(machine_summary())
     work = Path(args.work or tempfile.mkdtemp(prefix="dg-lab-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        last = speed(args.scale, args.repeats, work)
+        last = speed(args.scale, args.repeats, work, args.workers)
         if args.baselines and last is not None:
             baselines(last)
         if args.seeds:

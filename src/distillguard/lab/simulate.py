@@ -10,19 +10,21 @@ Output layout (other stages depend on it exactly):
     OUT/truth/releases.parquet            contract.TRUTH_RELEASE_SCHEMA
     OUT/truth/scenario.yaml               the resolved scenario (after --scale)
 
-Exchanges are sorted by time across all part files: the writer buffers one simulated day
-(dictionary-encoded, a few hundred bytes per exchange in memory), sorts it and writes it as one
-row group; part files rotate at day boundaries. accounts.parquet is shuffled: row order reveals
-no group. Generation runs in the calling thread and Parquet encoding in a writer thread, so
-both cores work.
+Exchanges are sorted by time across all part files: one part file per simulated day, holding
+the day sorted as one row group. Days are independent work units (every random draw derives
+from the seed, the group and the day), so worker processes make them in parallel, each holding
+one day (dictionary-encoded, a few hundred bytes per exchange); the calling process writes the
+truth rows in day order and names the part files. accounts.parquet is shuffled: row order
+reveals no group.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import collections
+import multiprocessing
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -37,16 +39,14 @@ from distillguard import contract
 from distillguard.lab.infrastructure import Infrastructure, user_agent_pool
 from distillguard.lab.prompts import PromptLibrary, find_corpus, prompt_library
 from distillguard.lab.scenario import Scenario, list_scenarios, load_scenario
-from distillguard.lab.traffic import DAY_MS, WRITE_SCHEMA, Group, _ms
+from distillguard.lab.traffic import DAY_MS, Group, _ms
 
 __all__ = ["SimulationSummary", "list_scenarios", "simulate"]
 
-#: Rows generated per block (bounds memory: a block is built, queued, written, dropped).
+#: Rows generated per block (bounds memory: a day is built from blocks of at most this size).
 CHUNK_ROWS = 100_000
 #: Row-group size of the truth file (exchanges get one row group per simulated day).
 TRUTH_ROW_GROUP_ROWS = 1_000_000
-#: Rows per exchanges part file.
-ROWS_PER_FILE = 2_000_000
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1,
                    "dictionary_pagesize_limit": 64 << 20}
 
@@ -55,10 +55,7 @@ PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1,
 STATISTICS_COLUMNS = ["ts", "account_id", "model", "status", "input_tokens", "output_tokens",
                       "reasoning_tokens", "latency_ms"]
 
-#: Queued after each simulated day: the writer sorts and writes the day.
-END_OF_DAY = "end of day"
-
-#: progress(done, total): called after each (day, group) step.
+#: progress(done, total): called as (day, group) steps complete.
 Progress = Callable[[int, int], None]
 
 
@@ -87,6 +84,8 @@ class SimulationSummary:
     seconds: float = 0.0
     #: malformed corpus records skipped, per file name (never fatal, never silent)
     corpus_skipped: dict[str, int] = field(default_factory=dict)
+    #: processes that generated the days (1: in the calling process)
+    workers: int = 1
 
     def as_dict(self) -> dict:
         return {
@@ -96,90 +95,161 @@ class SimulationSummary:
             "populations": {k: vars(v) for k, v in self.populations.items()},
             "campaigns": {k: vars(v) for k, v in self.campaigns.items()},
             "files": [str(f) for f in self.files], "seconds": round(self.seconds, 2),
-            "corpus_skipped": dict(self.corpus_skipped),
+            "corpus_skipped": dict(self.corpus_skipped), "workers": self.workers,
         }
 
 
-class _Writer(threading.Thread):
-    """Writes queued (exchanges, truth) tables: exchanges to rotating part files, truth to one
-    file. Errors are kept and re-raised in the producer."""
+@dataclass
+class _Tally:
+    """One group's counts for the truth files: exchanges, attack exchanges per account, and
+    the attack window (first, last, first on the pivot model) in epoch ms."""
 
-    def __init__(self, out: Path, rows_per_file: int) -> None:
-        super().__init__(daemon=True)
-        self.out, self.rows_per_file = out, rows_per_file
-        self.queue: queue.Queue = queue.Queue(maxsize=3)
-        self.error: BaseException | None = None
-        self.files: list[Path] = []
+    exchanges: int = 0
+    attack_exchanges: int = 0
+    attack_per_account: np.ndarray | None = None
+    first: int | None = None
+    last: int | None = None
+    pivot: int | None = None
 
-    def put(self, item: tuple[pa.Table, pa.Table] | str | None) -> None:
-        """Queue a block (exchanges, truth), END_OF_DAY, or None (finish)."""
-        while True:
-            if self.error is not None:
-                raise RuntimeError("writing Parquet failed") from self.error
-            try:
-                self.queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+    def add(self, group: Group, plan: dict) -> None:
+        attack = plan["stats"]["attack"]
+        self.exchanges += len(plan["ts"])
+        n_attack = int(attack.sum())
+        if not n_attack:
+            return
+        self.attack_exchanges += n_attack
+        per_account = np.bincount(plan["acct"][attack], minlength=group.spec["accounts"])
+        self._merge_window(per_account, plan["ts"][attack].min(), plan["ts"][attack].max())
+        if group.pivot_model is not None:
+            pivoted = plan["ts"][attack][plan["stats"]["model"][attack] == group.pivot_model]
+            if len(pivoted):
+                self.pivot = _min(self.pivot, int(pivoted.min()))
 
-    def run(self) -> None:
-        part: pq.ParquetWriter | None = None
-        rows = 0
-        pending: list[pa.Table] = []
-        pending_truth: list[pa.Table] = []
-        truth = pq.ParquetWriter(self.out / "truth" / "exchanges.parquet",
-                                 contract.TRUTH_EXCHANGE_SCHEMA, **PARQUET_OPTIONS)
-        try:
-            while True:
-                item = self.queue.get()
-                if isinstance(item, tuple):
-                    pending.append(item[0])
-                    pending_truth.append(item[1])
-                    continue
-                if pending:
-                    truth.write_table(pa.concat_tables(pending_truth),
-                                      row_group_size=TRUTH_ROW_GROUP_ROWS)
-                    if part is None or rows >= self.rows_per_file:
-                        if part is not None:
-                            part.close()
-                        path = self.out / "exchanges" / f"part-{len(self.files):05d}.parquet"
-                        self.files.append(path)
-                        part = pq.ParquetWriter(path, WRITE_SCHEMA, store_schema=False,
-                                                write_statistics=STATISTICS_COLUMNS,
-                                                **PARQUET_OPTIONS)
-                        rows = 0
-                    # One row group per simulated day, sorted by time: the files are in time
-                    # order and row order reveals nothing about which population or campaign
-                    # generated a row. Dictionaries are merged, so each distinct text is
-                    # stored once per day.
-                    group = pa.concat_tables(pending).unify_dictionaries().combine_chunks()
-                    group = group.take(pc.sort_indices(group["ts"]))
-                    part.write_table(group, row_group_size=max(group.num_rows, 1))
-                    rows += group.num_rows
-                    pending, pending_truth = [], []
-                if item is None:
-                    break
-        except BaseException as exc:  # surfaced by put()/finish()
-            self.error = exc
-            while self.queue.get() is not None:  # drain so the producer never blocks
-                pass
-        finally:
-            if part is not None:
-                part.close()
-            truth.close()
+    def merge(self, other: _Tally) -> None:
+        self.exchanges += other.exchanges
+        self.attack_exchanges += other.attack_exchanges
+        if other.attack_per_account is not None:
+            self._merge_window(other.attack_per_account, other.first, other.last)
+        if other.pivot is not None:
+            self.pivot = _min(self.pivot, other.pivot)
 
-    def finish(self) -> None:
-        self.put(None)
-        self.join()
-        if self.error is not None:
-            raise RuntimeError("writing Parquet failed") from self.error
+    def _merge_window(self, per_account: np.ndarray, first: int, last: int) -> None:
+        self.attack_per_account = per_account if self.attack_per_account is None \
+            else self.attack_per_account + per_account
+        self.first = _min(self.first, int(first))
+        self.last = int(last) if self.last is None else max(self.last, int(last))
+
+
+def _min(a: int | None, b: int) -> int:
+    return b if a is None else min(a, b)
+
+
+@dataclass
+class _Day:
+    """One simulated day, as a worker hands it back: its part file (written under a temporary
+    name, None if the day is empty), its truth rows and a tally per group."""
+
+    day: int
+    path: Path | None
+    truth: pa.Table
+    tallies: list[_Tally]
+
+
+@dataclass
+class _DayMaker:
+    """Everything needed to generate any day on its own: workers inherit it when forked."""
+
+    groups: list[Group]
+    out: Path
+    chunk_rows: int
+
+    def __call__(self, day: int) -> _Day:
+        """Generate, sort and write day `day`.
+
+        Every random draw and identifier derives from (seed, group, day, block), never from
+        what other days produced, so the output is the same whichever process makes the day.
+        """
+        exchanges, truth, tallies = [], [], []
+        for group in self.groups:
+            tally = _Tally()
+            # Request counters: unique per (day, group) and row, whatever order days run in.
+            counter = (day * len(self.groups) + group.index) << 32
+            for plan in group.day_blocks(day, self.chunk_rows):
+                block, block_truth = group.assemble(plan, counter)
+                counter += block.num_rows
+                tally.add(group, plan)
+                exchanges.append(block)
+                truth.append(block_truth)
+            tallies.append(tally)
+        if not exchanges:
+            return _Day(day, None, contract.empty_table(contract.TRUTH_EXCHANGE_SCHEMA), tallies)
+        # One row group per simulated day, sorted by time: the files are in time order and row
+        # order reveals nothing about which population or campaign generated a row.
+        # Dictionaries are merged, so each distinct text is stored once per day.
+        table = pa.concat_tables(exchanges).unify_dictionaries().combine_chunks()
+        del exchanges
+        table = table.take(pc.sort_indices(table["ts"]))
+        path = self.out / "exchanges" / f"day-{day:05d}{PARTIAL}"
+        pq.write_table(table, path, row_group_size=max(table.num_rows, 1), store_schema=False,
+                       write_statistics=STATISTICS_COLUMNS, **PARQUET_OPTIONS)
+        return _Day(day, path, pa.concat_tables(truth), tallies)
+
+
+#: Suffix of part files still being written (readers glob *.parquet and never see them).
+PARTIAL = ".parquet.partial"
+
+#: The day maker of the running `simulate`, inherited by forked workers.
+_MAKER: _DayMaker | None = None
+
+
+def _make_day(day: int) -> _Day:
+    assert _MAKER is not None, "worker started outside simulate()"
+    return _MAKER(day)
+
+
+def _days(maker: _DayMaker, days: int, workers: int) -> Iterator[_Day]:
+    """Days 0..days-1 in order, made by `workers` forked processes (or here if 1).
+
+    At most `workers + 1` days are in flight, so memory stays bounded: each worker holds one
+    day, and finished days wait here only as truth rows.
+    """
+    if workers <= 1:
+        yield from map(maker, range(days))
+        return
+    global _MAKER
+    _MAKER = maker
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        _MAKER = None
+    try:
+        pending: collections.deque = collections.deque()
+        for day in range(days):
+            pending.append(pool.apply_async(_make_day, (day,)))
+            if len(pending) > workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def default_workers() -> int:
+    """Worker processes by default: one per core this process may run on (fork only)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
 
 
 def _prepare_out(out: Path) -> None:
     """Create the layout; remove files of an earlier run so no stale part survives."""
     (out / "exchanges").mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "exchanges").glob("part-*.parquet"):
+    for stale in [*(out / "exchanges").glob("part-*.parquet"),
+                  *(out / "exchanges").glob(f"*{PARTIAL}")]:
         stale.unlink()
 
 
@@ -199,12 +269,13 @@ def _build_groups(sc: Scenario, lib: PromptLibrary, infra: Infrastructure,
 def simulate(scenario: str | Path = "smoke", out: Path = Path("lab-out"), scale: float = 1.0,
              seed: int = 0, corpus: Path | None = None, progress: Progress | None = None, *,
              builtin_prompts: bool = False, chunk_rows: int = CHUNK_ROWS,
-             rows_per_file: int = ROWS_PER_FILE) -> SimulationSummary:
+             workers: int | None = None) -> SimulationSummary:
     """Generate the scenario's labelled traffic under `out` (layout in the module docstring).
 
     `corpus`: directory of public prompt corpora (default: found by `prompts.find_corpus`);
-    `builtin_prompts=True` ignores any corpus. Same scenario, scale, seed and corpus -> the
-    same bytes of data.
+    `builtin_prompts=True` ignores any corpus. `workers`: processes generating days (default
+    `default_workers()`). Same scenario, scale, seed and corpus -> the same data, whatever the
+    number of workers.
     """
     began = time.perf_counter()
     sc = load_scenario(scenario, scale)
@@ -216,68 +287,49 @@ def simulate(scenario: str | Path = "smoke", out: Path = Path("lab-out"), scale:
                       if s["ip"]["strategy"] == "residential")
     infra = Infrastructure(corpus_dir, residential, seed)
     groups = _build_groups(sc, lib, infra, seed)
+    workers = max(1, min(default_workers() if workers is None else workers, sc.days))
     summary = SimulationSummary(sc.name, scale, seed, str(corpus_dir) if corpus_dir else None,
-                                out, sc.days, corpus_skipped=dict(lib.skipped))
-    attack_per_account = [np.zeros(g.spec["accounts"], dtype=np.int64) for g in groups]
-    windows: dict[str, list] = {g.name: [None, None, None] for g in groups if g.is_attack}
-    writer = _Writer(out, rows_per_file)
-    writer.start()
-    request_counter, steps = 0, 0
+                                out, sc.days, corpus_skipped=dict(lib.skipped), workers=workers)
+    tallies = [_Tally() for _ in groups]
+    truth = pq.ParquetWriter(out / "truth" / "exchanges.parquet",
+                             contract.TRUTH_EXCHANGE_SCHEMA, **PARQUET_OPTIONS)
     try:
-        for day in range(sc.days):
-            for gi, group in enumerate(groups):
-                for plan in group.day_blocks(day, chunk_rows):
-                    exchanges, truth = group.assemble(plan, request_counter)
-                    request_counter += exchanges.num_rows
-                    _count(summary, group, plan, attack_per_account[gi], windows)
-                    writer.put((exchanges, truth))
-                steps += 1
-                if progress is not None:
-                    progress(steps, sc.days * len(groups))
-            writer.put(END_OF_DAY)
+        for made in _days(_DayMaker(groups, out, chunk_rows), sc.days, workers):
+            truth.write_table(made.truth, row_group_size=TRUTH_ROW_GROUP_ROWS)
+            for total, tally in zip(tallies, made.tallies, strict=True):
+                total.merge(tally)
+            if made.path is not None:
+                summary.files.append(made.path.rename(
+                    out / "exchanges" / f"part-{len(summary.files):05d}.parquet"))
+            if progress is not None:
+                progress((made.day + 1) * len(groups), sc.days * len(groups))
     finally:
-        writer.finish()
-    summary.files = writer.files
-    _write_static(out, sc, groups, attack_per_account, windows, summary)
+        truth.close()
+    for group, tally in zip(groups, tallies, strict=True):
+        target = summary.campaigns if group.is_attack else summary.populations
+        target[group.name] = GroupCounts(group.spec["accounts"], tally.exchanges,
+                                         tally.attack_exchanges)
+        summary.exchanges += tally.exchanges
+    _write_static(out, sc, groups, tallies, summary)
     summary.seconds = time.perf_counter() - began
     return summary
 
 
-def _count(summary: SimulationSummary, group: Group, plan: dict, attack_counts: np.ndarray,
-           windows: dict[str, list]) -> None:
-    stats = plan["stats"]
-    target = summary.campaigns if group.is_attack else summary.populations
-    counts = target.setdefault(group.name, GroupCounts(group.spec["accounts"]))
-    n_attack = int(stats["attack"].sum())
-    counts.exchanges += len(plan["ts"])
-    counts.attack_exchanges += n_attack
-    summary.exchanges += len(plan["ts"])
-    if not n_attack:
-        return
-    np.add.at(attack_counts, plan["acct"][stats["attack"]], 1)
-    ts = plan["ts"][stats["attack"]]
-    window = windows[group.name]
-    window[0] = min(window[0] or ts.min(), ts.min())
-    window[1] = max(window[1] or ts.max(), ts.max())
-    if group.pivot_model is not None:
-        pivoted = ts[stats["model"][stats["attack"]] == group.pivot_model]
-        if len(pivoted):
-            window[2] = min(window[2] or pivoted.min(), pivoted.min())
-
-
-def _write_static(out: Path, sc: Scenario, groups: list[Group], attack_counts: list,
-                  windows: dict[str, list], summary: SimulationSummary) -> None:
+def _write_static(out: Path, sc: Scenario, groups: list[Group], tallies: list[_Tally],
+                  summary: SimulationSummary) -> None:
     """Accounts, truth about accounts / campaigns / releases, and the resolved scenario."""
     accounts = pa.concat_tables([g.accounts.table for g in groups])
     # Shuffled (deterministically) so row order reveals no population or campaign.
     accounts = accounts.take(np.random.default_rng([summary.seed, 7003]).permutation(
         accounts.num_rows))
     pq.write_table(accounts, out / "accounts.parquet", **PARQUET_OPTIONS)
+    attacked = [np.zeros(g.spec["accounts"], dtype=bool) if t.attack_per_account is None
+                else t.attack_per_account > 0 for g, t in zip(groups, tallies, strict=True)]
     truth_accounts = pa.concat_tables([
         pa.table({
             "account_id": g.accounts.ids,
             "population": pa.array(["attacker" if g.is_attack else g.name] * g.spec["accounts"]),
-            "is_attack": pa.array(attack_counts[i] > 0),
+            "is_attack": pa.array(attacked[i]),
             "campaign_id": pa.array([g.campaign_id] * g.spec["accounts"], pa.string()),
         }, schema=contract.TRUTH_ACCOUNT_SCHEMA)
         for i, g in enumerate(groups)
@@ -288,15 +340,15 @@ def _write_static(out: Path, sc: Scenario, groups: list[Group], attack_counts: l
     for i, g in enumerate(groups):
         if not g.is_attack:
             continue
-        first, last, pivot = windows[g.name]
+        t = tallies[i]
         rows.append({
             "campaign_id": g.name, "kind": g.spec["kind"],
-            "start": int(first) if first is not None else start_ms + int(g.start_day * DAY_MS),
-            "end": int(last) if last is not None else start_ms + int(g.end_day * DAY_MS),
-            "n_accounts": int((attack_counts[i] > 0).sum()),
-            "n_exchanges": summary.campaigns.get(g.name, GroupCounts()).attack_exchanges,
-            "pivot_model": g.models[g.pivot_model].name if pivot is not None else None,
-            "pivot_start": int(pivot) if pivot is not None else None,
+            "start": t.first if t.first is not None else start_ms + int(g.start_day * DAY_MS),
+            "end": t.last if t.last is not None else start_ms + int(g.end_day * DAY_MS),
+            "n_accounts": int(attacked[i].sum()),
+            "n_exchanges": t.attack_exchanges,
+            "pivot_model": g.models[g.pivot_model].name if t.pivot is not None else None,
+            "pivot_start": t.pivot,
         })
     campaigns = pa.Table.from_pylist(rows, schema=_ms_schema(contract.TRUTH_CAMPAIGN_SCHEMA)) \
         if rows else contract.empty_table(contract.TRUTH_CAMPAIGN_SCHEMA)
@@ -311,9 +363,6 @@ def _write_static(out: Path, sc: Scenario, groups: list[Group], attack_counts: l
     (out / "truth" / "scenario.yaml").write_text(
         yaml.safe_dump(sc.resolved(), sort_keys=False, allow_unicode=True))
     summary.accounts = accounts.num_rows
-    for g in groups:
-        target = summary.campaigns if g.is_attack else summary.populations
-        target.setdefault(g.name, GroupCounts(g.spec["accounts"]))
 
 
 def _ms_schema(schema: pa.Schema) -> pa.Schema:
