@@ -42,7 +42,8 @@ class WalConfig:
     #: "store": a worker process ingests segments into the DuckDB store;
     #: "spool": segments stay in `dir/ready/` for `distillguard ingest` to pick up.
     mode: str = "store"
-    flush_interval_s: float = 1.0
+    #: Each flush costs ~0.2 s of CPU on top of ~0.6 ms per exchange: rarer flushes, less CPU.
+    flush_interval_s: float = 5.0
 
 
 @dataclass
@@ -182,7 +183,7 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> GatewayConfig:
         segment_max_records=int(wal.get("segment_max_records", 5000)),
         segment_max_age_s=float(wal.get("segment_max_age_s", 2.0)),
         mode=_choice(str(wal.get("mode", "store")), ("store", "spool"), "wal.mode"),
-        flush_interval_s=float(wal.get("flush_interval_s", 1.0)),
+        flush_interval_s=float(wal.get("flush_interval_s", 5.0)),
     )
     state = _section(raw, "state")
     cfg.state = StateConfig(
