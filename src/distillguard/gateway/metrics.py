@@ -8,6 +8,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1)
 
 
+def _memo_labels(labels):
+    """`metric.labels(...)` with the children cached by label values: prometheus_client takes
+    a lock and validates the labels on every call (~10 us each, several per request)."""
+    cache: dict[tuple, object] = {}
+
+    def cached(*values):
+        child = cache.get(values)
+        if child is None:
+            child = cache[values] = labels(*values)
+        return child
+
+    return cached
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -55,6 +69,9 @@ class GatewayMetrics:
             "distillguard_gateway_enforcement_accounts", "Accounts on the enforcement list.",
             registry=r)
         self.state_healthy.set(1)
+        for metric in (self.requests, self.decisions, self.monitored, self.upstream_errors,
+                       self.rejected):
+            metric.labels = _memo_labels(metric.labels)
 
     def state_health_changed(self, healthy: bool) -> None:
         self.state_healthy.set(1 if healthy else 0)
