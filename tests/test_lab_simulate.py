@@ -5,6 +5,9 @@ Also home of the lab tests' shared helpers (`TINY`, `write_scenario`, `query`).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -174,6 +177,17 @@ def test_same_seed_same_data_other_seed_differs(tiny_builtin, tmp_path: Path):
     _same_data(first, tmp_path / "again")
     assert not pq.read_table(first / "accounts.parquet").equals(
         pq.read_table(tmp_path / "other" / "accounts.parquet"))
+
+
+def test_same_seed_same_data_in_another_process(tiny_builtin, tmp_path: Path):
+    # Another interpreter, another string-hash seed: nothing may depend on set or dict order.
+    scenario, first = tiny_builtin
+    code = ("import sys; from pathlib import Path; from distillguard.lab.simulate import "
+            "simulate; simulate(Path(sys.argv[1]), Path(sys.argv[2]), seed=3, "
+            "builtin_prompts=True)")
+    subprocess.run([sys.executable, "-c", code, str(scenario), str(tmp_path / "again")],
+                   check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    _same_data(first, tmp_path / "again")
 
 
 def test_output_does_not_depend_on_the_number_of_workers(tiny_builtin, tmp_path: Path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _SHIFTS = np.arange(60, -4, -4, dtype=np.uint64)
@@ -86,11 +87,19 @@ def dictionary_take(values: pa.Array, indices: np.ndarray, null: np.ndarray | No
 
 def small_dictionary(codes: np.ndarray, values: pa.Array,
                      null: np.ndarray | None = None) -> pa.DictionaryArray:
-    """Codes into a small fixed pool (roles, models, user agents...) as a dictionary array."""
+    """Codes into a fixed pool as a dictionary array over the whole pool, copying no values:
+    for small pools (roles, models, user agents...), or the text bank before `compact`."""
     codes = np.asarray(codes).astype(np.int32)
     if null is not None:
         codes = np.where(null, 0, codes).astype(np.int32)
     return pa.DictionaryArray.from_arrays(pa.array(codes, mask=null), values)
+
+
+def compact(array: pa.DictionaryArray) -> pa.DictionaryArray:
+    """`array` with a dictionary of only the values its rows use (see `dictionary_take`)."""
+    null = array.is_null().to_numpy(zero_copy_only=False) if array.null_count else None
+    indices = pc.fill_null(array.indices, 0).to_numpy()
+    return dictionary_take(array.dictionary, indices, null=null)
 
 
 class TextBank:
@@ -103,6 +112,7 @@ class TextBank:
         self.offset: dict[str, int] = {}
         self.size: dict[str, int] = {}
         self._array: pa.Array | None = None
+        self._distinct: tuple[np.ndarray, pa.Array] | None = None
 
     def add(self, name: str, values: list[str] | pa.Array) -> None:
         if name in self.offset:
@@ -113,13 +123,22 @@ class TextBank:
         self.offset[name] = sum(len(p) for p in self._pools)
         self.size[name] = len(array)
         self._pools.append(array.cast(pa.string()))
-        self._array = None
+        self._array = self._distinct = None
 
     @property
     def array(self) -> pa.Array:
         if self._array is None:
             self._array = pa.concat_arrays(self._pools)
         return self._array
+
+    @property
+    def distinct(self) -> tuple[np.ndarray, pa.Array]:
+        """(index into the distinct texts of every entry, the distinct texts): pools overlap
+        (homework and math share prompts), and a Parquet dictionary must hold a text once."""
+        if self._distinct is None:
+            encoded = self.array.dictionary_encode()
+            self._distinct = (encoded.indices.to_numpy(), encoded.dictionary)
+        return self._distinct
 
     @property
     def byte_lengths(self) -> np.ndarray:

@@ -147,7 +147,7 @@ EMAIL_DOMAINS = {
 def pick_per_kind(kinds: np.ndarray, pools: dict, rng: np.random.Generator) -> pa.Array:
     """For each row, a random member of `pools[kinds[row]]` (vectorised per kind)."""
     out = np.empty(len(kinds), dtype=object)
-    for kind in set(kinds.tolist()):
+    for kind in sorted(set(kinds.tolist())):  # sorted: set order varies by process
         rows = np.flatnonzero(kinds == kind)
         pool = np.asarray(pools[kind], dtype=object)
         out[rows] = pool[rng.integers(len(pool), size=len(rows))]

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -39,7 +38,7 @@ from distillguard import contract
 from distillguard.lab.infrastructure import Infrastructure, user_agent_pool
 from distillguard.lab.prompts import PromptLibrary, find_corpus, prompt_library
 from distillguard.lab.scenario import Scenario, list_scenarios, load_scenario
-from distillguard.lab.traffic import DAY_MS, Group, _ms
+from distillguard.lab.traffic import DAY_MS, Group, _ms, day_table
 
 __all__ = ["SimulationSummary", "list_scenarios", "simulate"]
 
@@ -169,30 +168,28 @@ class _DayMaker:
         Every random draw and identifier derives from (seed, group, day, block), never from
         what other days produced, so the output is the same whichever process makes the day.
         """
-        exchanges, truth, tallies = [], [], []
+        blocks, tallies = [], []
         for group in self.groups:
             tally = _Tally()
             # Request counters: unique per (day, group) and row, whatever order days run in.
             counter = (day * len(self.groups) + group.index) << 32
             for plan in group.day_blocks(day, self.chunk_rows):
-                block, block_truth = group.assemble(plan, counter)
-                counter += block.num_rows
+                blocks.append(group.assemble(plan, counter))
+                counter += blocks[-1].num_rows
                 tally.add(group, plan)
-                exchanges.append(block)
-                truth.append(block_truth)
             tallies.append(tally)
-        if not exchanges:
+        if not blocks:
             return _Day(day, None, contract.empty_table(contract.TRUTH_EXCHANGE_SCHEMA), tallies)
+        truth = pa.concat_tables([b.truth for b in blocks])
         # One row group per simulated day, sorted by time: the files are in time order and row
-        # order reveals nothing about which population or campaign generated a row.
-        # Dictionaries are merged, so each distinct text is stored once per day.
-        table = pa.concat_tables(exchanges).unify_dictionaries().combine_chunks()
-        del exchanges
-        table = table.take(pc.sort_indices(table["ts"]))
+        # order reveals nothing about which population or campaign generated a row. Each
+        # distinct text is stored once per day.
+        table = day_table(blocks, self.groups[0].lib.bank)
+        del blocks
         path = self.out / "exchanges" / f"day-{day:05d}{PARTIAL}"
         pq.write_table(table, path, row_group_size=max(table.num_rows, 1), store_schema=False,
                        write_statistics=STATISTICS_COLUMNS, **PARQUET_OPTIONS)
-        return _Day(day, path, pa.concat_tables(truth), tallies)
+        return _Day(day, path, truth, tallies)
 
 
 #: Suffix of part files still being written (readers glob *.parquet and never see them).

@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 from distillguard import contract
 from distillguard.lab import prompts
 from distillguard.lab._arrow import (
+    TextBank,
+    compact,
     dictionary_take,
     hex_ids,
     list_array,
@@ -115,6 +117,60 @@ class AccountSet:
     logprobs: np.ndarray
     org: pa.Array
     table: pa.Table  # contract.ACCOUNT_SCHEMA rows
+
+
+@dataclass
+class Block:
+    """One block's exchanges, to be merged with the rest of its day by `day_table`.
+
+    Messages stay numpy arrays and the bank text columns index all the bank's texts (none is
+    copied), so the day sorts and compacts them once instead of once per block.
+    """
+
+    exchanges: pa.Table  # BLOCK_SCHEMA
+    n_messages: np.ndarray  # per exchange
+    role: np.ndarray  # per message: index into ROLES
+    content: np.ndarray  # per message: bank index, or -1-j for prompts[j]
+    prompts: pa.Array  # the block's wrapped opening prompts
+    truth: pa.Table  # contract.TRUTH_EXCHANGE_SCHEMA
+
+    @property
+    def num_rows(self) -> int:
+        return self.exchanges.num_rows
+
+
+def day_table(blocks: list[Block], bank: TextBank) -> pa.Table:
+    """The day's exchanges (`WRITE_SCHEMA`) sorted by time (ties in block order), each text
+    column's dictionary holding just the distinct texts the day uses."""
+    exchanges = pa.concat_tables([b.exchanges for b in blocks])
+    order = pc.sort_indices(exchanges["ts"]).to_numpy()
+    # Columns with per-group dictionaries (accounts, addresses, small pools) are unified;
+    # the bank text columns share one dictionary, so concatenating them copies no text.
+    rest = exchanges.drop_columns(BANK_TEXT).unify_dictionaries().combine_chunks().take(order)
+    columns = {name: compact(exchanges[name].combine_chunks().take(order)) for name in BANK_TEXT}
+    # Messages: gather each exchange's run of messages in time order.
+    n_messages = np.concatenate([b.n_messages for b in blocks])
+    starts = np.cumsum(n_messages) - n_messages
+    exchange, position = positions_within(n_messages[order])
+    source = starts[order][exchange] + position
+    # Wrapped prompts are numbered across the day and deduplicated (Parquet needs each
+    # dictionary value once).
+    first_prompt = np.cumsum([0] + [len(b.prompts) for b in blocks[:-1]])
+    canon, distinct = bank.distinct
+    content = np.concatenate([np.where(b.content >= 0, canon[np.maximum(b.content, 0)],
+                                       b.content - first)
+                              for b, first in zip(blocks, first_prompt, strict=True)])[source]
+    prompts_ = pa.concat_arrays([b.prompts for b in blocks]).dictionary_encode()
+    wrapped = content < 0
+    content[wrapped] = -1 - prompts_.indices.to_numpy()[-1 - content[wrapped]]
+    role = np.concatenate([b.role for b in blocks])[source]
+    structs = pa.StructArray.from_arrays(
+        [small_dictionary(role, ROLES),
+         dictionary_take(distinct, content, extra=prompts_.dictionary)],
+        fields=list(WRITE_MESSAGE_TYPE))
+    columns["messages"] = list_array(n_messages[order], structs)
+    return pa.Table.from_arrays([columns[f.name] if f.name in columns else rest[f.name]
+                                 for f in WRITE_SCHEMA], schema=WRITE_SCHEMA)
 
 
 class Group:
@@ -214,7 +270,7 @@ class Group:
             rate = float(spec["volume"]["median"]) * np.exp(sigma * z)
         ua = np.empty(n, dtype=np.int64)
         families = _choose(rng, spec["user_agents"], n)
-        for fam in set(families.tolist()):
+        for fam in sorted(set(families.tolist())):  # sorted: set order varies by process
             start, size = ua_spans[fam]
             mask = families == fam
             ua[mask] = start + rng.integers(0, size, mask.sum())
@@ -512,10 +568,11 @@ class Group:
         return opening, joined, base_local
 
     def _messages(self, plan: dict, opening: np.ndarray, wrapped: pa.Array
-                  ) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The request history of every exchange (user/assistant turns for chat, assistant
         tool calls and tool results for loops), capped at `session.max_history` messages with
-        the opening prompt always kept. Returns (messages, per-exchange input bytes, loop)."""
+        the opening prompt always kept. Returns (messages per exchange, role code and text
+        (as in `Block.content`) per message, per-exchange input bytes, loop)."""
         bank, ft = self.lib.bank, self._family_table
         sess, pos, key, fam_code = plan["sess"], plan["pos"], plan["key"], plan["family"]
         loop = ft["loop"][fam_code][sess]
@@ -536,11 +593,8 @@ class Group:
         lengths = np.where(content >= 0, bank.byte_lengths[np.maximum(content, 0)], 0)
         from_wrapped = content < 0
         lengths[from_wrapped] = pc.binary_length(wrapped).to_numpy()[-1 - content[from_wrapped]]
-        structs = pa.StructArray.from_arrays(
-            [small_dictionary(role, ROLES), dictionary_take(bank.array, content, extra=wrapped)],
-            fields=list(WRITE_MESSAGE_TYPE))
         input_bytes = np.add.reduceat(lengths, np.cumsum(m) - m) if len(m) else np.zeros(0)
-        return list_array(m, structs), input_bytes + 16 * m, loop
+        return m, role.astype(np.int8), content, input_bytes + 16 * m, loop
 
     def _tools(self, plan: dict, base_local: np.ndarray, error: np.ndarray
                ) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray]:
@@ -570,14 +624,13 @@ class Group:
                                    -1))
         return tools, calls, has_call, system
 
-    def assemble(self, plan: dict, first_request: int) -> tuple[pa.Table, pa.Table]:
-        """Exchanges (`WRITE_SCHEMA`: the contract with dictionary-encoded text) and truth
-        rows (contract.TRUTH_EXCHANGE_SCHEMA) for one plan."""
+    def assemble(self, plan: dict, first_request: int) -> Block:
+        """One plan's exchanges and truth rows (request counters from `first_request`)."""
         bank, spec, rng, ft = self.lib.bank, self.spec, plan["rng"], self._family_table
-        text, lengths = bank.array, bank.byte_lengths
+        lengths = bank.byte_lengths
         n, sess, pos, key = len(plan["ts"]), plan["sess"], plan["pos"], plan["key"]
         opening, wrapped, base_local = self._session_prompts(plan, rng)
-        messages, input_bytes, loop = self._messages(plan, opening, wrapped)
+        n_messages, role, content, input_bytes, loop = self._messages(plan, opening, wrapped)
         error = rng.random(n) < spec["error_rate"]
         # This exchange's answer (the same formula as the history, so later turns line up).
         last = plan["last"]
@@ -601,6 +654,7 @@ class Group:
         status = np.where(error, np.where(rng.random(n) < 0.7, 429, 500), 200).astype(np.int32)
         latency = (250 + output_tokens * 12.0 + reasoning_tokens * 8.0) * rng.lognormal(0, .25, n)
         a, acct = self.accounts, plan["acct"]
+        canon, distinct = bank.distinct
         ip_idx = (a.ip_base[acct] + rng.integers(0, 1 << 40, n) % a.ip_span[acct]) \
             % len(self.ip_pool)
         # Most requests use the account's main key; a fifth use a second key.
@@ -629,12 +683,12 @@ class Group:
             "user_agent": small_dictionary(a.ua[acct], self.ua_values),
             "model": small_dictionary(model, self.model_names),
             "endpoint": small_dictionary(a.endpoint[acct], _ENDPOINTS),
-            "system": dictionary_take(text, system, null=system < 0),
-            "messages": messages,
+            "system": small_dictionary(canon[np.maximum(system, 0)], distinct, null=system < 0),
             "tools": tools,
             "params": params,
-            "response_text": dictionary_take(text, resp_idx, null=error),
-            "reasoning_text": dictionary_take(text, reasoning_idx, null=~has_reasoning | error),
+            "response_text": small_dictionary(canon[resp_idx], distinct, null=error),
+            "reasoning_text": small_dictionary(canon[reasoning_idx], distinct,
+                                               null=~has_reasoning | error),
             "tool_calls": calls,
             "input_tokens": pa.array(input_tokens.astype(np.int64)),
             "output_tokens": pa.array(output_tokens.astype(np.int64)),
@@ -645,7 +699,7 @@ class Group:
             "stop_reason": small_dictionary(has_call, STOP_REASONS, null=error),
         }
         exchanges = pa.Table.from_arrays(
-            [columns.get(f.name, pa.nulls(n, f.type)) for f in WRITE_SCHEMA], schema=WRITE_SCHEMA)
+            [columns.get(f.name, pa.nulls(n, f.type)) for f in BLOCK_SCHEMA], schema=BLOCK_SCHEMA)
         attack = np.full(n, self.is_attack) & ~plan["honest_mix"][sess]
         truth = pa.table({
             "request_id": request_id,
@@ -655,7 +709,7 @@ class Group:
             "ts": ts,
         }, schema=contract.TRUTH_EXCHANGE_SCHEMA)
         plan["stats"] = {"attack": attack, "model": model}
-        return exchanges, truth
+        return Block(exchanges, n_messages, role, content, wrapped, truth)
 
 
 def _second_pool(family: prompts.Family) -> str | None:
@@ -688,3 +742,7 @@ WRITE_SCHEMA = pa.schema([
     else f.with_type(WRITE_PARAMS_TYPE) if f.name == "params" else f
     for f in contract.EXCHANGE_SCHEMA
 ])
+#: Text columns whose dictionary, block by block, is the whole text bank (see `day_table`).
+BANK_TEXT = ["system", "response_text", "reasoning_text"]
+#: What a `Block` holds as a table: `WRITE_SCHEMA` but the messages.
+BLOCK_SCHEMA = WRITE_SCHEMA.remove(WRITE_SCHEMA.get_field_index("messages"))
