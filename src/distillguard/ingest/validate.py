@@ -380,17 +380,129 @@ def _params_extra(fields: list[pa.Field]) -> str:
     return ", ".join(parts) if parts else "NULL::MAP(VARCHAR, VARCHAR)"
 
 
-def json_stage(spec: KindSpec, types: dict[str, str], source: str) -> str:
-    """SQL: JSON line batch `source` -> typed contract columns + format problems."""
+#: Route clean JSON lines through the single-parse fast path (False: every row takes the
+#: exact per-field path; the tests use it to prove both give identical rows).
+FAST_JSON = True
+
+_NUMBER_START = "('-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')"
+
+
+def _fast_scalar(kind: str, x: str, duck_type: str) -> tuple[str, str]:
+    """(is-clean SQL, typed value SQL) for a JSON-text value `x` of a scalar kind.
+
+    "Clean" means the value has exactly the JSON type the contract wants, so the exact path
+    would report no problem for it and produce the same value (the same text reaches the
+    same cast). Anything else (a wrong type, an integer out of range) is not clean and the
+    row takes the exact path, which reports it."""
+    first = f"left({x}, 1)"
+    if kind == "str":
+        return f"{first} = '\"'", f"{x} ->> '$'"
+    if kind == "int":
+        return (
+            f"(regexp_full_match({x}, '-?[0-9]+') AND try_cast({x}::VARCHAR AS {duck_type}) "
+            "IS NOT NULL)",
+            f"try_cast({x}::VARCHAR AS {duck_type})",
+        )
+    if kind == "float":
+        return f"{first} IN {_NUMBER_START}", f"{x}::VARCHAR::DOUBLE"
+    if kind == "bool":
+        return f"{x}::VARCHAR IN ('true', 'false')", f"{x}::VARCHAR = 'true'"
+    if kind == "ts":
+        return (
+            f"({first} = '\"' OR {first} IN {_NUMBER_START})",
+            f"CASE WHEN {first} = '\"' THEN dg_ts({x} ->> '$') "
+            f"ELSE dg_epoch_ms({x}::VARCHAR::DOUBLE) END",
+        )
+    raise TypeError(kind)
+
+
+def _fast_spec(names: list[str]) -> str:
+    """json_transform structure: every top-level key as JSON text (one parse per line)."""
+    return sql_str("{" + ", ".join(f'"{n}": "JSON"' for n in names) + "}")
+
+
+def _fast_stage(spec: KindSpec, types: dict[str, str]) -> tuple[str, dict[str, str], str, str]:
+    """The single-parse path for clean lines.
+
+    Returns (clean condition, {field: typed value}, format problems, present-key count), all
+    SQL over `_j` (the line as a struct of JSON texts) and `_fp_<object>` (nested objects).
+    """
+    clean, values = ["_j IS NOT NULL"], {}
+    present = []
+    problems = []
+    for f in spec.fields:
+        kind, x = value_kind(f.type), f"_j.{ident(f.name)}"
+        present.append(f"({x} IS NOT NULL)::INT")
+        if kind in ("str", "int", "float", "bool", "ts"):
+            ok, value = _fast_scalar(kind, x, types[f.name])
+            if kind == "ts":
+                problems.append(
+                    problem(
+                        f"left({x}, 1) = '\"' AND ({x} ->> '$') <> '' AND {value} IS NULL",
+                        "bad_timestamp",
+                        f"'{f.name}: not RFC 3339 with a time zone: ' || left({x} ->> '$', 80)",
+                    )
+                )
+        elif kind == "str_list":
+            others = sql_list(["BIGINT", "UBIGINT", "DOUBLE", "BOOLEAN", "NULL", "ARRAY", "OBJECT"])
+            ok = f"(left({x}, 1) = '[' AND NOT list_has_any(json_type({x}, '$[*]'), {others}))"
+            value = f"json_transform({x}, '[\"VARCHAR\"]')"
+        elif kind == "messages":
+            ok = f"left({x}, 1) = '['"
+            value = f"json_transform({x}, '[{{\"role\":\"JSON\",\"content\":\"JSON\"}}]')"
+        elif kind == "object":
+            sub = f"_fp_{f.name}"
+            subs, parts = [], []
+            member_types = _struct_member_types(types[f.name])
+            for s in f.type:
+                sx = f"{sub}.{ident(s.name)}"
+                s_ok, s_value = _fast_scalar(value_kind(s.type), sx, member_types[s.name])
+                subs.append((sx, s_ok))
+                parts.append(f"{ident(s.name)} := CASE WHEN {sx} IS NOT NULL THEN {s_value} END")
+            # Every key of the object is a known sub-field with a value (no unknown keys).
+            counted = " + ".join(f"({sx} IS NOT NULL)::INT" for sx, _ in subs)
+            ok = (
+                f"(left({x}, 1) = '{{' AND len(json_keys({x})) = {counted} AND "
+                + " AND ".join(f"({sx} IS NULL OR {s_ok})" for sx, s_ok in subs)
+                + ")"
+            )
+            value = f"struct_pack({', '.join(parts)})"
+        else:
+            raise TypeError(kind)
+        clean.append(f"({x} IS NULL OR {ok})")
+        values[f.name] = f"CASE WHEN {x} IS NOT NULL THEN {value} END"
+    # The input's own `extra` / `truncated_fields` (our export) take the exact path.
+    clean.append("_j.\"extra\" IS NULL AND _j.\"truncated_fields\" IS NULL")
+    problem_sql = f"concat_ws(chr(31), {', '.join(problems)})" if problems else "''"
+    return " AND ".join(clean), values, problem_sql, " + ".join(present)
+
+
+def json_stage(spec: KindSpec, types: dict[str, str], source: str, fast: bool | None = None) -> str:
+    """SQL: JSON line batch `source` -> typed contract columns + format problems.
+
+    Each line is parsed once into a struct of JSON texts (`_j`). A *clean* line (an object
+    whose known fields all have the contract's JSON type, no `extra` / `truncated_fields` of
+    its own, no unknown keys inside `params`) is typed from that struct directly. Any other
+    line (bad JSON, bad UTF-8, a wrong type, ...) takes the exact per-field path: json_type and
+    json_extract_string per field, every problem spelled out. DuckDB evaluates each branch of
+    a CASE only for the rows that take it, so the exact path costs nothing for clean lines.
+    """
+    fast = FAST_JSON if fast is None else fast
     fields = spec.fields
     own = [f'$."{f.name}"' for f in fields] + ['$."extra"', '$."truncated_fields"']
     paths, value_paths = sql_list(["$", *own]), sql_list(own)
     known = sql_list(spec.known_keys)
+    n_own = len(own)
     cols, problems = [], []
+    fast_clean, fast_values, fast_problems, fast_present = _fast_stage(spec, types)
+    if not fast:
+        fast_clean = "false"
     for i, f in enumerate(fields):
         t, v = f"_t[{i + 2}]", f"_v[{i + 1}]"
         value, probs = _json_field(f, t, v, types[f.name])
-        cols.append(f"{value} AS {ident(f.name)}")
+        cols.append(
+            f"CASE WHEN _clean THEN {fast_values[f.name]} ELSE {value} END AS {ident(f.name)}"
+        )
         problems.extend(probs)
     extra_t, extra_v = "_t_extra", "_v_extra"
     # Top-level keys not in the contract -> extra (JSON text per key), unknown keys inside
@@ -406,20 +518,42 @@ def json_stage(spec: KindSpec, types: dict[str, str], source: str) -> str:
         {_params_extra(fields)},
         CASE WHEN {extra_t} = 'OBJECT'
              THEN {_unknown_entries(extra_v, "[]::VARCHAR[]", "", "VARCHAR")} END) END"""
+    # A clean line can only add unknown top-level keys (more keys than known ones set).
+    fast_extra = f"""CASE WHEN len(_keys) > {fast_present}
+        THEN {_unknown_entries("line", known, "")} END"""
     truncated_in = (
         "CASE WHEN _t_trunc = 'ARRAY' THEN json_transform(_v_trunc, '[\"VARCHAR\"]') END"
     )
     problem_list = ",\n            ".join(problems)
+    objects = "".join(
+        f", CASE WHEN left(_j.{ident(f.name)}, 1) = '{{' THEN json_transform(_j.{ident(f.name)}, "
+        f"{_fast_spec([s.name for s in f.type])}) END AS _fp_{f.name}"
+        for _, f in _object_fields(fields)
+    )
+    parse = "false"
+    if fast:
+        parse = "pre_reason IS NULL AND left(line, 1) = '{'"
     return f"""
-    WITH _typed AS (
+    WITH _parsed AS (
         SELECT row_number, line, raw, raw_length, pre_reason, pre_detail,
-               CASE WHEN pre_reason IS NULL THEN try(json_type(line, {paths})) END AS _t
+               CASE WHEN {parse} THEN try(json_transform(line,
+                   {_fast_spec([f.name for f in fields] + ["extra", "truncated_fields"])})) END
+               AS _j
         FROM {source}
+    ), _parsed2 AS (
+        SELECT * {objects} FROM _parsed
+    ), _routed AS (
+        SELECT *, coalesce({fast_clean}, false) AS _clean FROM _parsed2
+    ), _typed AS (
+        SELECT *,
+               CASE WHEN NOT _clean AND pre_reason IS NULL
+                    THEN try(json_type(line, {paths})) END AS _t
+        FROM _routed
     ), _values AS (
         SELECT *,
             CASE WHEN _t[1] = 'OBJECT' THEN json_extract_string(line, {value_paths}) END AS _v,
-            CASE WHEN _t[1] = 'OBJECT' THEN json_keys(line) END AS _keys,
-            _t[{len(fields) + 2}] AS {extra_t}, _t[{len(fields) + 3}] AS _t_trunc
+            CASE WHEN _clean OR _t[1] = 'OBJECT' THEN json_keys(line) END AS _keys,
+            _t[{n_own}] AS {extra_t}, _t[{n_own + 1}] AS _t_trunc
         FROM _typed
     ), _values2 AS (
         SELECT *, _v[{len(fields) + 1}] AS {extra_v}, _v[{len(fields) + 2}] AS _v_trunc
@@ -428,22 +562,25 @@ def json_stage(spec: KindSpec, types: dict[str, str], source: str) -> str:
     ), _values3 AS (
         SELECT * {_object_unknown_flags(fields)} FROM _values2
     )
-    SELECT row_number, coalesce(raw, line) AS raw, raw_length, raw_length > {CAP} AS _may_exceed,
-        CASE WHEN pre_reason IS NOT NULL THEN pre_reason
+    SELECT row_number, _clean AS _fast, coalesce(raw, line) AS raw, raw_length,
+        raw_length > {CAP} AS _may_exceed,
+        CASE WHEN _clean THEN NULL
+             WHEN pre_reason IS NOT NULL THEN pre_reason
              WHEN _t[1] IS DISTINCT FROM 'OBJECT' THEN 'bad_json' END AS pre_reason,
-        CASE WHEN pre_reason IS NOT NULL THEN pre_detail
+        CASE WHEN _clean THEN NULL
+             WHEN pre_reason IS NOT NULL THEN pre_detail
              WHEN _t IS NULL THEN 'not valid JSON'
              WHEN _t[1] <> 'OBJECT' THEN 'a JSON ' || lower(_t[1]) || ', not an object'
              END AS pre_detail,
         {", ".join(cols)},
-        {extra} AS extra,
-        {truncated_in} AS _truncated_in,
-        concat_ws(chr(31),
+        CASE WHEN _clean THEN {fast_extra} ELSE {extra} END AS extra,
+        CASE WHEN _clean THEN NULL ELSE {truncated_in} END AS _truncated_in,
+        CASE WHEN _clean THEN {fast_problems} ELSE concat_ws(chr(31),
             {problem_list},
             {problem(f"{extra_t} NOT IN ('OBJECT', 'NULL')", "bad_type", "'extra: expected object'")},
             {problem("_t_trunc NOT IN ('ARRAY', 'NULL')", "bad_type",
                      "'truncated_fields: expected list of strings'")}
-        ) AS _format_problems
+        ) END AS _format_problems
     FROM _values3
     """
 
