@@ -35,6 +35,8 @@ CHUNK_BYTES = 16 << 20  # read size
 BATCH_ROWS = 122_880
 BATCH_BYTES = 256 << 20
 SNIFF_BYTES = 64 << 10
+#: What a damaged compressed stream raises while being read.
+READ_ERRORS = (OSError, EOFError, zstandard.ZstdError)
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -156,7 +158,7 @@ def detect_format(path: Path, claimed: str, kind: str) -> str:
 # --------------------------------------------------------------------------------------
 # JSON Lines
 # --------------------------------------------------------------------------------------
-def _utf8_lines(data: bytes, offsets: np.ndarray, drop: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+def _utf8_lines(data: np.ndarray, offsets: np.ndarray, drop: np.ndarray) -> tuple[pa.Array, np.ndarray]:
     """Lines as UTF-8 text over `data` without copying; lines in `drop` and lines that are not
     valid UTF-8 become null. Returns (text, bad-UTF-8 mask)."""
     n = len(offsets) - 1
@@ -167,7 +169,7 @@ def _utf8_lines(data: bytes, offsets: np.ndarray, drop: np.ndarray) -> tuple[pa.
     except pa.ArrowInvalid:
         for i in range(n):  # only chunks that hold bad bytes are checked line by line
             try:
-                data[offsets[i] : offsets[i + 1]].decode("utf-8")
+                data[offsets[i] : offsets[i + 1]].tobytes().decode("utf-8")
             except UnicodeDecodeError:
                 bad[i] = True
     nulls = drop | bad
@@ -180,12 +182,23 @@ def _utf8_lines(data: bytes, offsets: np.ndarray, drop: np.ndarray) -> tuple[pa.
     return text, bad
 
 
+def _line_ends(data: np.ndarray, start: int = 0) -> np.ndarray:
+    """Offsets just past each newline of `data`, shifted by `start`."""
+    return np.flatnonzero(data == 10) + (start + 1)
+
+
 def _lines_batch(data: bytes, first_row: int, fmt: str, final: bool) -> tuple[pa.Table, int]:
-    """Split `data` (whole lines) into a batch table; returns (table, blank lines skipped)."""
+    """Split `data` (whole lines; with `final`, the last may lack its newline) into a batch."""
     buf = np.frombuffer(data, dtype=np.uint8)
-    ends = np.flatnonzero(buf == 10) + 1
-    if final and (len(ends) == 0 or ends[-1] != len(data)) and len(data):
+    ends = _line_ends(buf)
+    if final and len(data) and (len(ends) == 0 or ends[-1] != len(data)):
         ends = np.append(ends, len(data))
+    return _lines_table(buf, ends, first_row, fmt)
+
+
+def _lines_table(buf: np.ndarray, ends: np.ndarray, first_row: int, fmt: str) -> tuple[pa.Table, int]:
+    """Lines of `buf` ending at `ends` (past the newline) -> a batch table (no copy of the
+    text); returns (table, blank lines skipped)."""
     offsets = np.concatenate(([0], ends)).astype(np.int64)
     n = len(ends)
     length = np.diff(offsets)
@@ -197,7 +210,7 @@ def _lines_batch(data: bytes, first_row: int, fmt: str, final: bool) -> tuple[pa
     length = length - has_cr
     rows = first_row + np.arange(1, n + 1, dtype=np.int64)
     oversize = length > contract.LINE_CAP_BYTES
-    text, bad_utf8 = _utf8_lines(data, offsets, oversize)
+    text, bad_utf8 = _utf8_lines(buf, offsets, oversize)
     rejected = oversize | bad_utf8
     keep = (length > 0) | rejected
     blank = int(n - keep.sum())
@@ -205,8 +218,8 @@ def _lines_batch(data: bytes, first_row: int, fmt: str, final: bool) -> tuple[pa
     if rejected.any():
         reasons, details, raws = [None] * n, [None] * n, [None] * n
         for i in np.flatnonzero(rejected):
-            piece = data[offsets[i] : offsets[i] + min(length[i], contract.QUARANTINE_RAW_CAP_BYTES)]
-            raws[i] = piece.decode("utf-8", errors="replace")
+            cut = offsets[i] + min(length[i], contract.QUARANTINE_RAW_CAP_BYTES)
+            raws[i] = buf[offsets[i] : cut].tobytes().decode("utf-8", errors="replace")
             if oversize[i]:
                 reasons[i] = "oversize"
                 details[i] = f"line of {length[i]} bytes exceeds {contract.LINE_CAP_BYTES} bytes"
@@ -262,65 +275,86 @@ def _split_batches(table: pa.Table, rows: int = 16_384) -> pa.Table:
 def read_json_lines(path: Path, fmt: str) -> Iterator[Batch]:
     """Yield batches of whole lines from a (possibly compressed) JSON Lines file.
 
-    Lines are gathered until a batch holds BATCH_ROWS lines or BATCH_BYTES bytes: large
-    batches let DuckDB write whole row groups instead of re-compressing partial ones.
-    A line longer than LINE_CAP_BYTES is not buffered whole: its head is kept for the
-    quarantine and the rest is skipped up to the next newline.
+    The file is read straight into one buffer per batch (no joining of pieces); newlines
+    are found once per read with numpy. Lines are gathered until a batch holds BATCH_ROWS
+    lines or BATCH_BYTES bytes: large batches let DuckDB write whole row groups instead of
+    re-compressing partial ones. A line longer than LINE_CAP_BYTES is not buffered whole:
+    its head is kept for the quarantine and the rest is skipped up to the next newline.
     """
     stream, fh, compression = _open_raw(path)
+    chunk_bytes = CHUNK_BYTES
+    # Before a read the buffer holds under BATCH_BYTES, or after a flush one open line.
+    capacity = max(BATCH_BYTES, contract.LINE_CAP_BYTES) + chunk_bytes
     row = 0
-    pending = b""
-    parts: list[bytes] = []
-    part_lines = part_bytes = 0
-    oversize_head: bytes | None = None
-    oversize_len = 0
+    buf = np.empty(capacity, dtype=np.uint8)
+    filled = whole = lines = 0  # bytes held; bytes up to the last newline; newlines held
+    ends: list[np.ndarray] = []
+
+    def damaged(exc: Exception) -> IngestFileError:
+        return IngestFileError(f"{path}: corrupt {compression} data after line {row} ({exc})")
+
+    def take(data: np.ndarray, start: int) -> None:
+        """Account for `data` just placed at buf[start:]."""
+        nonlocal filled, whole, lines
+        found = _line_ends(data, start)
+        if len(found):
+            ends.append(found)
+            lines += len(found)
+            whole = int(found[-1])
+        filled = start + len(data)
 
     def flush(final: bool) -> Iterator[Batch]:
-        nonlocal row, parts, part_lines, part_bytes
-        if parts:
-            table, blank = _lines_batch(b"".join(parts), row, fmt, final)
+        """Yield the whole lines held (with `final`, the unterminated last one too) and move
+        the rest to a fresh buffer (the yielded batch keeps pointing into the old one)."""
+        nonlocal buf, filled, whole, lines, ends, row
+        end = filled if final else whole
+        if end:
+            line_ends = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
+            if end > whole:
+                line_ends = np.append(line_ends, end)
+            table, blank = _lines_table(buf, line_ends, row, fmt)
             row += len(table) + blank
-            parts, part_lines, part_bytes = [], 0, 0
             yield Batch(_split_batches(table), fh.tell(), blank)
+        rest = buf[end:filled]
+        buf = np.empty(capacity, dtype=np.uint8)
+        buf[: len(rest)] = rest
+        filled, whole, lines, ends = len(rest), 0, 0, []
 
     try:
         while True:
             try:
-                chunk = stream.read(CHUNK_BYTES)
-            except (OSError, EOFError, zstandard.ZstdError) as exc:
+                got = stream.readinto(memoryview(buf)[filled : filled + chunk_bytes])
+            except READ_ERRORS as exc:
                 yield from flush(False)  # keep the whole lines read before the damage
-                raise IngestFileError(
-                    f"{path}: corrupt {compression} data after line {row} ({exc})"
-                ) from None
-            final = not chunk
-            if oversize_head is not None:  # skipping the tail of an oversize line
-                cut = chunk.find(b"\n")
-                if cut < 0 and not final:
-                    oversize_len += len(chunk)
-                    continue
-                oversize_len += max(cut, 0)
-                yield from flush(False)
-                row += 1
-                yield Batch(_oversize_row(row, oversize_head, oversize_len), fh.tell())
-                oversize_head = None
-                chunk = chunk[cut + 1 :] if cut >= 0 else b""
-            data = pending + chunk
-            if final:
-                whole, pending = data, b""
-            else:
-                cut = data.rfind(b"\n")
-                whole, pending = data[: cut + 1], data[cut + 1 :]
-                if len(pending) > contract.LINE_CAP_BYTES:
-                    oversize_head = pending[: contract.QUARANTINE_RAW_CAP_BYTES]
-                    oversize_len, pending = len(pending), b""
-            if whole:
-                parts.append(whole)
-                part_lines += whole.count(b"\n")
-                part_bytes += len(whole)
-            if final or part_lines >= BATCH_ROWS or part_bytes >= BATCH_BYTES:
-                yield from flush(final)
-            if final:
+                raise damaged(exc) from None
+            if not got:
+                yield from flush(True)
                 return
+            take(buf[filled : filled + got], filled)
+            if filled - whole > contract.LINE_CAP_BYTES:  # skip the rest of an oversize line
+                head = buf[whole : whole + contract.QUARANTINE_RAW_CAP_BYTES].tobytes()
+                length, filled = filled - whole, whole
+                yield from flush(False)
+                rest = None
+                while rest is None:
+                    try:
+                        chunk = stream.read(chunk_bytes)
+                    except READ_ERRORS as exc:
+                        raise damaged(exc) from None
+                    cut = chunk.find(b"\n")
+                    if cut < 0 and chunk:
+                        length += len(chunk)
+                        continue
+                    length += max(cut, 0)
+                    rest = chunk[cut + 1 :] if cut >= 0 else b""
+                row += 1
+                yield Batch(_oversize_row(row, head, length), fh.tell())
+                if not chunk:
+                    return
+                take(np.frombuffer(rest, dtype=np.uint8), 0)
+                buf[: len(rest)] = np.frombuffer(rest, dtype=np.uint8)
+            if lines >= BATCH_ROWS or filled >= BATCH_BYTES:
+                yield from flush(False)
     finally:
         stream.close()
         fh.close()
