@@ -49,6 +49,13 @@ def controlled_signals(exchange: dict) -> dict:
     }
 
 
+def slow_controlled_signals(exchange: dict) -> dict:
+    """`controlled_signals` taking 50 ms, like a slow prompt: run in the signals process, the
+    gateway has forwarded the request long before the decision lands."""
+    time.sleep(0.05)
+    return controlled_signals(exchange)
+
+
 def write_policy(path: Path, policy: dict) -> Path:
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
     return path

@@ -9,7 +9,9 @@ request headers so the body stays a genuine API request:
 The model name decides the shape: names containing "reason" return reasoning
 (`reasoning_content`, or `thinking` blocks on /v1/messages); "think-tags" puts <think>...</think>
 inside the content, like llama.cpp serving DeepSeek-R1.
-GET /_stub/requests returns the bodies and headers received (to check what was forwarded).
+GET /_stub/requests returns the bodies and headers received (to check what was forwarded);
+GET /_stub/disconnected the first message of each request whose client hung up while the stub
+slept on it (to check that the gateway cancelled an upstream call).
 
 Run: python tests/upstream_stub.py --port 8000
 """
@@ -28,6 +30,7 @@ REASONING = ("First, restate the problem. Next, add the two numbers step by step
              "Carry the one where needed. Therefore the answer is 42.")
 ANSWER = "The answer is 42."
 RECEIVED: list[dict] = []
+DISCONNECTED: list[str] = []  # first message of requests whose client left during x-stub-sleep
 RECEIVED_CAP = 1000
 
 
@@ -156,8 +159,12 @@ async def app(scope, receive, send) -> None:
     if path == "/_stub/requests":
         await _send_json(send, 200, RECEIVED)
         return
+    if path == "/_stub/disconnected":
+        await _send_json(send, 200, DISCONNECTED)
+        return
     if path == "/_stub/reset":
         RECEIVED.clear()
+        DISCONNECTED.clear()
         await _send_json(send, 200, {"ok": True})
         return
     try:
@@ -169,7 +176,15 @@ async def app(scope, receive, send) -> None:
         RECEIVED.append({"path": path, "query": scope.get("query_string", b"").decode(),
                          "body": body, "headers": headers})
     if "x-stub-sleep" in headers:
-        await asyncio.sleep(float(headers["x-stub-sleep"]))
+        sleep = asyncio.ensure_future(asyncio.sleep(float(headers["x-stub-sleep"])))
+        gone = asyncio.ensure_future(receive())  # after the body, only a disconnect arrives
+        await asyncio.wait({sleep, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if gone.done() and not sleep.done():
+            sleep.cancel()
+            messages = body.get("messages") if isinstance(body, dict) else None
+            DISCONNECTED.append(str(messages[0].get("content")) if messages else path)
+            return
+        gone.cancel()
     if "x-stub-status" in headers:
         status = int(headers["x-stub-status"])
         await _send_json(send, status, {"error": {"message": f"stub error {status}",

@@ -43,6 +43,7 @@ from distillguard.gateway.exchange import (
 )
 from distillguard.gateway.metrics import GatewayMetrics
 from distillguard.gateway.policy import PolicyError, PolicyHolder
+from distillguard.gateway.signals_proc import SignalsProcess
 from distillguard.gateway.state import (
     MANUAL_ACTIONS,
     EnforcementList,
@@ -87,6 +88,9 @@ class Gateway:
         self.decider = Decider(self.policy, self.state, self.enforcement,
                                annotate=annotate or load_annotate(cfg.signals),
                                cluster_by_org=cfg.cluster_by_org)
+        #: Signals in a child process unless the caller passed its own function (tests).
+        self.signals_process = (SignalsProcess(cfg.signals, WARMUP_EXCHANGE)
+                                if cfg.signals_process and annotate is None else None)
         self.start_worker = start_worker and cfg.wal.mode == "store"
         self.client: aiohttp.ClientSession | None = None
         self.wal: WriteAheadLog | None = None
@@ -95,6 +99,7 @@ class Gateway:
         self._snapshot_stamp: float | None = None
         self._id_prefix = os.urandom(8).hex()  # per process: ids stay unique across replicas
         self._id_seq = itertools.count()
+        self._decide_first: dict[str, float] = {}  # account -> until when
         self.ready = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -120,7 +125,11 @@ class Gateway:
             self.worker.start()  # its first pass replays segments a crashed run left behind
         self._load_snapshot()
         # Build the signal annotator (rule packs, classifier) before taking traffic.
-        await asyncio.to_thread(self.decider.annotate, WARMUP_EXCHANGE)
+        if self.signals_process is not None:
+            await self.signals_process.start()
+            self.decider.signals_process = self.signals_process
+        else:
+            await asyncio.to_thread(self.decider.annotate, WARMUP_EXCHANGE)
         # Everything built so far (config, rule packs, classifier tables, imported modules)
         # lives as long as the process: move it out of the collector's generations so a full
         # collection does not walk ~170k long-lived objects while requests wait.
@@ -132,6 +141,9 @@ class Gateway:
             asyncio.create_task(refresh_loop(1.0, self._refresh_enforcement)),
             asyncio.create_task(refresh_loop(max(1.0, window), self._prune)),
         ]
+        if self.signals_process is not None:
+            self._tasks.append(asyncio.create_task(
+                refresh_loop(1.0, self.signals_process.ensure_running)))
         self.ready = True
         log.info("gateway ready: upstream=%s state=%s wal=%s policy=%s", cfg.upstream,
                  self.state.backend, cfg.wal.dir, cfg.policy)
@@ -146,6 +158,8 @@ class Gateway:
                 await task
         if self.client:
             await self.client.close()
+        if self.signals_process is not None:
+            await self.signals_process.close()
         if self.wal:
             self.wal.close()
         if self.worker:
@@ -184,7 +198,11 @@ class Gateway:
 
     async def _prune(self) -> None:
         local = self.state if isinstance(self.state, LocalState) else self.state.fallback
-        local.prune(time.time(), self.policy.policy.window_s)
+        now = time.time()
+        local.prune(now, self.policy.policy.window_s)
+        expired = [a for a, until in self._decide_first.items() if until <= now]
+        for account_id in expired:
+            del self._decide_first[account_id]
 
     # ---- helpers -------------------------------------------------------------------------
     def client_ip(self, request: Request) -> str | None:
@@ -235,6 +253,18 @@ class Gateway:
         url = self.cfg.upstream + scope["path"]
         return f"{url}?{query.decode('latin-1')}" if query else url
 
+    def may_overlap(self, account_id: str, now: float) -> bool:
+        """True when this account's request may be decided during its upstream call: it is
+        not on the enforcement list and had no non-allow decision within the last window."""
+        if self.enforcement.standing(account_id) is not None:
+            return False
+        until = self._decide_first.get(account_id)
+        return until is None or until <= now
+
+    def decide_first(self, account_id: str, now: float) -> None:
+        """Decide this account's requests before forwarding them for one policy window."""
+        self._decide_first[account_id] = now + self.policy.policy.window_s
+
     def new_request_id(self) -> str:
         """`gw-` + 32 hex digits: a random per-process prefix and a counter (a uuid4 costs
         a getrandom syscall per request)."""
@@ -281,6 +311,22 @@ def _decode(raw: bytes, encoding: str | None) -> bytes | None:
 def _response_headers(resp: aiohttp.ClientResponse, *, drop_encoding: bool = False) -> list:
     drop = HOP_BY_HOP | ({b"content-encoding"} if drop_encoding else frozenset())
     return [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in drop]
+
+
+def _abandon(task: asyncio.Task) -> None:
+    """Cancel a speculative upstream call. Cancelling closes its connection, which is how
+    OpenAI-compatible servers learn to stop generating; a response that already arrived is
+    closed unread, so the client never sees any of it."""
+
+    def close(done: asyncio.Task) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result()[0].close()
+
+    if task.done():
+        close(task)
+    else:
+        task.cancel()
+        task.add_done_callback(close)
 
 
 def _gateway_fields(decision: Decision) -> dict[str, Any]:
@@ -346,6 +392,11 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         return _error(status, f"distillguard_{decision.action}", message, endpoint=endpoint,
                       extra={**extra, "reason": code}, headers=headers)
 
+    async def send_upstream(url: str, raw: bytes, headers: list) -> tuple:
+        """The upstream call; returns the response (headers read) and when it arrived."""
+        resp = await gw.client.request("POST", url, data=raw, headers=headers)
+        return resp, time.perf_counter()
+
     async def proxy_exchange(request: Request) -> Response:
         t0 = time.perf_counter()
         ts = time.time()
@@ -378,9 +429,25 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         exchange.update(request_id=request_id, ts=iso(ts), account_id=key.account_id,
                         api_key_id=key.api_key_id, org_id=key.org_id, ip=gw.client_ip(request),
                         user_agent=request.headers.get("user-agent"))
+        upstream_url, upstream_headers = gw.upstream_url(request), gw.upstream_headers(request)
+        # Decide during the upstream call when the decision cannot change the request itself
+        # (docs/gateway.md, "Decision during the upstream call"): the response is held until
+        # the decision allows it; a rejected request's upstream call is cancelled, a degraded
+        # one is re-sent degraded. Accounts on the enforcement list or recently not allowed
+        # are decided first.
+        speculative = None
+        t_up = t0
+        if cfg.decide_during_call and gw.may_overlap(key.account_id, ts):
+            t_up = time.perf_counter()
+            speculative = asyncio.create_task(
+                send_upstream(upstream_url, raw, upstream_headers))
+            if not gw.decider.signals_offloaded:
+                await asyncio.sleep(0)  # let it write the request before signals hold the loop
         try:
             decision = await gw.decider.decide(exchange, key, now=ts)
         except StateUnavailable:
+            if speculative is not None:
+                _abandon(speculative)
             decision = Decision(action="block", would_action="block",
                                 reasons=["state_unavailable"])
             m.requests.labels(endpoint, "503").inc()
@@ -393,9 +460,15 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         m.decision_latency.observe(t_decided - t0)
         record_decision(decision)
         gw_fields = _gateway_fields(decision)
+        if decision.action != "allow":
+            gw.decide_first(key.account_id, ts)
         if decision.action in REJECT_STATUS:
             status = REJECT_STATUS[decision.action]
             response = reject(decision, endpoint, request_id)
+            if speculative is not None:
+                _abandon(speculative)
+                m.upstream_cancelled.inc()
+                gw_fields["gateway_upstream_cancelled"] = True
             gw.log_exchange({**exchange, "status": status, "error": decision.reasons[0]
                              if decision.reasons else decision.action, **gw_fields})
             m.requests.labels(endpoint, str(status)).inc()
@@ -404,10 +477,18 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         spec = decision.degrade if decision.action == "degrade" else None
         if spec is not None:
             raw = orjson.dumps(degrade_request(body, spec, endpoint))
-        t_up = time.perf_counter()
+            if speculative is not None:  # sent as the client wrote it: send it degraded
+                _abandon(speculative)
+                m.upstream_cancelled.inc()
+                speculative = None
         try:
-            resp = await gw.client.request("POST", gw.upstream_url(request), data=raw,
-                                           headers=gw.upstream_headers(request))
+            if speculative is None:
+                t_up = time.perf_counter()
+                resp, t_headers = await send_upstream(upstream_url, raw, upstream_headers)
+                held = 0.0
+            else:
+                resp, t_headers = await speculative
+                held = max(0.0, t_decided - t_headers)  # response waited for the decision
         except UPSTREAM_TIMEOUTS as exc:
             return upstream_failure(exchange, gw_fields, endpoint, 504, "upstream_timeout", exc,
                                     t0, t_up)
@@ -416,7 +497,7 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
                                     exc, t0, t_up)
         ctype = resp.headers.get("content-type", "")
         if ctype.startswith("text/event-stream"):
-            return stream_response(resp, exchange, gw_fields, endpoint, spec, t0, t_up)
+            return stream_response(resp, exchange, gw_fields, endpoint, spec, t0, t_up, held)
         try:
             data = await resp.read()
         except UPSTREAM_TIMEOUTS as exc:
@@ -453,7 +534,7 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         out = Response(data, status_code=resp.status)
         out.raw_headers = [*headers, (b"content-length", str(len(data)).encode())]
         m.requests.labels(endpoint, str(resp.status)).inc()
-        m.added_latency.observe((t_up - t0) + (time.perf_counter() - t_down))
+        m.added_latency.observe((t_up - t0) + held + (time.perf_counter() - t_down))
         return out
 
     def upstream_failure(exchange: dict, gw_fields: dict, endpoint: str, status: int, code: str,
@@ -467,7 +548,7 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         return _error(status, code, f"upstream {code.replace('_', ' ')}", endpoint=endpoint)
 
     def stream_response(resp: aiohttp.ClientResponse, exchange: dict, gw_fields: dict, endpoint: str,
-                        spec, t0: float, t_up: float) -> StreamingResponse:
+                        spec, t0: float, t_up: float, held: float) -> StreamingResponse:
         degrader = StreamDegrader(spec, endpoint) if spec is not None else None
 
         async def body() -> AsyncIterator[bytes]:
@@ -519,7 +600,7 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
             headers.append((b"x-distillguard-decision", b"degrade"))
         out = StreamingResponse(body(), status_code=resp.status)
         out.raw_headers = headers
-        m.added_latency.observe(t_up - t0)
+        m.added_latency.observe(t_up - t0 + held)
         return out
 
     for path in ENDPOINT_BY_PATH:

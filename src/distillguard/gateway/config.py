@@ -80,6 +80,11 @@ class GatewayConfig:
     appeal_url: str = "https://example.invalid/distillguard/appeal"
     #: "module:function" computing request signals; the batch engine's by default.
     signals: str = "distillguard.signals:annotate_request"
+    #: Compute request signals in a child process (off the event loop) instead of inline.
+    signals_process: bool = True
+    #: Forward while deciding, for accounts not on the enforcement list and not recently
+    #: rejected/degraded/throttled; the response is held until the decision allows it.
+    decide_during_call: bool = True
 
     def lookup_key(self, api_key: str) -> KeyInfo | None:
         """The owner of `api_key`, or None if unknown (and `unknown_keys` is "reject")."""
@@ -212,6 +217,8 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> GatewayConfig:
     cfg.signals = str(raw.get("signals", cfg.signals))
     if ":" not in cfg.signals:
         raise ConfigError("signals: expected module:function")
+    cfg.signals_process = bool(raw.get("signals_process", True))
+    cfg.decide_during_call = bool(raw.get("decide_during_call", True))
     return cfg
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from distillguard.gateway.config import KeyInfo
 from distillguard.gateway.policy import SEVERITY, DegradeSpec, PolicyHolder
+from distillguard.gateway.signals_proc import SignalsProcess, SignalsUnavailable
 from distillguard.gateway.state import BucketRequest, EnforcementList, LiveState, LiveView
 
 #: Reason codes of decisions that do not come from a policy rule's own `reason`.
@@ -87,12 +88,28 @@ class Decider:
         self.enforcement = enforcement
         self.annotate = annotate
         self.cluster_by_org = cluster_by_org
+        #: Set by the gateway when signals are computed in a child process.
+        self.signals_process: SignalsProcess | None = None
+
+    @property
+    def signals_offloaded(self) -> bool:
+        return self.signals_process is not None and self.signals_process.alive
+
+    async def signals(self, exchange: dict) -> dict:
+        """Request signals, from the signals process when it runs, else in-process."""
+        proc = self.signals_process
+        if proc is not None and proc.alive:
+            try:
+                return await proc.annotate(exchange)
+            except SignalsUnavailable:
+                pass  # same function, computed here (raises here if it raises)
+        return self.annotate(exchange)
 
     async def decide(self, exchange: dict, key: KeyInfo, *, now: float | None = None) -> Decision:
         """Decide on `exchange` (the request half of a log-contract record)."""
         now = time.time() if now is None else now
         policy = self.policy.policy
-        signals = self.annotate(exchange)
+        signals = await self.signals(exchange)
         account_id = key.account_id
         standing = self.enforcement.standing(account_id)
         cluster_id = standing.campaign_id if standing else None

@@ -42,6 +42,10 @@ class GatewayMetrics:
         self.decision_latency = Histogram(
             "distillguard_gateway_decision_seconds", "Time of the per-request decision.",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_cancelled = Counter(
+            "distillguard_gateway_upstream_cancelled",
+            "Upstream calls started during the decision and cancelled because it rejected "
+            "or degraded the request.", registry=r)
         self.upstream_errors = Counter(
             "distillguard_gateway_upstream_errors", "Upstream unreachable or timed out.",
             ["kind"], registry=r)
