@@ -45,3 +45,34 @@ def test_lines_and_numbers_do_not_depend_on_read_or_batch_size(
         assert table["raw_length"].to_pylist() == [len(line.encode()) for line in lines]
     assert got == expected()
     assert blank == TEXT.count("\n") + 1 - len(expected())
+
+
+def test_prefetch_keeps_order_raises_reader_errors_after_the_batches_before_them():
+    from distillguard.ingest import load
+
+    def batches():
+        yield from (readers.Batch(table=None, done_bytes=i) for i in range(3))
+        raise readers.IngestFileError("damaged")
+
+    got = []
+    with pytest.raises(readers.IngestFileError, match="damaged"):
+        for batch in load._prefetch(batches()):
+            got.append(batch.done_bytes)
+    assert got == [0, 1, 2]
+
+
+def test_prefetch_closes_the_reader_when_the_consumer_stops_early():
+    from distillguard.ingest import load
+
+    closed = []
+
+    def batches():
+        try:
+            yield from (readers.Batch(table=None, done_bytes=i) for i in range(100))
+        finally:
+            closed.append(True)
+
+    stream = load._prefetch(batches())
+    assert next(stream).done_bytes == 0
+    stream.close()
+    assert closed == [True]

@@ -12,7 +12,9 @@ Per batch, inside one transaction:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def _ingest_file(
             batches = readers.read_parquet(path)
         else:
             batches = readers.read_json_lines(path, report.format)
-        for batch in batches:
+        for batch in _prefetch(batches):
             report.blank += batch.blank
             if batch.table.num_rows:
                 _load_batch(con, spec, types, batch, source, report, ingested_at)
@@ -93,6 +95,51 @@ def _ingest_file(
     if progress:
         progress(str(path), total, total)
     return report
+
+
+_END = object()
+
+
+def _prefetch(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """`batches`, with the next one read in a thread while this one is validated and written
+    (DuckDB, file reads, decompression and numpy release the GIL). An error of the reader is
+    raised here, after the batches read before it."""
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+        finally:
+            batches.close()  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=work, name="distillguard-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 #: DuckDB errors caused by the data itself (not by the store or the machine).
