@@ -38,7 +38,7 @@ from distillguard import contract
 from distillguard.lab.infrastructure import Infrastructure, user_agent_pool
 from distillguard.lab.prompts import PromptLibrary, find_corpus, prompt_library
 from distillguard.lab.scenario import Scenario, list_scenarios, load_scenario
-from distillguard.lab.traffic import DAY_MS, Group, _ms, day_table
+from distillguard.lab.traffic import DAY_MS, WRITE_SCHEMA, Group, _ms, day_table
 
 __all__ = ["SimulationSummary", "list_scenarios", "simulate"]
 
@@ -53,6 +53,29 @@ PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1,
 #: text columns would cost more CPU than encoding them and filter nothing.
 STATISTICS_COLUMNS = ["ts", "account_id", "model", "status", "input_tokens", "output_tokens",
                       "reasoning_tokens", "latency_ms"]
+
+#: Near-unique columns: a Parquet dictionary would cost hashing and save nothing.
+PLAIN_COLUMNS = {"request_id", "ts", "latency_ms"}
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Parquet paths of the leaf columns of `schema` outside PLAIN_COLUMNS."""
+    def leaves(path: str, type_: pa.DataType) -> list[str]:
+        if pa.types.is_struct(type_):
+            return [p for f in type_ for p in leaves(f"{path}.{f.name}", f.type)]
+        if pa.types.is_map(type_):
+            return [*leaves(f"{path}.key_value.key", type_.key_type),
+                    *leaves(f"{path}.key_value.value", type_.item_type)]
+        if pa.types.is_list(type_):
+            return leaves(f"{path}.list.element", type_.value_type)
+        return [path]
+    return [p for f in schema if f.name not in PLAIN_COLUMNS for p in leaves(f.name, f.type)]
+
+
+EXCHANGE_OPTIONS = {**PARQUET_OPTIONS, "write_statistics": STATISTICS_COLUMNS,
+                    "use_dictionary": _dictionary_columns(WRITE_SCHEMA)}
+TRUTH_OPTIONS = {**PARQUET_OPTIONS,
+                 "use_dictionary": _dictionary_columns(contract.TRUTH_EXCHANGE_SCHEMA)}
 
 #: progress(done, total): called as (day, group) steps complete.
 Progress = Callable[[int, int], None]
@@ -188,7 +211,7 @@ class _DayMaker:
         del blocks
         path = self.out / "exchanges" / f"day-{day:05d}{PARTIAL}"
         pq.write_table(table, path, row_group_size=max(table.num_rows, 1), store_schema=False,
-                       write_statistics=STATISTICS_COLUMNS, **PARQUET_OPTIONS)
+                       **EXCHANGE_OPTIONS)
         return _Day(day, path, truth, tallies)
 
 
@@ -289,7 +312,7 @@ def simulate(scenario: str | Path = "smoke", out: Path = Path("lab-out"), scale:
                                 out, sc.days, corpus_skipped=dict(lib.skipped), workers=workers)
     tallies = [_Tally() for _ in groups]
     truth = pq.ParquetWriter(out / "truth" / "exchanges.parquet",
-                             contract.TRUTH_EXCHANGE_SCHEMA, **PARQUET_OPTIONS)
+                             contract.TRUTH_EXCHANGE_SCHEMA, **TRUTH_OPTIONS)
     try:
         for made in _days(_DayMaker(groups, out, chunk_rows), sc.days, workers):
             truth.write_table(made.truth, row_group_size=TRUTH_ROW_GROUP_ROWS)
