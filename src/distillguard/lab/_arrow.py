@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_SHIFTS = np.arange(60, -4, -4, dtype=np.uint64)
+#: The two hex digits of every byte value.
+_HEX_PAIRS = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), dtype=np.uint8).reshape(
+    256, 2)
 
 
 def mix64(values: np.ndarray, salt: int) -> np.ndarray:
@@ -34,8 +35,8 @@ def fixed_width_strings(matrix: np.ndarray) -> pa.StringArray:
 def hex_ids(prefix: str, counters: np.ndarray, salt: int, digits: int = 16) -> pa.StringArray:
     """`prefix` + `digits` hex characters of mix64(counter): unique per counter and salt."""
     mixed = mix64(np.asarray(counters, dtype=np.uint64), salt)
-    nibbles = ((mixed[:, None] >> _SHIFTS[None, :]) & np.uint64(0xF)).astype(np.intp)
-    chars = _HEX[nibbles[:, 16 - digits :]]
+    octets = mixed.astype(">u8").view(np.uint8).reshape(-1, 8)  # most significant first
+    chars = _HEX_PAIRS[octets].reshape(-1, 16)[:, 16 - digits :]
     head = np.frombuffer(prefix.encode("ascii"), dtype=np.uint8)
     matrix = np.concatenate([np.broadcast_to(head, (len(mixed), len(head))), chars], axis=1)
     return fixed_width_strings(matrix)
@@ -113,6 +114,7 @@ class TextBank:
         self.size: dict[str, int] = {}
         self._array: pa.Array | None = None
         self._distinct: tuple[np.ndarray, pa.Array] | None = None
+        self._byte_lengths: np.ndarray | None = None
 
     def add(self, name: str, values: list[str] | pa.Array) -> None:
         if name in self.offset:
@@ -123,7 +125,7 @@ class TextBank:
         self.offset[name] = sum(len(p) for p in self._pools)
         self.size[name] = len(array)
         self._pools.append(array.cast(pa.string()))
-        self._array = self._distinct = None
+        self._array = self._distinct = self._byte_lengths = None
 
     @property
     def array(self) -> pa.Array:
@@ -143,9 +145,11 @@ class TextBank:
     @property
     def byte_lengths(self) -> np.ndarray:
         """Byte length of every entry, for token estimates without touching the text."""
-        offsets = np.frombuffer(self.array.buffers()[1], dtype=np.int32)
-        offsets = offsets[self.array.offset : self.array.offset + len(self.array) + 1]
-        return np.diff(offsets)
+        if self._byte_lengths is None:
+            offsets = np.frombuffer(self.array.buffers()[1], dtype=np.int32)
+            offsets = offsets[self.array.offset : self.array.offset + len(self.array) + 1]
+            self._byte_lengths = np.diff(offsets)
+        return self._byte_lengths
 
     def index(self, name: str, local: np.ndarray) -> np.ndarray:
         """Bank-wide indices of entries `local % size` of pool `name`."""

@@ -116,6 +116,9 @@ class AccountSet:
     n: np.ndarray
     logprobs: np.ndarray
     org: pa.Array
+    org_code: np.ndarray  # index into org_values (org is null for every account if it is empty)
+    org_values: pa.Array  # the distinct organisations
+    api_keys: pa.Array  # the two API keys of account i at 2i (main) and 2i+1
     table: pa.Table  # contract.ACCOUNT_SCHEMA rows
 
 
@@ -314,13 +317,18 @@ class Group:
             "signup_ip": signup_ip,
             "plan": pa.array(_choose(rng, spec["plan"], n).tolist()),
         })
+        org_encoded = org.dictionary_encode()
         return AccountSet(
             ids=ids, counters=counters, tz=tz, profile=profile, rate=rate, ua=ua,
             ip_base=ip_base,
             ip_span=ip_span, template=rng.integers(0, 1 << 30, n), temperature=temperature,
             max_tokens=max_tokens, stream=rng.random(n) < params["stream"],
             endpoint=endpoint, n=n_choices, logprobs=rng.random(n) < params["logprobs"],
-            org=org, table=contract.conform(table, contract.ACCOUNT_SCHEMA),
+            org=org, org_code=org_encoded.indices.to_numpy(zero_copy_only=False),
+            org_values=org_encoded.dictionary.drop_null(),
+            api_keys=hex_ids("key_", (counters[:, None] * np.uint64(4) + np.arange(
+                2, dtype=np.uint64)).ravel(), salt=self.seed * 53 + 3),
+            table=contract.conform(table, contract.ACCOUNT_SCHEMA),
         )
 
     def _shared_ids(self, prefix: str, per: int | None, first: int, n: int,
@@ -658,7 +666,7 @@ class Group:
         ip_idx = (a.ip_base[acct] + rng.integers(0, 1 << 40, n) % a.ip_span[acct]) \
             % len(self.ip_pool)
         # Most requests use the account's main key; a fifth use a second key.
-        keys = a.counters[acct] * np.uint64(4) + (rng.random(n) < 0.2).astype(np.uint64)
+        api_key = 2 * acct + (rng.random(n) < 0.2)
         temperature, max_tokens = a.temperature[acct], a.max_tokens[acct]
         params = pa.StructArray.from_arrays([
             pa.array(temperature, mask=np.isnan(temperature)),
@@ -677,8 +685,9 @@ class Group:
             "request_id": request_id,
             "ts": ts,
             "account_id": dictionary_take(a.ids, acct),
-            "api_key_id": hex_ids("key_", keys, salt=self.seed * 53 + 3),
-            "org_id": a.org.take(pa.array(acct)),
+            "api_key_id": dictionary_take(a.api_keys, api_key),
+            "org_id": dictionary_take(a.org_values, a.org_code[acct]) if len(a.org_values)
+            else pa.nulls(n, WRITE_SCHEMA.field("org_id").type),
             "ip": dictionary_take(self.ip_pool, ip_idx),
             "user_agent": small_dictionary(a.ua[acct], self.ua_values),
             "model": small_dictionary(model, self.model_names),
@@ -731,8 +740,9 @@ def _dictionary_encoded(field: pa.Field) -> pa.Field:
 
 #: contract.EXCHANGE_SCHEMA with repeated text as dictionaries: what the simulator hands its
 #: Parquet writer. Written without the Arrow schema, every reader sees the contract types.
-DICTIONARY_TEXT = {"account_id", "ip", "user_agent", "model", "endpoint", "system",
-                   "response_text", "reasoning_text", "error", "stop_reason"}
+DICTIONARY_TEXT = {"account_id", "api_key_id", "org_id", "ip", "user_agent", "model",
+                   "endpoint", "system", "response_text", "reasoning_text", "error",
+                   "stop_reason"}
 WRITE_MESSAGE_TYPE = pa.struct([_dictionary_encoded(f) for f in contract.MESSAGE_TYPE])
 WRITE_PARAMS_TYPE = pa.struct([_dictionary_encoded(f) if f.name == "reasoning_effort" else f
                                for f in contract.PARAMS_TYPE])
