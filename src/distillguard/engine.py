@@ -338,7 +338,9 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
         graph = config.linker.link(ev, names)
     with _timed(seconds, "clustering", progress):
         label = leiden_clusters(graph, resolution=config.resolution, min_size=config.clusters.min_size)
-        block, _density = fraudar(ev, names, max_df=config.linker.max_group)
+        # dense blocks of *control* evidence: shared prompts, system prompts and synchrony tie
+        # honest strangers by the thousand and would make one block of the whole population
+        block, _density = fraudar(_control_evidence(ev), names, max_df=config.linker.max_group)
     with _timed(seconds, "scoring", progress):
         scorer = BehaviourScorer()
         if verdicts:
@@ -348,6 +350,11 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
         verdict_list = config.clusters.score(
             members, behaviour, _internal_weight(graph, label), _member_control(graph, label),
             block >= 0,
+            # a core member's strongest control tie must lead to a member in the behavioural
+            # tail itself (one of the operator's accounts), not to an ordinary neighbour
+            member_max_control=_member_max_control(
+                graph, label, behaviour.score > config.clusters.tail_threshold(behaviour)),
+            signup_quantile=signup_quantiles(fp),
         )
         verdict_list = _merge_flagged(verdict_list, graph, label, config.clusters.min_cohesion)
     with _timed(seconds, "campaigns", progress):
@@ -410,6 +417,8 @@ def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: n
             sum(v.control * len(v.members) for v in vs) / size,
             sum(v.behaviour_percentile * len(v.members) for v in vs) / size,
             True,
+            min(v.cohort_p for v in vs),
+            any(v.cohort for v in vs),
         ))
         for v in vs:
             label[v.members] = root
@@ -436,6 +445,45 @@ def _internal_weight(graph: AccountGraph, label: np.ndarray) -> dict[int, float]
     same = (label[graph.src] == label[graph.dst]) & (label[graph.src] >= 0)
     sums = np.bincount(label[graph.src][same], weights=graph.weight[same])
     return {i: float(w) for i, w in enumerate(sums)}
+
+
+def _control_evidence(ev: pa.Table) -> pa.Table:
+    """Evidence rows of control kinds only (not shared prompts, system prompts, synchrony)."""
+    from distillguard.linking import CONTENT_KINDS
+
+    return ev.filter(pc.invert(pc.is_in(ev["kind"], pa.array(sorted(CONTENT_KINDS)))))
+
+
+def signup_quantiles(fp: pa.Table) -> np.ndarray:
+    """Each account's sign-up time as a quantile of all accounts' sign-up times (average ranks,
+    NaN when unknown): what `scoring.cohort_p_value` tests for batch creation."""
+    if "created_at" not in fp.column_names:
+        return np.full(fp.num_rows, np.nan)
+    created = fp["created_at"].cast(pa.int64()).to_numpy(zero_copy_only=False)
+    known = ~pc.is_null(fp["created_at"]).to_numpy(zero_copy_only=False)
+    out = np.full(fp.num_rows, np.nan)
+    if known.any():
+        from scipy.stats import rankdata
+
+        out[known] = rankdata(created[known], method="average") / known.sum()
+    return out
+
+
+def _member_max_control(graph: AccountGraph, label: np.ndarray,
+                        among: np.ndarray | None = None) -> np.ndarray:
+    """Per vertex: its strongest control-evidence edge to a member of its own cluster (only to
+    members with `among[j]` True when given: an honest user who shares a residential address
+    with an ordinary neighbour is not tied to the campaign that neighbour's cluster holds)."""
+    same = (label[graph.src] == label[graph.dst]) & (label[graph.src] >= 0)
+    src, dst, w = graph.src[same], graph.dst[same], graph.control_weight()[same]
+    out = np.zeros(len(graph.accounts))
+    if among is None:
+        np.maximum.at(out, src, w)
+        np.maximum.at(out, dst, w)
+    else:
+        np.maximum.at(out, src, np.where(among[dst], w, 0.0))
+        np.maximum.at(out, dst, np.where(among[src], w, 0.0))
+    return out
 
 
 def _member_control(graph: AccountGraph, label: np.ndarray) -> np.ndarray:
@@ -637,6 +685,7 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
             ],
             "indicators": list(inds.items()),
             "reasons": _campaign_reasons(v, idx, behaviour, infra_reasons, allowed, v.core)
+            + _cohort_reasons(v, fp, config.clusters.cohort_fraction)
             + [f"release pivot: {p['model']} reached {100 * p['share']:.0f}% of the campaign's "
                f"traffic in the 6 h window ending {p['reached_at']:%Y-%m-%d %H:%M} UTC"
                for p in pivots.get(cid, [])],
@@ -648,6 +697,20 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
     )
     allow_listed = sorted(names[i] for i in np.flatnonzero(allowed))
     return accounts_out, campaigns_out, exchanges_out, allow_listed
+
+
+def _cohort_reasons(v: ClusterVerdict, fp: pa.Table, fraction: float) -> list[str]:
+    """'sign-up cohort: k of its n accounts were created within H h (chance p = ...)'."""
+    if not v.cohort or "created_at" not in fp.column_names:
+        return []
+    created = fp["created_at"].take(pa.array(v.core)).drop_null().cast(pa.int64())
+    t = np.sort(created.to_numpy(zero_copy_only=False))
+    k = max(3, int(np.ceil(fraction * t.size)))
+    if t.size < k:
+        return []
+    hours = float(np.min(t[k - 1:] - t[: t.size - k + 1])) / 3.6e6
+    return [f"sign-up cohort: {k} of its {t.size} accounts were created within {hours:.0f} h "
+            f"of each other (chance p = {v.cohort_p:.1e} against the population's sign-ups)"]
 
 
 def _campaign_reasons(v: ClusterVerdict, idx, behaviour: AccountScores, infra_reasons,

@@ -32,6 +32,9 @@ SIGNAL_COLUMNS = (
 #: A model first seen this long after the log starts counts as released inside the window.
 NEW_MODEL_AFTER_S = 6 * 3600
 
+#: The release-reaction window: how soon after a model first appears an account moves to it.
+RELEASE_WINDOW_S = 24 * 3600
+
 #: Boolean signals whose per-account share is a fingerprint feature.
 SHARE_SIGNALS = ("cot", "reasoning_reconstruction", "rubric", "safe_rewrite", "extraction_params")
 
@@ -61,6 +64,7 @@ NUMERIC_FEATURES = (
     "temp0_share",
     "n_models",
     "new_model_share",
+    "release_reaction_share",
     "n_ips",
     "n_prefixes",
     "n_user_agents",
@@ -172,6 +176,19 @@ def account_fingerprints(view: ir.Table, accounts: ir.Table) -> ir.Table:
         n_user_agents=v.user_agent.nunique(),
         **{f"{s}_share": v[s].cast("float64").mean() for s in SHARE_SIGNALS},
     )
+    # Release reaction: of an account's exchanges in the first RELEASE_WINDOW_S after a new
+    # model first appears, the share sent to that model. Honest users adopt a release over days;
+    # an operator who switches its fleet to a fresh model within hours stands out here, even
+    # when its share over the whole log looks like everyone's.
+    nm = firsts.filter(firsts.is_new).select(nm_model=firsts.model,
+                                              nm_s=firsts.model_first_ts.epoch_seconds())
+    w = view.select("account_id", "model", ts_s=view.ts.epoch_seconds()).cross_join(nm)
+    w = w.filter((w.ts_s >= w.nm_s) & (w.ts_s < w.nm_s + RELEASE_WINDOW_S))
+    early = w.group_by("account_id").aggregate(
+        release_window_n=w.count(), release_new_n=(w.model == w.nm_model).cast("int64").sum()
+    )
+    base = base.left_join(early, "account_id")
+    base = base.drop([c for c in base.columns if c.endswith("_right")])
     daily = daily_fingerprints(view)
     dstats = daily.group_by("account_id").aggregate(
         daily_mean=daily.n.mean(), daily_std=daily.n.std(how="pop"), daily_max=daily.n.max()
@@ -215,7 +232,12 @@ def account_fingerprints(view: ir.Table, accounts: ir.Table) -> ir.Table:
         "n_hours",
         "weekday_entropy",
         *[f"{s}_share" for s in SHARE_SIGNALS],
+        "created_at",
         org_id=f.acct_org,
+        release_window_n=f.release_window_n.fill_null(0),
+        release_reaction_share=(
+            f.release_new_n.cast("float64") / f.release_window_n.nullif(0)
+        ).fill_null(0),
         daily_cv=(f.daily_std / f.daily_mean).fill_null(0),
         gap_cv=(f.gap_std_s / f.gap_mean_s.nullif(0)).fill_null(0),
         unique_template_share=f.n_template_sigs / f.n_exchanges,

@@ -1,0 +1,188 @@
+"""Provisioning evidence and the release reaction: the sign-up cohort test, cores tied to the
+tail, control-only dense blocks, release-reaction fingerprints and their scoring."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import ibis
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from distillguard import contract, engine, fingerprints, scoring
+from distillguard.linking import AccountGraph
+
+FEATURES = [f for f, _, _, _ in scoring.BEHAVIOUR_FEATURES]
+
+
+# --- the sign-up cohort p-value ------------------------------------------------------------
+def test_accounts_created_in_one_batch_are_a_cohort_random_ones_are_not():
+    rng = np.random.default_rng(0)
+    batch = 0.40 + rng.random(40) * 0.004  # 40 accounts within 0.4% of the sign-up history
+    spread = rng.random(10)  # ten accounts created independently, months apart
+    assert scoring.cohort_p_value(batch) < 1e-40
+    assert scoring.cohort_p_value(spread) > 0.01
+    # a few unrelated users in the cluster do not hide the batch
+    assert scoring.cohort_p_value(np.r_[batch, rng.random(8)]) < 1e-30
+    # unknown sign-up times are ignored; too few known: no evidence
+    assert scoring.cohort_p_value(np.r_[batch[:2], [np.nan] * 5]) == 1.0
+
+
+def test_signup_quantiles_are_population_ranks_and_nan_when_unknown():
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    fp = pa.table({"account_id": ["a", "b", "c", "d"],
+                   "created_at": pa.array([t0, None, t0 + timedelta(days=2),
+                                           t0 + timedelta(days=1)], contract.UTC_TS)})
+    q = engine.signup_quantiles(fp)
+    assert np.isnan(q[1])
+    assert q[0] < q[3] < q[2] == pytest.approx(1.0)
+
+
+# --- cluster flags: cohort stands in for an outlying control weight ------------------------
+def population(n: int = 200, odd: int = 20, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    cols = {f: rng.normal(1.0, 0.1, n).clip(0) for f in FEATURES}
+    cols["cot_share"] = np.where(np.arange(n) < odd, 0.9, rng.uniform(0, 0.1, n))
+    return pa.table({"account_id": [f"a{i:03d}" for i in range(n)], **cols})
+
+
+def _world(signup: np.ndarray):
+    s = scoring.BehaviourScorer().score(population())
+    control = np.zeros(200)
+    members, internal = {}, {}
+    for k in range(30):  # thirty ordinary clusters tied by everyday evidence (a shared card)
+        idx = np.arange(100 + 3 * k, 103 + 3 * k)
+        control[idx] = 4.0 + 0.2 * (k % 5)
+        members[10 + k], internal[10 + k] = idx, 6.0
+    odd = np.arange(0, 10)
+    control[odd] = 4.6  # cards shared by five: no more than the everyday clusters
+    members[0], internal[0] = odd, 60.0
+    return s, members, internal, control, odd, signup
+
+
+def test_a_batch_created_cluster_in_the_tail_is_flagged_an_independent_one_is_not():
+    rng = np.random.default_rng(1)
+    signup = rng.random(200)
+    s, members, internal, control, odd, _ = _world(signup)
+    no_block = np.zeros(200, dtype=bool)
+    scorer = scoring.ClusterScorer()
+    independent = {v.label: v for v in scorer.score(
+        members, s, internal, control, no_block, signup_quantile=signup)}
+    assert not independent[0].flagged and not independent[0].cohort  # like eval harnesses
+    batch = signup.copy()
+    batch[odd] = 0.5 + rng.random(odd.size) * 0.002  # created within hours of each other
+    cohort = {v.label: v for v in scorer.score(
+        members, s, internal, control, no_block, signup_quantile=batch)}
+    assert cohort[0].flagged and cohort[0].cohort and cohort[0].cohort_p < 1e-10
+    assert set(cohort[0].core) == set(odd)
+    assert not any(cohort[k].flagged for k in range(10, 40))
+    # a batch of ordinary accounts is still not a campaign: behaviour must be in the tail too
+    members[1], internal[1] = np.arange(50, 60), 60.0
+    control[50:60] = 4.6
+    batch[50:60] = 0.2 + rng.random(10) * 0.002
+    v = {v.label: v for v in scorer.score(members, s, internal, control, no_block,
+                                          signup_quantile=batch)}
+    assert v[1].cohort and not v[1].flagged
+
+
+def test_core_members_must_be_tied_to_the_tail_not_to_ordinary_neighbours():
+    # 0-1-2 attackers (tail) share a card; 3 shares a home address with 4 (ordinary) only
+    graph = AccountGraph(
+        [f"u{i}" for i in range(5)],
+        np.array([0, 1, 3]), np.array([1, 2, 4]), np.array([2.0, 2.0, 2.0]),
+        {"payment": np.array([2.0, 2.0, 0.0]), "ip": np.array([0.0, 0.0, 2.0]),
+         "template": np.array([0.0, 0.0, 0.0])},
+        {"payment": np.array([1, 1, 0]), "ip": np.array([0, 0, 1]),
+         "template": np.array([0, 0, 0])},
+    )
+    label = np.zeros(5, dtype=np.int64)
+    tail = np.array([True, True, True, True, False])
+    everyone = engine._member_max_control(graph, label)
+    to_tail = engine._member_max_control(graph, label, tail)
+    assert everyone[3] == 2.0 and to_tail[3] == 0.0
+    assert (to_tail[:3] == 2.0).all()
+
+
+def test_dense_blocks_use_control_evidence_only():
+    ev = pa.table({
+        "account_id": ["a", "b", "a", "b"], "kind": ["template", "lsh", "payment", "ip"],
+        "key": ["t", "l", "p", "i"],
+        "first_ts": pa.nulls(4, pa.timestamp("ms", tz="UTC")), "n": [1, 1, 1, 1]})
+    kinds = set(engine._control_evidence(ev)["kind"].to_pylist())
+    assert kinds == {"payment", "ip"}
+
+
+# --- release reaction ----------------------------------------------------------------------
+def _traffic():
+    t0 = datetime(2026, 2, 1, tzinfo=UTC)
+    rows = []
+
+    def add(acct, ts, model):
+        rows.append({"request_id": f"r{len(rows):05d}", "account_id": acct, "ts": ts,
+                     "model": model})
+
+    for h in range(0, 72, 2):  # the old model from the start, for everyone
+        for a in ("fleet", "adopter", "idle"):
+            add(a, t0 + timedelta(hours=h), "m-old")
+    release = t0 + timedelta(hours=24)
+    add("probe", release, "m-new")  # the new model's first appearance
+    for h in range(2, 24, 2):  # in its first 24 h: the fleet switches, the adopter tries once
+        add("fleet", release + timedelta(hours=h, minutes=5), "m-new")
+    add("adopter", release + timedelta(hours=20, minutes=5), "m-new")
+    return rows, t0
+
+
+def test_release_reaction_share_counts_the_first_day_of_a_new_model():
+    rows, t0 = _traffic()
+    ex = pa.Table.from_pylist([{**r, "ip": "198.51.100.1", "user_agent": "ua",
+                                "endpoint": "chat.completions", "messages": [],
+                                "params": {}, "input_tokens": 10, "output_tokens": 10,
+                                "status": 200} for r in rows], schema=contract.EXCHANGE_SCHEMA)
+    sig = pa.Table.from_pylist([{"request_id": r["request_id"], "account_id": r["account_id"],
+                                 "ts": r["ts"], "model": r["model"], "cot": False,
+                                 "capability": "chat", "template_sig": "t", "template_lsh": [],
+                                 "distill_score": 0.1} for r in rows],
+                               schema=contract.SIGNAL_SCHEMA)
+    acc = pa.Table.from_pylist([{"account_id": a, "created_at": t0 - timedelta(days=30)}
+                                for a in ("fleet", "adopter", "idle", "probe")],
+                               schema=contract.ACCOUNT_SCHEMA)
+    con = ibis.duckdb.connect()
+    view = fingerprints.exchange_view(con.create_table("exchanges", ex),
+                                      con.create_table("signals", sig))
+    fp = fingerprints.account_fingerprints(view, con.create_table("accounts", acc)).to_pyarrow()
+    row = {r["account_id"]: r for r in fp.to_pylist()}
+    # fleet: 11 of its 23 exchanges in the window went to the new model
+    assert row["fleet"]["release_window_n"] == 23
+    assert row["fleet"]["release_reaction_share"] == pytest.approx(11 / 23)
+    assert row["adopter"]["release_reaction_share"] == pytest.approx(1 / 13)
+    assert row["idle"]["release_reaction_share"] == 0.0
+    assert row["fleet"]["created_at"] is not None
+
+
+def test_release_reaction_is_compared_among_accounts_active_in_a_release_window():
+    n = 200
+    rng = np.random.default_rng(0)
+    cols = {f: rng.normal(1.0, 0.1, n).clip(0) for f in FEATURES}
+    share = np.r_[[0.5] * 5, rng.uniform(0.0, 0.1, 95), np.zeros(100)]
+    window = np.r_[[200] * 100, np.zeros(100)]  # half the accounts never saw a release window
+    cols["release_reaction_share"] = share
+    t = pa.table({"account_id": [f"a{i:03d}" for i in range(n)], **cols,
+                  "release_window_n": window, "n_exchanges": np.full(n, 500.0)})
+    s = scoring.BehaviourScorer().score(t)
+    c = s.contributions["release_reaction_share"]
+    assert c[:5].min() > 2.0  # the fleet that switched within hours
+    assert (c[100:] == 0).all()  # no window traffic: no evidence either way
+    assert "release reaction" in " ".join(s.reasons(0, top=len(FEATURES)))
+
+
+def test_account_age_is_compared_on_a_log_scale():
+    n = 200
+    rng = np.random.default_rng(0)
+    cols = {f: rng.normal(1.0, 0.1, n).clip(0) for f in FEATURES}
+    cols["age_at_first_use_h"] = np.r_[[48.0] * 5, rng.uniform(0, 8760, n - 5)]
+    s = scoring.BehaviourScorer().score(pa.table({"account_id": [str(i) for i in range(n)],
+                                                  **cols}))
+    # two-day-old accounts in a population spread over a year: several robust z away
+    assert s.contributions["age_at_first_use_h"][:5].min() >= 0.5 * 2.0
+    assert s.medians["age_at_first_use_h"] > 1000  # reasons quote raw hours
