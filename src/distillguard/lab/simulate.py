@@ -38,7 +38,14 @@ from distillguard import contract
 from distillguard.lab.infrastructure import Infrastructure, user_agent_pool
 from distillguard.lab.prompts import PromptLibrary, find_corpus, prompt_library
 from distillguard.lab.scenario import Scenario, list_scenarios, load_scenario
-from distillguard.lab.traffic import DAY_MS, WRITE_SCHEMA, Group, _ms, day_table
+from distillguard.lab.traffic import (
+    DAY_MS,
+    TRUTH_WRITE_SCHEMA,
+    WRITE_SCHEMA,
+    Group,
+    _ms,
+    day_table,
+)
 
 __all__ = ["SimulationSummary", "list_scenarios", "simulate"]
 
@@ -74,8 +81,7 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
 
 EXCHANGE_OPTIONS = {**PARQUET_OPTIONS, "write_statistics": STATISTICS_COLUMNS,
                     "use_dictionary": _dictionary_columns(WRITE_SCHEMA)}
-TRUTH_OPTIONS = {**PARQUET_OPTIONS,
-                 "use_dictionary": _dictionary_columns(contract.TRUTH_EXCHANGE_SCHEMA)}
+TRUTH_OPTIONS = {**PARQUET_OPTIONS, "use_dictionary": _dictionary_columns(TRUTH_WRITE_SCHEMA)}
 
 #: progress(done, total): called as (day, group) steps complete.
 Progress = Callable[[int, int], None]
@@ -173,7 +179,7 @@ class _Day:
 
     day: int
     path: Path | None
-    truth: pa.Table
+    truth: pa.Table | None
     tallies: list[_Tally]
 
 
@@ -194,20 +200,16 @@ class _DayMaker:
         blocks, tallies = [], []
         for group in self.groups:
             tally = _Tally()
-            # Request counters: unique per (day, group) and row, whatever order days run in.
-            counter = (day * len(self.groups) + group.index) << 32
             for plan in group.day_blocks(day, self.chunk_rows):
-                blocks.append(group.assemble(plan, counter))
-                counter += blocks[-1].num_rows
+                blocks.append(group.assemble(plan))
                 tally.add(group, plan)
             tallies.append(tally)
         if not blocks:
-            return _Day(day, None, contract.empty_table(contract.TRUTH_EXCHANGE_SCHEMA), tallies)
-        truth = pa.concat_tables([b.truth for b in blocks])
+            return _Day(day, None, None, tallies)
         # One row group per simulated day, sorted by time: the files are in time order and row
         # order reveals nothing about which population or campaign generated a row. Each
         # distinct text is stored once per day.
-        table = day_table(blocks, self.groups[0].lib.bank)
+        table, truth = day_table(blocks, self.groups[0].lib.bank, self.groups[0].seed, day)
         del blocks
         path = self.out / "exchanges" / f"day-{day:05d}{PARTIAL}"
         pq.write_table(table, path, row_group_size=max(table.num_rows, 1), store_schema=False,
@@ -311,11 +313,12 @@ def simulate(scenario: str | Path = "smoke", out: Path = Path("lab-out"), scale:
     summary = SimulationSummary(sc.name, scale, seed, str(corpus_dir) if corpus_dir else None,
                                 out, sc.days, corpus_skipped=dict(lib.skipped), workers=workers)
     tallies = [_Tally() for _ in groups]
-    truth = pq.ParquetWriter(out / "truth" / "exchanges.parquet",
-                             contract.TRUTH_EXCHANGE_SCHEMA, **TRUTH_OPTIONS)
+    truth = pq.ParquetWriter(out / "truth" / "exchanges.parquet", TRUTH_WRITE_SCHEMA,
+                             store_schema=False, **TRUTH_OPTIONS)
     try:
         for made in _days(_DayMaker(groups, out, chunk_rows), sc.days, workers):
-            truth.write_table(made.truth, row_group_size=TRUTH_ROW_GROUP_ROWS)
+            if made.truth is not None:
+                truth.write_table(made.truth, row_group_size=TRUTH_ROW_GROUP_ROWS)
             for total, tally in zip(tallies, made.tallies, strict=True):
                 total.merge(tally)
             if made.path is not None:

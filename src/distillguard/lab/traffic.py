@@ -135,22 +135,24 @@ class Block:
     role: np.ndarray  # per message: index into ROLES
     content: np.ndarray  # per message: bank index, or -1-j for prompts[j]
     prompts: pa.Array  # the block's wrapped opening prompts
-    truth: pa.Table  # contract.TRUTH_EXCHANGE_SCHEMA
-
-    @property
-    def num_rows(self) -> int:
-        return self.exchanges.num_rows
+    campaign: pa.DictionaryArray  # per exchange: the campaign it is attack traffic of, or null
 
 
-def day_table(blocks: list[Block], bank: TextBank) -> pa.Table:
+def day_table(blocks: list[Block], bank: TextBank, seed: int, day: int
+              ) -> tuple[pa.Table, pa.Table]:
     """The day's exchanges (`WRITE_SCHEMA`) sorted by time (ties in block order), each text
-    column's dictionary holding just the distinct texts the day uses."""
+    column's dictionary holding just the distinct texts the day uses, and their truth rows
+    (`TRUTH_WRITE_SCHEMA`)."""
     exchanges = pa.concat_tables([b.exchanges for b in blocks])
     order = pc.sort_indices(exchanges["ts"]).to_numpy()
+    # Request ids number the day's rows in time order: unique, and independent of other days.
+    columns = {"request_id": hex_ids("req_", (np.uint64(day) << np.uint64(32)) + np.arange(
+        len(order), dtype=np.uint64), salt=seed * 104729 + 5)}
     # Columns with per-group dictionaries (accounts, addresses, small pools) are unified;
     # the bank text columns share one dictionary, so concatenating them copies no text.
     rest = exchanges.drop_columns(BANK_TEXT).unify_dictionaries().combine_chunks().take(order)
-    columns = {name: compact(exchanges[name].combine_chunks().take(order)) for name in BANK_TEXT}
+    columns |= {name: compact(exchanges[name].combine_chunks().take(order))
+                for name in BANK_TEXT}
     # Messages: gather each exchange's run of messages in time order.
     n_messages = np.concatenate([b.n_messages for b in blocks])
     starts = np.cumsum(n_messages) - n_messages
@@ -172,8 +174,13 @@ def day_table(blocks: list[Block], bank: TextBank) -> pa.Table:
          dictionary_take(distinct, content, extra=prompts_.dictionary)],
         fields=list(WRITE_MESSAGE_TYPE))
     columns["messages"] = list_array(n_messages[order], structs)
-    return pa.Table.from_arrays([columns[f.name] if f.name in columns else rest[f.name]
-                                 for f in WRITE_SCHEMA], schema=WRITE_SCHEMA)
+    table = pa.Table.from_arrays([columns[f.name] if f.name in columns else rest[f.name]
+                                  for f in WRITE_SCHEMA], schema=WRITE_SCHEMA)
+    campaign = pa.chunked_array([b.campaign for b in blocks]).unify_dictionaries()
+    truth = pa.Table.from_arrays(
+        [table["request_id"], table["account_id"], campaign.combine_chunks().take(order),
+         table["ts"]], schema=TRUTH_WRITE_SCHEMA)
+    return table, truth
 
 
 class Group:
@@ -632,8 +639,8 @@ class Group:
                                    -1))
         return tools, calls, has_call, system
 
-    def assemble(self, plan: dict, first_request: int) -> Block:
-        """One plan's exchanges and truth rows (request counters from `first_request`)."""
+    def assemble(self, plan: dict) -> Block:
+        """One plan's exchanges, with what their truth rows need."""
         bank, spec, rng, ft = self.lib.bank, self.spec, plan["rng"], self._family_table
         lengths = bank.byte_lengths
         n, sess, pos, key = len(plan["ts"]), plan["sess"], plan["pos"], plan["key"]
@@ -678,11 +685,8 @@ class Group:
             small_dictionary(effort, EFFORTS, null=effort < 0),
             pa.array(budget, mask=budget < 0),
         ], fields=list(WRITE_PARAMS_TYPE))
-        request_id = hex_ids("req_", np.arange(first_request, first_request + n,
-                                               dtype=np.uint64), salt=self.seed * 104729 + 5)
         ts = pa.array(plan["ts"], contract.UTC_TS)
         columns = {
-            "request_id": request_id,
             "ts": ts,
             "account_id": dictionary_take(a.ids, acct),
             "api_key_id": dictionary_take(a.api_keys, api_key),
@@ -710,15 +714,10 @@ class Group:
         exchanges = pa.Table.from_arrays(
             [columns.get(f.name, pa.nulls(n, f.type)) for f in BLOCK_SCHEMA], schema=BLOCK_SCHEMA)
         attack = np.full(n, self.is_attack) & ~plan["honest_mix"][sess]
-        truth = pa.table({
-            "request_id": request_id,
-            "account_id": a.ids.take(pa.array(acct)),
-            "campaign_id": pc.if_else(pa.array(attack), pa.scalar(self.campaign_id, pa.string()),
-                                      pa.scalar(None, pa.string())),
-            "ts": ts,
-        }, schema=contract.TRUTH_EXCHANGE_SCHEMA)
+        campaign = small_dictionary(np.zeros(n, dtype=np.int32),
+                                    pa.array([self.campaign_id or ""]), null=~attack)
         plan["stats"] = {"attack": attack, "model": model}
-        return Block(exchanges, n_messages, role, content, wrapped, truth)
+        return Block(exchanges, n_messages, role, content, wrapped, campaign)
 
 
 def _second_pool(family: prompts.Family) -> str | None:
@@ -754,5 +753,9 @@ WRITE_SCHEMA = pa.schema([
 ])
 #: Text columns whose dictionary, block by block, is the whole text bank (see `day_table`).
 BANK_TEXT = ["system", "response_text", "reasoning_text"]
-#: What a `Block` holds as a table: `WRITE_SCHEMA` but the messages.
-BLOCK_SCHEMA = WRITE_SCHEMA.remove(WRITE_SCHEMA.get_field_index("messages"))
+#: What a `Block` holds as a table: `WRITE_SCHEMA` but the messages and request ids.
+BLOCK_SCHEMA = pa.schema([f for f in WRITE_SCHEMA if f.name not in ("messages", "request_id")])
+#: contract.TRUTH_EXCHANGE_SCHEMA as written (repeated ids as dictionaries).
+TRUTH_WRITE_SCHEMA = pa.schema([
+    _dictionary_encoded(f) if f.name in ("account_id", "campaign_id") else f
+    for f in contract.TRUTH_EXCHANGE_SCHEMA])
