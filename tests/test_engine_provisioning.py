@@ -186,3 +186,24 @@ def test_account_age_is_compared_on_a_log_scale():
     # two-day-old accounts in a population spread over a year: several robust z away
     assert s.contributions["age_at_first_use_h"][:5].min() >= 0.5 * 2.0
     assert s.medians["age_at_first_use_h"] > 1000  # reasons quote raw hours
+
+
+# --- joining by payment instrument ---------------------------------------------------------
+def test_accounts_paying_with_a_campaign_card_join_it_with_a_reason():
+    names = [f"u{i}" for i in range(8)]
+    ev = pa.table({
+        "account_id": ["u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7"],
+        "kind": ["payment"] * 8,
+        # card A: three core members and one quiet fleet account; card B: one core member and
+        # two others (the card mostly pays for someone else); card C: nobody flagged
+        "key": ["A", "A", "A", "A", "B", "B", "B", "C"],
+        "first_ts": pa.nulls(8, pa.timestamp("ms", tz="UTC")), "n": [1] * 8})
+    label = np.array([0, 0, 0, 5, 0, -1, -1, 3], dtype=np.int64)
+    v = scoring.ClusterVerdict(0, np.array([0, 1, 2, 4]), np.array([0, 1, 2, 4]), 0.9, 5.0,
+                               5.0, 0.95, True)
+    other = scoring.ClusterVerdict(3, np.array([7]), np.array([7]), 0.1, 1.0, 1.0, 0.2, False)
+    joined = engine._join_by_payment([v, other], ev, names, label)
+    assert set(joined) == {3}
+    assert "same payment instrument as 3 flagged accounts" in joined[3]
+    assert set(v.core) == {0, 1, 2, 3, 4} and label[3] == 0
+    assert label[5] == -1 and label[6] == -1  # card B: 1 of 3 is not "mostly the campaign's"

@@ -357,10 +357,11 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
             signup_quantile=signup_quantiles(fp),
         )
         verdict_list = _merge_flagged(verdict_list, graph, label, config.clusters.min_cohesion)
+        card_joined = _join_by_payment(verdict_list, ev, names, label)
     with _timed(seconds, "campaigns", progress):
         result = _campaigns(
             con, backend, view, fp, ev, graph, label, block, behaviour, verdict_list, firsts,
-            now, config, allow_accounts, allow_orgs,
+            now, config, allow_accounts, allow_orgs, card_joined,
         )
     acc, cmp_, exc, allow_listed = result
     return Findings(acc, cmp_, exc, seconds, n_exchanges, allow_listed=allow_listed, until=until)
@@ -423,6 +424,52 @@ def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: n
         for v in vs:
             label[v.members] = root
     return merged
+
+
+def _join_by_payment(verdicts: list[ClusterVerdict], ev: pa.Table, names: list[str],
+                     label: np.ndarray) -> dict[int, str]:
+    """Accounts paying with an instrument that mostly pays for one flagged campaign's core (at
+    least half of the instrument's accounts) join that campaign: a shared card is the
+    strongest evidence of common control there is, and modularity or a quiet account's
+    ordinary behaviour should not leave part of an operator's fleet out. Returns, per joined
+    vertex, the reason. Mutates the verdicts' members / core and `label` like `_merge_flagged`."""
+    flagged = [v for v in verdicts if v.flagged]
+    if not flagged:
+        return {}
+    pay = ev.filter(pc.equal(ev["kind"], "payment"))
+    if pay.num_rows == 0:
+        return {}
+    index = {a: i for i, a in enumerate(names)}
+    users: dict[str, list[int]] = {}
+    for a, k in zip(pay["account_id"].to_pylist(), pay["key"].to_pylist(), strict=True):
+        if a in index:
+            users.setdefault(k, []).append(index[a])
+    owner = {int(i): v for v in flagged for i in v.core}
+    joined: dict[int, str] = {}
+    extra: dict[int, list[int]] = {}
+    for _key, idx in sorted(users.items()):
+        idx = sorted(set(idx))
+        by: dict[int, int] = {}
+        for i in idx:
+            if i in owner:
+                by[owner[i].label] = by.get(owner[i].label, 0) + 1
+        if not by:
+            continue
+        lab = max(sorted(by), key=lambda x: by[x])
+        if 2 * by[lab] < len(idx):
+            continue
+        for i in idx:
+            if i not in owner and i not in joined:
+                joined[i] = (f"pays with the same payment instrument as {by[lab]} flagged "
+                             f"accounts of its campaign (the instrument has {len(idx)} accounts)")
+                extra.setdefault(lab, []).append(i)
+    for v in flagged:
+        add = np.array(sorted(extra.get(v.label, [])), dtype=np.int64)
+        if add.size:
+            v.members = np.union1d(v.members, add)
+            v.core = np.union1d(v.core, add)
+            label[add] = v.label
+    return joined
 
 
 def _rounded(table: pa.Table, digits: int = 6) -> pa.Table:
@@ -579,7 +626,7 @@ def _account_graph_reasons(
 
 
 def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: AccountScores,
-               verdict_list, firsts, now, config, allow_accounts, allow_orgs):
+               verdict_list, firsts, now, config, allow_accounts, allow_orgs, card_joined=None):
     names = fp["account_id"].to_pylist()
     orgs = fp["org_id"].to_pylist()
     allowed = np.array(
@@ -637,6 +684,8 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
                 f"evidence (cohesion {v.cohesion:.1f}), median member behaviour at the "
                 f"{100 * v.behaviour_percentile:.0f}th percentile of all accounts"
             )
+            if card_joined and i in card_joined:
+                reasons.append(card_joined[i])
             reasons += graph_reasons.get(i, [])
             if block[i] >= 0:
                 reasons.append(f"in dense evidence block #{int(block[i])} (FRAUDAR)")
