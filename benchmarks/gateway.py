@@ -6,6 +6,8 @@ shape with roomy limits), and this load generator (open loop: request i is sent 
 whatever happened to earlier ones; latency is counted from the scheduled send time, so queueing
 shows up instead of being hidden by coordinated omission). For each mode (non-streaming,
 streaming) and rate, the upstream is called directly and through the gateway in alternation.
+"server CPU" is the server process's own; the gateway's child processes (request signals, store
+worker) are reported next to it, so the whole cost is on the line.
 Optionally the LiteLLM proxy (in its own virtualenv) is measured the same way as a peer.
 
     .venv/bin/python benchmarks/gateway.py                       # 200, 500, 1000 req/s, 5 s each
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import os
@@ -176,6 +179,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descendants(pid: int) -> list[int]:
+    """Child processes of `pid` (of all its threads), recursively (Linux /proc)."""
+    out = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            kids = [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            out += [kid, *descendants(kid)]
+    return out
+
+
+def children_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time of each descendant of `pid` (the gateway's signals process and store worker)."""
+    out = {}
+    for kid in descendants(pid):
+        with contextlib.suppress(OSError):  # it may have exited meanwhile
+            out[kid] = cpu_seconds(kid)
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -251,10 +280,15 @@ def main() -> None:
                     if name == "litellm" and str(rate) not in args.litellm_rates.split(","):
                         continue
                     before = cpu_seconds(pids[name])
+                    kids_before = children_cpu_seconds(pids[name])
                     results[name] = asyncio.run(run_load(url, key, rate, args.seconds,
                                                          mode == "stream", texts))
                     used = cpu_seconds(pids[name]) - before
-                    results[name]["cpu_ms"] = used / max(1, results[name]["n"]) * 1000
+                    kids_used = sum(v - kids_before.get(k, 0.0)
+                                    for k, v in children_cpu_seconds(pids[name]).items())
+                    n = max(1, results[name]["n"])
+                    results[name]["cpu_ms"] = used / n * 1000
+                    results[name]["children_cpu_ms"] = kids_used / n * 1000
                 rows.append((mode, rate, results))
                 d = results["direct"]
                 for name, r in results.items():
@@ -262,6 +296,8 @@ def main() -> None:
                             f"thr {r['throughput']:7.1f}/s  p50 {pct(r['lat'], .5):7.2f} ms  "
                             f"p99 {pct(r['lat'], .99):7.2f} ms  "
                             f"server CPU {r['cpu_ms']:.2f} ms/req")
+                    if r["children_cpu_ms"] >= 0.005:
+                        line += f" (+{r['children_cpu_ms']:.2f} in child processes)"
                     if mode == "stream":
                         line += f"  ttfb p50 {pct(r['ttfb'], .5):6.2f} ms"
                     if name != "direct":
@@ -277,6 +313,7 @@ def main() -> None:
             n: {"p50_ms": pct(x["lat"], .5), "p99_ms": pct(x["lat"], .99),
                 "throughput": x["throughput"], "ok": x["ok"], "n": x["n"],
                 "server_cpu_ms_per_request": x["cpu_ms"],
+                "children_cpu_ms_per_request": x["children_cpu_ms"],
                 "errors": x["errors"]} for n, x in res.items()}} for m, r, res in rows]}
         out = tmp / "results.json.gz"
         out.write_bytes(gzip.compress(orjson.dumps(summary)))

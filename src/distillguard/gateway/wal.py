@@ -218,8 +218,14 @@ def write_snapshot(con, path: Path) -> None:
     campaigns = con.execute(
         "SELECT campaign_id, score, coalesce(n_accounts, len(accounts)) FROM finding_campaigns"
     ).fetchall()
+    data = orjson.dumps({"accounts": accounts, "campaigns": campaigns})
+    try:
+        if path.read_bytes() == data:
+            return  # unchanged: keep the mtime, so the gateway does not re-parse it
+    except OSError:
+        pass
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps({"accounts": accounts, "campaigns": campaigns}))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
