@@ -1,8 +1,8 @@
 """Readers: paths -> files -> format -> Arrow batches ready for the vectorised validator.
 
-JSON Lines (plain, gzip, zstd; compression found by magic bytes, not by name) are read in
-large chunks and split into lines in bulk with numpy; the lines become an Arrow string array
-over the chunk's own buffer (zero copy). UTF-8 is checked for the whole chunk at once by
+JSON Lines (plain, gzip, zstd; compression found by magic bytes, not by name) are read
+straight into one buffer per batch and split into lines in bulk with numpy; the lines become an
+Arrow string array over that buffer (zero copy). UTF-8 is checked for the whole chunk at once by
 Arrow; only a chunk that contains bad bytes is re-checked line by line. Parquet is read with
 pyarrow, one record batch at a time.
 """

@@ -6,7 +6,9 @@ that must be quarantined. The SQL is generated from the Arrow schemas in `contra
 contract field is validated without touching this module.
 
 Stages of the generated query:
-1. *format* (JSON or Parquet): extract each field, check its type, parse timestamps;
+1. *format* (JSON or Parquet): extract each field, check its type, parse timestamps. A clean
+   JSON line is parsed once (one `json_transform`) and typed from that; any other line takes
+   the exact per-field path that names every problem (see `json_stage`);
 2. *common*: required fields, allowed values, at least one user message, text caps;
 3. *verdict*: the first problem (by `contract.QUARANTINE_REASONS` order) becomes the reason,
    every problem goes into `detail`.
