@@ -205,6 +205,23 @@ def test_output_does_not_depend_on_the_number_of_workers(tiny_builtin, tmp_path:
     assert n == distinct == one.exchanges
 
 
+def test_a_failing_worker_fails_the_run_and_leaves_no_partial_file(tiny_builtin, tmp_path: Path,
+                                                                   monkeypatch):
+    import distillguard.lab.simulate as module
+
+    def day_table(blocks, bank, seed, day):
+        if day == 1:
+            raise RuntimeError("disk on fire")
+        return real(blocks, bank, seed, day)
+
+    real = module.day_table
+    monkeypatch.setattr(module, "day_table", day_table)  # forked workers inherit it
+    scenario, _ = tiny_builtin
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        simulate(scenario, tmp_path / "o", seed=3, builtin_prompts=True, workers=2)
+    assert not list((tmp_path / "o" / "exchanges").glob("*.partial"))
+
+
 def test_builtin_prompts_need_no_corpus(tiny_builtin):
     _, out = tiny_builtin
     ((n, with_text),) = query(out, """

@@ -220,12 +220,17 @@ class _DayMaker:
 #: Suffix of part files still being written (readers glob *.parquet and never see them).
 PARTIAL = ".parquet.partial"
 
-#: The day maker of the running `simulate`, inherited by forked workers.
+#: The day maker of a worker process (handed over at fork, never pickled).
 _MAKER: _DayMaker | None = None
 
 
+def _start_worker(maker: _DayMaker) -> None:
+    global _MAKER
+    _MAKER = maker
+
+
 def _make_day(day: int) -> _Day:
-    assert _MAKER is not None, "worker started outside simulate()"
+    assert _MAKER is not None, "not a simulate() worker"
     return _MAKER(day)
 
 
@@ -238,12 +243,7 @@ def _days(maker: _DayMaker, days: int, workers: int) -> Iterator[_Day]:
     if workers <= 1:
         yield from map(maker, range(days))
         return
-    global _MAKER
-    _MAKER = maker
-    try:
-        pool = multiprocessing.get_context("fork").Pool(workers)
-    finally:
-        _MAKER = None
+    pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (maker,))
     try:
         pending: collections.deque = collections.deque()
         for day in range(days):
@@ -326,6 +326,10 @@ def simulate(scenario: str | Path = "smoke", out: Path = Path("lab-out"), scale:
                     out / "exchanges" / f"part-{len(summary.files):05d}.parquet"))
             if progress is not None:
                 progress((made.day + 1) * len(groups), sc.days * len(groups))
+    except BaseException:
+        for partial in (out / "exchanges").glob(f"*{PARTIAL}"):  # the workers have stopped
+            partial.unlink()
+        raise
     finally:
         truth.close()
     for group, tally in zip(groups, tallies, strict=True):
