@@ -441,9 +441,9 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
             t_up = time.perf_counter()
             speculative = asyncio.create_task(
                 send_upstream(upstream_url, raw, upstream_headers))
-            if not gw.decider.signals_offloaded:
-                await asyncio.sleep(0)  # let it write the request before signals hold the loop
         try:
+            if speculative is not None and not gw.decider.signals_offloaded:
+                await asyncio.sleep(0)  # let it write the request before signals hold the loop
             decision = await gw.decider.decide(exchange, key, now=ts)
         except StateUnavailable:
             if speculative is not None:
@@ -456,6 +456,10 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
             return _error(503, "distillguard_state_unavailable",
                           "the gateway cannot reach its shared state; retry shortly",
                           endpoint=endpoint, headers={"retry-after": "1"})
+        except BaseException:  # cancelled (shutdown) or a bug: never leave the call running
+            if speculative is not None:
+                _abandon(speculative)
+            raise
         t_decided = time.perf_counter()
         m.decision_latency.observe(t_decided - t0)
         record_decision(decision)
