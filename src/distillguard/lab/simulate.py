@@ -258,12 +258,18 @@ def _days(maker: _DayMaker, days: int, workers: int) -> Iterator[_Day]:
         pool.join()
 
 
+#: Default cap on worker processes: each holds a whole day in memory.
+MAX_WORKERS = 8
+
+
 def default_workers() -> int:
-    """Worker processes by default: one per core this process may run on (fork only)."""
+    """Worker processes by default: one per core this process may run on, at most
+    MAX_WORKERS (1 where processes cannot be forked)."""
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         os.cpu_count() or 1
+    return min(cores, MAX_WORKERS)
 
 
 def _prepare_out(out: Path) -> None:
