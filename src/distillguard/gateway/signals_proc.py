@@ -35,8 +35,16 @@ class SignalsUnavailable(RuntimeError):
 
 
 def _serve(conn, spec: str, warmup: dict) -> None:
-    """Child process: answer annotate requests until the parent closes the pipe."""
+    """Child process: answer annotate requests until the parent closes the pipe.
+
+    SIGTERM/SIGINT sent to the whole process group (a service manager, Ctrl-C) are ignored: the
+    gateway still drains its requests after them, and closes the pipe (or dies, which closes it
+    too) when this process should go."""
     import contextlib
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from distillguard.gateway.decide import load_annotate
 
