@@ -99,7 +99,10 @@ def gateway(
                       f"fsync {cfg.wal.fsync})\nstate      {cfg.state.url} "
                       f"(fail-{cfg.state.on_failure})\nkeys       {len(cfg.keys)}\n"
                       f"policy     {p.source}: mode {p.mode}, {len(p.rules)} rules, "
-                      f"{len(p.limits)} limits\nadmin      "
+                      f"{len(p.limits)} limits\nsignals    {cfg.signals} ("
+                      f"{'child process' if cfg.signals_process else 'in-process'}; decided "
+                      f"{'during' if cfg.decide_during_call else 'before'} the upstream call "
+                      f"for accounts in good standing)\nadmin      "
                       f"{'token set' if cfg.admin_token else 'NO TOKEN: admin API disabled'}")
         return
     import uvicorn
