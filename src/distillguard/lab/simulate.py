@@ -234,12 +234,14 @@ def _make_day(day: int) -> _Day:
     return _MAKER(day)
 
 
-def _days(maker: _DayMaker, days: int, workers: int) -> Iterator[_Day]:
-    """Days 0..days-1 in order, made by `workers` forked processes (or here if 1).
+#: Days queued per worker: a worker never waits for the calling process to hand it the next
+#: day, while memory stays bounded (each worker holds one day; finished days wait in the
+#: calling process only as truth rows).
+DAYS_IN_FLIGHT_PER_WORKER = 2
 
-    At most `workers + 1` days are in flight, so memory stays bounded: each worker holds one
-    day, and finished days wait here only as truth rows.
-    """
+
+def _days(maker: _DayMaker, days: int, workers: int) -> Iterator[_Day]:
+    """Days 0..days-1 in order, made by `workers` forked processes (or here if 1)."""
     if workers <= 1:
         yield from map(maker, range(days))
         return
@@ -248,7 +250,7 @@ def _days(maker: _DayMaker, days: int, workers: int) -> Iterator[_Day]:
         pending: collections.deque = collections.deque()
         for day in range(days):
             pending.append(pool.apply_async(_make_day, (day,)))
-            if len(pending) > workers:
+            if len(pending) >= DAYS_IN_FLIGHT_PER_WORKER * workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
