@@ -1,10 +1,11 @@
 """Traffic-lab benchmark: generation speed, seeds-2026 at --scale 0.1, and the baselines' bar.
 
 1. speed: `standard` at `--scale` (default 1: ~1M exchanges) generated `--repeats` times into a
-   fresh directory; the median wall-clock rate is quoted, with the CPU seconds the process used
-   (on a shared machine the wall rate is capped by what the scheduler gives us);
-2. `--seeds`: `seeds-2026 --scale 0.1` (~19M exchanges) once in a child process: wall time,
-   exchanges/s, peak RSS (bounded memory) and bytes on disk;
+   fresh directory; the median wall-clock rate is quoted, with the CPU seconds the process and
+   its worker processes used and CPU/wall, the parallelism achieved (on a shared machine the
+   wall rate is capped by what the scheduler gives us; `--workers N` overrides one per core);
+2. `--seeds`: `seeds-2026 --scale 0.1` (~20M exchanges) once in a child process: wall time,
+   exchanges/s, peak RSS of its largest process (bounded memory) and bytes on disk;
 3. `--baselines`: the evaluator's two baselines (volume threshold, IsolationForest) scored on
    the last `standard` run: the bar the detection engine must clear.
 
@@ -81,7 +82,7 @@ def seeds(work: Path) -> None:
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"seeds-2026 --scale 0.1: {counts['exchanges']:,} exchanges, {counts['accounts']:,} "
           f"accounts in {wall / 60:.1f} min wall = {counts['exchanges'] / wall:,.0f} "
-          f"exchanges/s; {cpu:.0f} CPU s; peak RSS {child_peak:,.0f} MiB; "
+          f"exchanges/s; {cpu:.0f} CPU s; peak RSS {child_peak:,.0f} MiB (largest process); "
           f"{_size_mib(out):,.0f} MiB on disk; load avg {os.getloadavg()[0]:.1f}")
     shutil.rmtree(out)
 
