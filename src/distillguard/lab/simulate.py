@@ -21,6 +21,7 @@ reveals no group.
 from __future__ import annotations
 
 import collections
+import gc
 import multiprocessing
 import os
 import time
@@ -245,7 +246,13 @@ def _days(maker: _DayMaker, days: int, workers: int) -> Iterator[_Day]:
     if workers <= 1:
         yield from map(maker, range(days))
         return
-    pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (maker,))
+    # Frozen objects are never scanned by the workers' garbage collector, so the pages the
+    # forked workers share with this process stay shared instead of being copied.
+    gc.freeze()
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (maker,))
+    finally:
+        gc.unfreeze()
     try:
         pending: collections.deque = collections.deque()
         for day in range(days):
