@@ -207,3 +207,56 @@ def test_accounts_paying_with_a_campaign_card_join_it_with_a_reason():
     assert "same payment instrument as 3 flagged accounts" in joined[3]
     assert set(v.core) == {0, 1, 2, 3, 4} and label[3] == 0
     assert label[5] == -1 and label[6] == -1  # card B: 1 of 3 is not "mostly the campaign's"
+
+
+def test_a_dense_block_under_half_the_core_flags_only_its_block_members():
+    s = scoring.BehaviourScorer().score(population())
+    control = np.zeros(200)
+    members, internal = {}, {}
+    for k in range(30):  # everyday clusters
+        idx = np.arange(100 + 3 * k, 103 + 3 * k)
+        control[idx] = 4.0 + 0.2 * (k % 5)
+        members[10 + k], internal[10 + k] = idx, 6.0
+    # a card triad of the tail inside a big cluster of ordinary neighbours, plus one tail
+    # account tied to it that is in no dense block
+    triad, loner = np.arange(0, 3), np.array([3])
+    cluster = np.r_[triad, loner, np.arange(60, 90)]
+    members[0], internal[0] = cluster, 60.0
+    control[cluster] = 4.0
+    in_block = np.zeros(200, dtype=bool)
+    in_block[triad] = True
+    v = {v.label: v for v in scoring.ClusterScorer().score(
+        members, s, internal, control, in_block, member_max_control=np.where(
+            np.isin(np.arange(200), np.r_[triad, loner]), 4.0, 0.0))}[0]
+    assert v.flagged and set(v.core) == set(triad)
+    # without the block nothing ties it beyond everyday evidence
+    none = {v.label: v for v in scoring.ClusterScorer().score(
+        members, s, internal, control, np.zeros(200, dtype=bool), member_max_control=np.where(
+            np.isin(np.arange(200), np.r_[triad, loner]), 4.0, 0.0))}[0]
+    assert not none.flagged
+
+
+def test_a_small_flagged_cluster_tied_to_two_campaigns_does_not_merge_them():
+    # campaign A: vertices 0-9, campaign B: 10-19, a triad 20-22 tied strongly to both
+    label = np.r_[[0] * 10, [1] * 10, [2] * 3].astype(np.int64)
+    src, dst, w = [], [], []
+    for t in (20, 21, 22):
+        for a, wt in ((0, 10.0), (10, 8.0)):  # the triad is tied a little more to A
+            src.append(a)
+            dst.append(t)
+            w.append(wt)
+    src.append(1)
+    dst.append(11)
+    w.append(1.0)  # A and B barely tied directly
+    graph = AccountGraph([f"u{i:02d}" for i in range(23)], np.array(src), np.array(dst),
+                         np.array(w), {}, {})
+
+    def verdict(lab, idx):
+        return scoring.ClusterVerdict(lab, idx, idx, 0.9, 5.0, 5.0, 0.95, True)
+
+    vs = [verdict(0, np.arange(10)), verdict(1, np.arange(10, 20)),
+          verdict(2, np.arange(20, 23))]
+    merged = engine._merge_flagged(vs, graph, label, 2.0)
+    sizes = sorted(len(v.core) for v in merged if v.flagged)
+    assert sizes == [10, 13]  # the triad joined A only
+    assert len(set(label[:10]) | set(label[20:])) == 1 and label[10] != label[0]

@@ -383,7 +383,9 @@ def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: n
                    min_tie: float) -> list[ClusterVerdict]:
     """Merge flagged clusters tied to each other as strongly as a cluster is tied inside
     (evidence weight between them per account of the smaller >= `min_tie`): modularity splits
-    one operator's accounts along its payment instruments, the campaign is still one."""
+    one operator's accounts along its payment instruments, the campaign is still one. Each
+    cluster attaches only to its most strongly tied larger partner, so a small cluster tied to
+    two campaigns cannot chain them together."""
     flagged = {v.label: v for v in verdicts if v.flagged}
     if len(flagged) < 2:
         return verdicts
@@ -400,9 +402,18 @@ def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: n
             x = parent[x]
         return x
 
+    # each cluster attaches to the larger flagged cluster it is most strongly tied to (if tied
+    # as strongly as a cluster is inside): a small cluster tied to two campaigns joins one of
+    # them and never bridges the two into one
+    size = {lab: (len(v.core), -lab) for lab, v in flagged.items()}
+    best: dict[int, tuple[float, int]] = {}
     for (x, y), w in sorted(ties.items()):
-        if w / min(len(flagged[x].core), len(flagged[y].core)) >= min_tie:
-            parent[max(find(x), find(y))] = min(find(x), find(y))
+        small, big = (x, y) if size[x] < size[y] else (y, x)
+        strength = w / len(flagged[small].core)
+        if strength >= min_tie and strength > best.get(small, (0.0, -1))[0]:
+            best[small] = (strength, big)
+    for small, (_, big) in sorted(best.items()):
+        parent[find(small)] = find(big)
     groups: dict[int, list[ClusterVerdict]] = {}
     for lab, v in flagged.items():
         groups.setdefault(find(lab), []).append(v)

@@ -265,7 +265,8 @@ class ClusterScorer:
       provisions its accounts in batches; independent evaluation harnesses or colleagues
       sharing a cloud address pool were created months apart;
     * behaviour: the median core member's score must exceed the population's `tail` quantile.
-    A FRAUDAR dense block covering half the cluster stands in for cohesion and control.
+    A FRAUDAR dense block covering half the cluster or half its core stands in for cohesion and
+    control; the flagged core is then its members in a block.
     """
 
     min_size: int = 3
@@ -325,12 +326,16 @@ class ClusterScorer:
             cz = max(float(control_z[k]), self.control_z if cohort else 0.0)
             tie = max(min(cohesion / self.min_cohesion, cz / self.control_z), 2 * block)
             score = pct * (1.0 - np.exp(-max(tie, 0.0))) * (1.0 + block) / 2.0
-            flagged = bool(
-                core.size >= self.min_size
-                and med > threshold
-                and ((cohesion >= self.min_cohesion and cz >= self.control_z)
-                     or block >= 0.5)
-            )
+            by_control = cohesion >= self.min_cohesion and cz >= self.control_z
+            # the dense block is evidence about its members: at least half the core (or half
+            # the cluster) in a block, and then only the core's block members are implicated
+            in_core_block = core[in_block[core]]
+            by_block = (block >= 0.5 or 2 * in_core_block.size >= core.size) and (
+                in_core_block.size >= self.min_size)
+            flagged = bool(core.size >= self.min_size and med > threshold
+                           and (by_control or by_block))
+            if flagged and not by_control:
+                core = in_core_block
             out.append(ClusterVerdict(lab, idx, core, float(score), cohesion, float(controls[k]),
                                       pct, flagged, float(cohort_p), bool(cohort)))
         return out
