@@ -614,7 +614,7 @@ def _account_graph_reasons(
     if not same.any():
         return out
     src, dst = graph.src[same], graph.dst[same]
-    from distillguard.linking import KIND_LABELS
+    from distillguard.linking import CONTENT_KINDS, KIND_LABELS
 
     n = len(names)
     peers = np.bincount(np.concatenate([src, dst]), minlength=n)
@@ -624,11 +624,13 @@ def _account_graph_reasons(
         for k, v in graph.shared.items()
     }
     for i in np.flatnonzero(peers):
+        # control evidence (cards, addresses, sign-up) first: it is what ties an operator's
+        # accounts; shared prompts come after, however many there are
         parts = [
             f"{int(per_kind[k][i])} {KIND_LABELS[k]}"
-            for k in sorted(per_kind, key=lambda k: -per_kind[k][i])
+            for k in sorted(per_kind, key=lambda k: (k in CONTENT_KINDS, -per_kind[k][i], k))
             if per_kind[k][i] > 0
-        ][:4]
+        ][:5]
         out[int(i)] = [
             f"linked to {int(peers[i])} accounts of its cluster by shared evidence "
             f"(shared-key counts summed over those links: {', '.join(parts)})"
