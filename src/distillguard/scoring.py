@@ -150,15 +150,14 @@ class BehaviourScorer:
                 # window); the others sit at that reference's median (no contribution)
                 x = _eligible_shrunk(x, basis, eligible)
                 z, med = _eligible_z(x, eligible)
-            elif basis is not None and name.endswith("_share"):
-                x = shrink_share(x, basis)
-            if eligible is not None:
-                pass  # z and med computed above
-            elif name in LOG_FEATURES:
-                z, _, _ = robust_z(np.log1p(np.maximum(x, 0.0)))
-                med = float(np.median(x)) if x.size else 0.0
             else:
-                z, med, _ = robust_z(x)
+                if basis is not None and name.endswith("_share"):
+                    x = shrink_share(x, basis)
+                if name in LOG_FEATURES:
+                    z, _, _ = robust_z(np.log1p(np.maximum(x, 0.0)))
+                    med = float(np.median(x)) if x.size else 0.0
+                else:
+                    z, med, _ = robust_z(x)
             values[name], meds[name] = x, med
             zs.append(np.clip(direction * z, 0.0, Z_CAP))
         return values, np.column_stack(zs) if zs else np.zeros((fp.num_rows, 0)), meds
