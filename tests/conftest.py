@@ -30,3 +30,13 @@ def con(db_path: Path):
     connection = store.connect(db_path)
     yield connection
     connection.close()
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """The small OpenAI-compatible upstream (tests/upstream_stub.py) on a loopback port."""
+    from upstream_stub import ThreadedServer
+    from upstream_stub import app as stub_app
+
+    with ThreadedServer(stub_app) as server:
+        yield server

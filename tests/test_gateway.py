@@ -20,19 +20,12 @@ from conftest_gateway import (
     write_policy,
     write_snapshot,
 )
-from upstream_stub import ANSWER, REASONING, ThreadedServer
-from upstream_stub import app as stub_app
+from upstream_stub import ANSWER, REASONING
 
 DEGRADE_ALL = {"rules": [{"id": "degrade-all", "when": {"account.id": "acct-0"},
                           "action": "degrade", "reason": "test_degrade",
                           "degrade": {"reasoning": "summary", "summary_chars": 60, "drop_logprobs": True,
                                       "max_n": 1, "max_tokens": 64}}]}
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with ThreadedServer(stub_app) as server:
-        yield server
 
 
 @pytest.fixture

@@ -13,8 +13,6 @@ import httpx
 import pytest
 
 from conftest_gateway import ADMIN, chat, client, running_gateway, wait_for, wal_records
-from upstream_stub import ThreadedServer
-from upstream_stub import app as stub_app
 
 CHALLENGE_COT = {"rules": [{"id": "cot", "action": "challenge", "reason": "cot_harvesting",
                             "when": {"signal.cot": True}}]}
@@ -24,12 +22,6 @@ DEGRADE_COT = {"rules": [{"id": "cot", "action": "degrade", "reason": "cot_degra
 SLOW = {"x-stub-sleep": "20"}  # the upstream is still "generating" when the decision lands
 #: Signals in the child process, taking 50 ms: the request is upstream before it is decided.
 OVERLAP = {"annotate": None, "signals": "conftest_gateway:slow_controlled_signals"}
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with ThreadedServer(stub_app) as server:
-        yield server
 
 
 @pytest.fixture

@@ -14,17 +14,9 @@ import pytest
 
 from conftest_gateway import GatewayProcess, chat, keys_config, wait_for
 from distillguard import contract, store
-from upstream_stub import ThreadedServer
-from upstream_stub import app as stub_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 SIGNALS = "conftest_gateway:controlled_signals"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with ThreadedServer(stub_app) as server:
-        yield server
 
 
 def _config(tmp, upstream_url: str) -> dict:

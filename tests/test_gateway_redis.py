@@ -14,8 +14,6 @@ import pytest
 from conftest_gateway import GatewayProcess, chat, keys_config, wait_for
 from distillguard.gateway.state import BucketRequest, LocalState, RedisState
 from redis_fixture import RedisServer
-from upstream_stub import ThreadedServer
-from upstream_stub import app as stub_app
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -31,12 +29,6 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with ThreadedServer(stub_app) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
