@@ -47,6 +47,20 @@ def test_lines_and_numbers_do_not_depend_on_read_or_batch_size(
     assert blank == TEXT.count("\n") + 1 - len(expected())
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_batches_hold_whole_groups_of_batch_rows_lines(tmp_path, monkeypatch, chunk):
+    """Every batch but the last holds exactly BATCH_ROWS lines, whatever the read size, so
+    the store receives whole row groups (partial ones made the store ~40% larger)."""
+    monkeypatch.setattr(readers, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(readers, "BATCH_ROWS", 5)
+    path = tmp_path / "lines.jsonl"
+    path.write_text("".join(f'{{"n": {i}}}\n' for i in range(23)))
+    batches = list(readers.read_json_lines(path, "jsonl"))
+    assert [b.table.num_rows for b in batches] == [5, 5, 5, 5, 3]
+    numbers = [n for b in batches for n in b.table["row_number"].to_pylist()]
+    assert numbers == list(range(1, 24))
+
+
 def test_prefetch_keeps_order_raises_reader_errors_after_the_batches_before_them():
     from distillguard.ingest import load
 

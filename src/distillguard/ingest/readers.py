@@ -303,22 +303,31 @@ def read_json_lines(path: Path, fmt: str) -> Iterator[Batch]:
             whole = int(found[-1])
         filled = start + len(data)
 
-    def flush(final: bool) -> Iterator[Batch]:
+    def flush(final: bool, whole_groups: bool = False) -> Iterator[Batch]:
         """Yield the whole lines held (with `final`, the unterminated last one too) and move
-        the rest to a fresh buffer (the yielded batch keeps pointing into the old one)."""
+        the rest to a fresh buffer (the yielded batches keep pointing into the old one).
+        A batch holds at most BATCH_ROWS lines; with `whole_groups`, only full batches are
+        yielded and the lines after them wait, so clean batches fill whole row groups."""
         nonlocal buf, filled, whole, lines, ends, row
+        line_ends = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
         end = filled if final else whole
-        if end:
-            line_ends = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
-            if end > whole:
-                line_ends = np.append(line_ends, end)
-            table, blank = _lines_table(buf, line_ends, row, fmt)
+        if end > whole:
+            line_ends = np.append(line_ends, end)
+        if whole_groups and len(line_ends) >= BATCH_ROWS:
+            line_ends = line_ends[: len(line_ends) - len(line_ends) % BATCH_ROWS]
+            end = int(line_ends[-1])
+        start = 0
+        for first in range(0, len(line_ends), BATCH_ROWS):
+            group = line_ends[first : first + BATCH_ROWS]
+            table, blank = _lines_table(buf[start:], group - start, row, fmt)
             row += len(table) + blank
+            start = int(group[-1])
             yield Batch(_split_batches(table), fh.tell(), blank)
         rest = buf[end:filled]
         buf = np.empty(capacity, dtype=np.uint8)
         buf[: len(rest)] = rest
-        filled, whole, lines, ends = len(rest), 0, 0, []
+        filled, whole, lines, ends = 0, 0, 0, []
+        take(buf[: len(rest)], 0)
 
     try:
         while True:
@@ -353,7 +362,9 @@ def read_json_lines(path: Path, fmt: str) -> Iterator[Batch]:
                     return
                 take(np.frombuffer(rest, dtype=np.uint8), 0)
                 buf[: len(rest)] = np.frombuffer(rest, dtype=np.uint8)
-            if lines >= BATCH_ROWS or filled >= BATCH_BYTES:
+            if lines >= BATCH_ROWS:
+                yield from flush(False, whole_groups=True)
+            elif filled >= BATCH_BYTES:
                 yield from flush(False)
     finally:
         stream.close()
