@@ -101,6 +101,17 @@ def test_streaming_chunks_in_order_and_unbuffered(tmp_path, upstream):
         assert record["params"]["stream"] is True and record["status"] == 200
 
 
+def test_client_hanging_up_mid_stream_stops_the_upstream_stream(tmp_path, upstream):
+    headers = {"x-stub-chunks": "100", "x-stub-chunk-delay": "0.05"}  # 5 s of tokens
+    with running_gateway(tmp_path, upstream.url) as gw, client(gw) as c:
+        with c.stream("POST", "/v1/chat/completions", json=chat(stream=True),
+                      headers=headers) as r:
+            next(r.iter_raw())
+        record = wait_for(lambda: wal_records(tmp_path / "wal"))[-1]
+        assert record["error"] == "client_disconnected"
+        assert "tok99" not in (record.get("response_text") or "")  # the rest was never read
+
+
 def test_anthropic_streaming_passthrough(tmp_path, upstream):
     body = chat("stub-reason", stream=True, max_tokens=100)
     direct = httpx.post(upstream.url + "/v1/messages", json=body)

@@ -1,14 +1,13 @@
 """The gateway ASGI app: reverse proxy for OpenAI-compatible servers + decision API + admin.
 
 Hot path per proxied request: authenticate (hash lookup) -> parse body once -> decide (signals,
-one state update, policy) -> forward on one shared keep-alive `aiohttp.ClientSession` -> pass the
-response through (SSE chunk by chunk, unbuffered) -> write the exchange ahead to disk before the
-response completes. Everything slower (DuckDB ingest, findings refresh, policy reload, Redis
-recovery) runs in background tasks or in the store worker process.
+one state update, policy) -> forward on a keep-alive connection of `upstream.UpstreamPool` ->
+pass the response through (SSE chunk by chunk, unbuffered) -> write the exchange ahead to disk
+before the response completes. Everything slower (DuckDB ingest, findings refresh, policy
+reload, Redis recovery) runs in background tasks or in the store worker process.
 
-Why aiohttp for the upstream leg: measured on this project's 2-core machine, an httpx
-AsyncClient request costs ~1.6 ms of CPU against ~0.25 ms for aiohttp (httpx's anyio and
-httpcore layers), which alone would exceed the 1 ms p50 added-latency budget.
+The proxied endpoints are plain ASGI (`ProxyHandler`): no Starlette request, response or
+router objects on the path every request takes; FastAPI serves everything else.
 """
 
 from __future__ import annotations
@@ -22,14 +21,12 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from distillguard.gateway.config import GatewayConfig, KeyInfo
 from distillguard.gateway.decide import Annotate, Decider, Decision, load_annotate
@@ -54,6 +51,12 @@ from distillguard.gateway.state import (
     make_state,
     refresh_loop,
 )
+from distillguard.gateway.upstream import (
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from distillguard.gateway.wal import SNAPSHOT_NAME, StoreWorker, WriteAheadLog, claim_segments
 
 log = logging.getLogger("distillguard.gateway")
@@ -64,7 +67,6 @@ HOP_BY_HOP = frozenset({
 })
 UPSTREAM_AUTH = frozenset({b"authorization", b"x-api-key"})
 REJECT_STATUS = {"block": 403, "challenge": 403, "throttle": 429}
-UPSTREAM_TIMEOUTS = (TimeoutError, aiohttp.ServerTimeoutError)
 STREAM_END_MARKERS = (b"data: [DONE]", b"message_stop")
 WARMUP_EXCHANGE = {"request_id": "warmup", "ts": "2026-01-01T00:00:00+00:00",
                    "account_id": "warmup", "model": "warmup", "endpoint": "chat.completions",
@@ -92,7 +94,7 @@ class Gateway:
         self.signals_process = (SignalsProcess(cfg.signals, WARMUP_EXCHANGE)
                                 if cfg.signals_process and annotate is None else None)
         self.start_worker = start_worker and cfg.wal.mode == "store"
-        self.client: aiohttp.ClientSession | None = None
+        self.client: UpstreamPool | None = None
         self.wal: WriteAheadLog | None = None
         self.worker: StoreWorker | None = None
         self._tasks: list[asyncio.Task] = []
@@ -105,14 +107,8 @@ class Gateway:
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
-        self.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=2000, keepalive_timeout=60, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=cfg.upstream_timeout_s,
-                                          sock_connect=cfg.upstream_connect_timeout_s),
-            auto_decompress=False,  # pass bodies through as the upstream encoded them
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self.client = UpstreamPool(cfg.upstream, timeout_s=cfg.upstream_timeout_s,
+                                   connect_timeout_s=cfg.upstream_connect_timeout_s)
         if cfg.wal.mode == "spool":
             claim_segments(cfg.wal.dir)  # seal segments a crashed run left open
         self.wal = WriteAheadLog(cfg.wal.dir, fsync=cfg.wal.fsync,
@@ -200,33 +196,35 @@ class Gateway:
         local = self.state if isinstance(self.state, LocalState) else self.state.fallback
         now = time.time()
         local.prune(now, self.policy.policy.window_s)
+        self.client.prune()
         expired = [a for a, until in self._decide_first.items() if until <= now]
         for account_id in expired:
             del self._decide_first[account_id]
 
     # ---- helpers -------------------------------------------------------------------------
-    def client_ip(self, request: Request) -> str | None:
+    def client_ip(self, scope: dict, headers: dict[bytes, bytes]) -> str | None:
         """The peer address, or the first untrusted hop of X-Forwarded-For behind trusted
         proxies (right to left, so a client cannot spoof it by sending its own header)."""
-        peer = request.client.host if request.client else None
+        client = scope.get("client")
+        peer = client[0] if client else None
         if peer is None or not self.cfg.is_trusted_proxy(peer):
             return peer
-        forwarded = request.headers.get("x-forwarded-for")
+        forwarded = headers.get(b"x-forwarded-for")
         if not forwarded:
             return peer
-        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+        hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
         for hop in reversed(hops):
             if not self.cfg.is_trusted_proxy(hop):
                 return hop
         return hops[0] if hops else peer
 
-    def authenticate(self, request: Request) -> KeyInfo | None:
-        auth = request.headers.get("authorization")
+    def authenticate(self, headers: dict[bytes, bytes]) -> KeyInfo | None:
+        auth = headers.get(b"authorization")
         key = None
-        if auth and auth[:7].lower() == "bearer ":
-            key = auth[7:].strip()
+        if auth and auth[:7].lower() == b"bearer ":
+            key = auth[7:].strip().decode("latin-1")
         if not key:
-            key = request.headers.get("x-api-key")
+            key = headers.get(b"x-api-key", b"").decode("latin-1")
         return self.cfg.lookup_key(key) if key else None
 
     def log_exchange(self, record: dict) -> None:
@@ -238,20 +236,13 @@ class Gateway:
             log.exception("could not write exchange %s ahead", record.get("request_id"))
             raise
 
-    def upstream_headers(self, request: Request) -> list[tuple[str, str]]:
+    def upstream_headers(self, raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The client's headers minus hop-by-hop ones (and its key, if we hold our own)."""
-        drop = HOP_BY_HOP | (UPSTREAM_AUTH if self.cfg.upstream_api_key else frozenset())
-        headers = [(k.decode("latin-1"), v.decode("latin-1"))
-                   for k, v in request.headers.raw if k not in drop]
         if self.cfg.upstream_api_key:
-            headers.append(("authorization", f"Bearer {self.cfg.upstream_api_key}"))
-        return headers
-
-    def upstream_url(self, request: Request) -> str:
-        scope = request.scope
-        query = scope.get("query_string")
-        url = self.cfg.upstream + scope["path"]
-        return f"{url}?{query.decode('latin-1')}" if query else url
+            drop = HOP_BY_HOP | UPSTREAM_AUTH
+            return [*((k, v) for k, v in raw if k not in drop),
+                    (b"authorization", f"Bearer {self.cfg.upstream_api_key}".encode("latin-1"))]
+        return [(k, v) for k, v in raw if k not in HOP_BY_HOP]
 
     def may_overlap(self, account_id: str, now: float) -> bool:
         """True when this account's request may be decided during its upstream call: it is
@@ -271,6 +262,17 @@ class Gateway:
         return f"gw-{self._id_prefix}{next(self._id_seq):016x}"
 
 
+def _headers(scope: dict) -> dict[bytes, bytes]:
+    """The request's headers by (lower-case, per ASGI) name; the first value wins."""
+    return {k: v for k, v in reversed(scope["headers"])}
+
+
+def _target(scope: dict) -> str:
+    """Path and query of the request, to append to the upstream base URL."""
+    query = scope.get("query_string")
+    return f"{scope['path']}?{query.decode('latin-1')}" if query else scope["path"]
+
+
 def _error(status: int, code: str, message: str, *, endpoint: str | None = None,
            extra: dict | None = None, headers: dict | None = None) -> Response:
     """An OpenAI-style (or Anthropic-style on /v1/messages) JSON error with a reason code."""
@@ -284,33 +286,45 @@ def _error(status: int, code: str, message: str, *, endpoint: str | None = None,
                     headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The request body, or None if it exceeds `limit` bytes (checked while reading)."""
-    declared = request.headers.get("content-length")
+async def _read_body(receive: Any, declared: bytes | str | None, limit: int) -> bytes | None:
+    """The request body from ASGI `receive`, or None if it exceeds `limit` bytes (checked
+    against Content-Length first, then while reading)."""
     if declared and declared.isdigit() and int(declared) > limit:
         return None
     parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client left
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
+        if not message.get("more_body"):
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _decode(raw: bytes, encoding: str | None) -> bytes | None:
-    if not encoding or encoding == "identity":
+def _decode(raw: bytes, encoding: bytes | None) -> bytes | None:
+    if not encoding or encoding == b"identity":
         return raw
-    if encoding in ("gzip", "x-gzip"):
+    if encoding in (b"gzip", b"x-gzip"):
         return zlib.decompress(raw, 16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
+    if encoding == b"deflate":
         return zlib.decompress(raw)
     return None
 
 
-def _response_headers(resp: aiohttp.ClientResponse, *, drop_encoding: bool = False) -> list:
+def _response_headers(resp: UpstreamResponse, *, drop_encoding: bool = False) -> list:
     drop = HOP_BY_HOP | ({b"content-encoding"} if drop_encoding else frozenset())
-    return [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in drop]
+    out = []
+    for k, v in resp.headers:
+        k = k.lower()
+        if k not in drop:
+            out.append((k, v))
+    return out
 
 
 def _abandon(task: asyncio.Task) -> None:
@@ -342,25 +356,21 @@ def _gateway_fields(decision: Decision) -> dict[str, Any]:
     return fields
 
 
-def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
-               start_worker: bool = True) -> FastAPI:
-    """The gateway app. `annotate` overrides the request-signal function (tests, benchmarks)."""
-    gw = Gateway(cfg, annotate=annotate, start_worker=start_worker)
+class ProxyHandler:
+    """The proxied endpoints as one plain ASGI app (see `fast_path`)."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await gw.start()
-        try:
-            yield
-        finally:
-            await gw.stop()
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self.cfg = gw.cfg
+        self.m = gw.metrics
 
-    app = FastAPI(title="distillguard gateway", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
-    app.state.gateway = gw
-    m = gw.metrics
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        response = await self.exchange(scope, receive, send)
+        if response is not None:  # an error or a rejection, built by Starlette
+            await response(scope, receive, send)
 
-    def record_decision(decision: Decision) -> None:
+    def record_decision(self, decision: Decision) -> None:
+        m = self.m
         if decision.action == "allow":
             m.decisions.labels("allow", "").inc()
         for reason in decision.reasons:
@@ -370,11 +380,12 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         if decision.action != "allow" or decision.monitored:
             log.info("decision %s", orjson.dumps(decision.as_dict()).decode())
 
-    def reject(decision: Decision, endpoint: str, request_id: str) -> Response:
+    def reject(self, decision: Decision, endpoint: str, request_id: str) -> Response:
+        appeal_url = self.cfg.appeal_url
         status = REJECT_STATUS[decision.action]
         code = decision.reasons[0] if decision.reasons else decision.action
         extra = {"action": decision.action, "reason_codes": decision.reasons,
-                 "request_id": request_id, "appeal_url": cfg.appeal_url}
+                 "request_id": request_id, "appeal_url": appeal_url}
         headers = {"x-distillguard-decision": decision.action, "x-distillguard-reason": code,
                    "x-request-id": request_id}
         if decision.action == "throttle":
@@ -385,51 +396,55 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         elif decision.action == "challenge":
             message = decision.message or (
                 "this request needs verification before it can be served; "
-                f"appeal or verify at {cfg.appeal_url} quoting request id {request_id}")
+                f"appeal or verify at {appeal_url} quoting request id {request_id}")
         else:
             message = decision.message or (
-                f"this account is blocked; appeal at {cfg.appeal_url} quoting {request_id}")
+                f"this account is blocked; appeal at {appeal_url} quoting {request_id}")
         return _error(status, f"distillguard_{decision.action}", message, endpoint=endpoint,
                       extra={**extra, "reason": code}, headers=headers)
 
-    async def send_upstream(url: str, raw: bytes, headers: list) -> tuple:
-        """The upstream call; returns the response (headers read) and when it arrived."""
-        resp = await gw.client.request("POST", url, data=raw, headers=headers)
+    async def send_upstream(self, target: str, raw: bytes, headers: list) -> tuple:
+        """The upstream call; returns the response (head read) and when it arrived."""
+        resp = await self.gw.client.request("POST", target, headers, raw)
         return resp, time.perf_counter()
 
-    async def proxy_exchange(request: Request) -> Response:
+    def bad_request(self, endpoint: str, status: int, reason: str, code: str,
+                    message: str) -> Response:
+        self.m.rejected.labels(reason).inc()
+        self.m.requests.labels(endpoint, str(status)).inc()
+        return _error(status, code, message, endpoint=endpoint)
+
+    async def exchange(self, scope: dict, receive: Any, send: Any) -> Response | None:
+        """One proxied request; returns a response to send, or None once it sent one."""
+        gw, cfg, m = self.gw, self.cfg, self.m
         t0 = time.perf_counter()
         ts = time.time()
-        endpoint = ENDPOINT_BY_PATH[request.scope["path"]]
-        key = gw.authenticate(request)
+        endpoint = ENDPOINT_BY_PATH[scope["path"]]
+        headers = _headers(scope)
+        key = gw.authenticate(headers)
         if key is None:
-            m.rejected.labels("unauthenticated").inc()
-            m.requests.labels(endpoint, "401").inc()
-            return _error(401, "invalid_api_key", "missing or unknown API key", endpoint=endpoint)
-        raw = await _read_body(request, cfg.max_body_bytes)
+            return self.bad_request(endpoint, 401, "unauthenticated", "invalid_api_key",
+                                    "missing or unknown API key")
+        raw = await _read_body(receive, headers.get(b"content-length"), cfg.max_body_bytes)
         if raw is None:
-            m.rejected.labels("too_large").inc()
-            m.requests.labels(endpoint, "413").inc()
-            return _error(413, "request_too_large",
-                          f"request body exceeds {cfg.max_body_bytes} bytes", endpoint=endpoint)
+            return self.bad_request(endpoint, 413, "too_large", "request_too_large",
+                                    f"request body exceeds {cfg.max_body_bytes} bytes")
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            m.rejected.labels("bad_json").inc()
-            m.requests.labels(endpoint, "400").inc()
-            return _error(400, "invalid_request_error", f"request body is not JSON: {exc}",
-                          endpoint=endpoint)
+            return self.bad_request(endpoint, 400, "bad_json", "invalid_request_error",
+                                    f"request body is not JSON: {exc}")
         if not isinstance(body, dict):
-            m.rejected.labels("bad_json").inc()
-            m.requests.labels(endpoint, "400").inc()
-            return _error(400, "invalid_request_error", "request body must be a JSON object",
-                          endpoint=endpoint)
+            return self.bad_request(endpoint, 400, "bad_json", "invalid_request_error",
+                                    "request body must be a JSON object")
         request_id = gw.new_request_id()
         exchange = request_fields(endpoint, body)
+        user_agent = headers.get(b"user-agent")
         exchange.update(request_id=request_id, ts=iso(ts), account_id=key.account_id,
-                        api_key_id=key.api_key_id, org_id=key.org_id, ip=gw.client_ip(request),
-                        user_agent=request.headers.get("user-agent"))
-        upstream_url, upstream_headers = gw.upstream_url(request), gw.upstream_headers(request)
+                        api_key_id=key.api_key_id, org_id=key.org_id,
+                        ip=gw.client_ip(scope, headers),
+                        user_agent=user_agent.decode("latin-1") if user_agent else None)
+        target, upstream_headers = _target(scope), gw.upstream_headers(scope["headers"])
         # Decide during the upstream call when the decision cannot change the request itself
         # (docs/gateway.md, "Decision during the upstream call"): the response is held until
         # the decision allows it; a rejected request's upstream call is cancelled, a degraded
@@ -439,8 +454,7 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         t_up = t0
         if cfg.decide_during_call and gw.may_overlap(key.account_id, ts):
             t_up = time.perf_counter()
-            speculative = asyncio.create_task(
-                send_upstream(upstream_url, raw, upstream_headers))
+            speculative = asyncio.create_task(self.send_upstream(target, raw, upstream_headers))
         try:
             if speculative is not None and not gw.decider.signals_offloaded:
                 await asyncio.sleep(0)  # let it write the request before signals hold the loop
@@ -462,13 +476,13 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
             raise
         t_decided = time.perf_counter()
         m.decision_latency.observe(t_decided - t0)
-        record_decision(decision)
+        self.record_decision(decision)
         gw_fields = _gateway_fields(decision)
         if decision.action != "allow":
             gw.decide_first(key.account_id, ts)
         if decision.action in REJECT_STATUS:
             status = REJECT_STATUS[decision.action]
-            response = reject(decision, endpoint, request_id)
+            response = self.reject(decision, endpoint, request_id)
             if speculative is not None:
                 _abandon(speculative)
                 m.upstream_cancelled.inc()
@@ -488,145 +502,184 @@ def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
         try:
             if speculative is None:
                 t_up = time.perf_counter()
-                resp, t_headers = await send_upstream(upstream_url, raw, upstream_headers)
+                resp, t_headers = await self.send_upstream(target, raw, upstream_headers)
                 held = 0.0
             else:
                 resp, t_headers = await speculative
                 held = max(0.0, t_decided - t_headers)  # response waited for the decision
-        except UPSTREAM_TIMEOUTS as exc:
-            return upstream_failure(exchange, gw_fields, endpoint, 504, "upstream_timeout", exc,
-                                    t0, t_up)
-        except aiohttp.ClientError as exc:
-            return upstream_failure(exchange, gw_fields, endpoint, 502, "upstream_unreachable",
-                                    exc, t0, t_up)
-        ctype = resp.headers.get("content-type", "")
-        if ctype.startswith("text/event-stream"):
-            return stream_response(resp, exchange, gw_fields, endpoint, spec, t0, t_up, held)
+        except UpstreamTimeout as exc:
+            return self.upstream_failure(exchange, gw_fields, endpoint, 504, "upstream_timeout",
+                                         exc, t_up)
+        except UpstreamError as exc:
+            return self.upstream_failure(exchange, gw_fields, endpoint, 502,
+                                         "upstream_unreachable", exc, t_up)
+        ctype = resp.header(b"content-type")
+        if ctype and ctype.startswith(b"text/event-stream"):
+            await self.stream(receive, send, resp, exchange, gw_fields, endpoint, spec,
+                              t_up - t0 + held, t_up)
+            return None
         try:
             data = await resp.read()
-        except UPSTREAM_TIMEOUTS as exc:
-            return upstream_failure(exchange, gw_fields, endpoint, 504, "upstream_timeout", exc,
-                                    t0, t_up)
-        except aiohttp.ClientError as exc:
-            return upstream_failure(exchange, gw_fields, endpoint, 502, "upstream_broken", exc,
-                                    t0, t_up)
+        except UpstreamTimeout as exc:
+            return self.upstream_failure(exchange, gw_fields, endpoint, 504, "upstream_timeout",
+                                         exc, t_up)
+        except UpstreamError as exc:
+            return self.upstream_failure(exchange, gw_fields, endpoint, 502, "upstream_broken",
+                                         exc, t_up)
         finally:
             resp.release()
         t_down = time.perf_counter()
-        encoding = resp.headers.get("content-encoding")
         acc = ResponseAccumulator(endpoint)
         parsed = None
         try:
-            plain = _decode(data, encoding)
+            plain = _decode(data, resp.header(b"content-encoding"))
             parsed = orjson.loads(plain) if plain else None
         except (zlib.error, orjson.JSONDecodeError):
             plain = None
-        if isinstance(parsed, dict) and resp.status < 400:
+        ok = isinstance(parsed, dict) and resp.status < 400
+        if ok:
             acc.from_body(parsed)
-        drop_encoding = False
-        if spec is not None and isinstance(parsed, dict) and resp.status < 400:
-            data = orjson.dumps(degrade_response(parsed, spec, endpoint))
-            drop_encoding = True
         record = {**exchange, **acc.fields(), "status": resp.status,
                   "latency_ms": round((t_down - t_up) * 1000, 3), **gw_fields}
         if resp.status >= 400:
             record["error"] = (plain or data)[:2000].decode("utf-8", "replace")
+        if spec is not None and ok:
+            data = orjson.dumps(degrade_response(parsed, spec, endpoint))
         gw.log_exchange(record)
-        headers = _response_headers(resp, drop_encoding=drop_encoding)
+        out_headers = _response_headers(resp, drop_encoding=spec is not None and ok)
         if spec is not None:
-            headers.append((b"x-distillguard-decision", b"degrade"))
-        out = Response(data, status_code=resp.status)
-        out.raw_headers = [*headers, (b"content-length", str(len(data)).encode())]
+            out_headers.append((b"x-distillguard-decision", b"degrade"))
+        out_headers.append((b"content-length", b"%d" % len(data)))
         m.requests.labels(endpoint, str(resp.status)).inc()
         m.added_latency.observe((t_up - t0) + held + (time.perf_counter() - t_down))
-        return out
+        await send({"type": "http.response.start", "status": resp.status,
+                    "headers": out_headers})
+        await send({"type": "http.response.body", "body": data})
+        return None
 
-    def upstream_failure(exchange: dict, gw_fields: dict, endpoint: str, status: int, code: str,
-                         exc: Exception, t0: float, t_up: float) -> Response:
-        m.upstream_errors.labels(code).inc()
-        m.requests.labels(endpoint, str(status)).inc()
-        gw.log_exchange({**exchange, "status": status, "error": f"{code}: {exc!r}"[:2000],
-                         "latency_ms": round((time.perf_counter() - t_up) * 1000, 3),
-                         **gw_fields})
+    def upstream_failure(self, exchange: dict, gw_fields: dict, endpoint: str, status: int,
+                         code: str, exc: Exception, t_up: float) -> Response:
+        self.m.upstream_errors.labels(code).inc()
+        self.m.requests.labels(endpoint, str(status)).inc()
+        self.gw.log_exchange({**exchange, "status": status, "error": f"{code}: {exc!r}"[:2000],
+                              "latency_ms": round((time.perf_counter() - t_up) * 1000, 3),
+                              **gw_fields})
         log.warning("upstream %s for %s: %r", code, exchange["request_id"], exc)
         return _error(status, code, f"upstream {code.replace('_', ' ')}", endpoint=endpoint)
 
-    def stream_response(resp: aiohttp.ClientResponse, exchange: dict, gw_fields: dict, endpoint: str,
-                        spec, t0: float, t_up: float, held: float) -> StreamingResponse:
+    async def stream(self, receive: Any, send: Any, resp: UpstreamResponse, exchange: dict,
+                     gw_fields: dict, endpoint: str, spec: Any, added: float,
+                     t_up: float) -> None:
+        """Pass an SSE response through chunk by chunk (rewritten event by event when
+        degraded); the exchange is written ahead before the chunk that ends the stream.
+        A client that hangs up closes the upstream connection (the model stops)."""
+        m = self.m
         degrader = StreamDegrader(spec, endpoint) if spec is not None else None
-
-        async def body() -> AsyncIterator[bytes]:
-            received: list[bytes] = []
-            logged = False
-            error = None
-
-            def write_log() -> None:
-                nonlocal logged
-                if logged:
-                    return
-                logged = True
-                acc = ResponseAccumulator(endpoint)
-                for event in iter_sse_data(b"".join(received)):
-                    acc.from_event(event)
-                record = {**exchange, **acc.fields(), "status": resp.status,
-                          "latency_ms": round((time.perf_counter() - t_up) * 1000, 3),
-                          **gw_fields}
-                if error:
-                    record["error"] = error
-                gw.log_exchange(record)
-
-            try:
-                async for chunk in resp.content.iter_any():
-                    received.append(chunk)
-                    out = degrader.feed(chunk) if degrader else chunk
-                    if any(marker in chunk for marker in STREAM_END_MARKERS):
-                        write_log()  # on disk before the client sees the end of the stream
-                    if out:
-                        yield out
-                if degrader:
-                    tail = degrader.finish()
-                    write_log()
-                    if tail:
-                        yield tail
-            except (aiohttp.ClientError, *UPSTREAM_TIMEOUTS) as exc:
-                error = f"upstream_broken: {exc!r}"[:2000]
-                m.upstream_errors.labels("upstream_broken").inc()
-            except (asyncio.CancelledError, GeneratorExit):
-                error = "client_disconnected"
-                raise
-            finally:
-                write_log()
-                resp.release()
-                m.requests.labels(endpoint, str(resp.status)).inc()
-
         headers = _response_headers(resp, drop_encoding=degrader is not None)
         if degrader is not None:
             headers.append((b"x-distillguard-decision", b"degrade"))
-        out = StreamingResponse(body(), status_code=resp.status)
-        out.raw_headers = headers
-        m.added_latency.observe(t_up - t0 + held)
-        return out
+        m.added_latency.observe(added)
+        received: list[bytes] = []
+        logged = gone = False
+        error = None
 
+        def write_log() -> None:
+            nonlocal logged
+            if logged:
+                return
+            logged = True
+            acc = ResponseAccumulator(endpoint)
+            for event in iter_sse_data(b"".join(received)):
+                acc.from_event(event)
+            record = {**exchange, **acc.fields(), "status": resp.status,
+                      "latency_ms": round((time.perf_counter() - t_up) * 1000, 3),
+                      **gw_fields}
+            if error:
+                record["error"] = error
+            self.gw.log_exchange(record)
+
+        def hung_up(message: asyncio.Future) -> None:
+            # The body was read, so the next message is the disconnect.
+            nonlocal gone
+            if not message.cancelled():
+                gone = True
+                resp.close()
+
+        watch = asyncio.ensure_future(receive())
+        watch.add_done_callback(hung_up)
+        try:
+            await send({"type": "http.response.start", "status": resp.status,
+                        "headers": headers})
+            async for chunk in resp.iter_chunks():
+                received.append(chunk)
+                out = degrader.feed(chunk) if degrader else chunk
+                if any(marker in chunk for marker in STREAM_END_MARKERS):
+                    write_log()  # on disk before the client sees the end of the stream
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            if degrader:
+                tail = degrader.finish()
+                write_log()
+                if tail:
+                    await send({"type": "http.response.body", "body": tail, "more_body": True})
+        except UpstreamError as exc:
+            if gone:
+                error = "client_disconnected"
+            else:
+                error = f"upstream_broken: {exc!r}"[:2000]
+                m.upstream_errors.labels("upstream_broken").inc()
+        except BaseException:
+            error = "client_disconnected"
+            raise
+        finally:
+            watch.remove_done_callback(hung_up)
+            watch.cancel()
+            write_log()
+            resp.release()
+            m.requests.labels(endpoint, str(resp.status)).inc()
+        if not gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def create_app(cfg: GatewayConfig, *, annotate: Annotate | None = None,
+               start_worker: bool = True) -> FastAPI:
+    """The gateway app. `annotate` overrides the request-signal function (tests, benchmarks)."""
+    gw = Gateway(cfg, annotate=annotate, start_worker=start_worker)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="distillguard gateway", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.gateway = gw
+    proxy = ProxyHandler(gw)
     for path in ENDPOINT_BY_PATH:
-        app.add_api_route(path, proxy_exchange, methods=["POST"], include_in_schema=False)
-    app.state.proxy_exchange = proxy_exchange
+        app.add_route(path, proxy, methods=["POST"], include_in_schema=False)
+    app.state.proxy = proxy
 
     @app.get("/v1/models", include_in_schema=False)
     async def models(request: Request) -> Response:
-        if gw.authenticate(request) is None:
-            m.rejected.labels("unauthenticated").inc()
+        if gw.authenticate(_headers(request.scope)) is None:
+            gw.metrics.rejected.labels("unauthenticated").inc()
             return _error(401, "invalid_api_key", "missing or unknown API key")
         try:
-            async with gw.client.get(gw.upstream_url(request),
-                                     headers=gw.upstream_headers(request)) as resp:
+            resp = await gw.client.request("GET", _target(request.scope),
+                                           gw.upstream_headers(request.scope["headers"]))
+            try:
                 data = await resp.read()
-        except UPSTREAM_TIMEOUTS:
+            finally:
+                resp.release()
+        except UpstreamTimeout:
             return _error(504, "upstream_timeout", "upstream timeout")
-        except aiohttp.ClientError:
+        except UpstreamError:
             return _error(502, "upstream_unreachable", "upstream unreachable")
         out = Response(data, status_code=resp.status)
-        out.raw_headers = [*_response_headers(resp),
-                           (b"content-length", str(len(data)).encode())]
+        out.raw_headers = [*_response_headers(resp), (b"content-length", b"%d" % len(data))]
         return out
 
     _install_service_routes(app, gw)
@@ -640,13 +693,12 @@ def fast_path(app: FastAPI) -> Any:
     a 2-core machine; the proxy handler needs none of them (it builds its own responses and
     never raises for bad input). Everything else, and the lifespan, goes through FastAPI.
     """
-    handler = app.state.proxy_exchange
+    proxy = app.state.proxy
 
     async def asgi(scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and \
                 scope["path"] in ENDPOINT_BY_PATH:
-            response = await handler(Request(scope, receive))
-            await response(scope, receive, send)
+            await proxy(scope, receive, send)
             return
         await app(scope, receive, send)
 
@@ -737,7 +789,8 @@ def _install_service_routes(app: FastAPI, gw: Gateway) -> None:
         """Log exchanges served by another gateway (log-contract records, one or a list)."""
         if not _token_ok(request, cfg.decide_token, cfg.admin_token):
             return denied("/v1/exchanges")
-        raw = await _read_body(request, cfg.max_body_bytes)
+        raw = await _read_body(request.receive, request.headers.get("content-length"),
+                               cfg.max_body_bytes)
         if raw is None:
             return _error(413, "request_too_large", "body too large")
         try:
