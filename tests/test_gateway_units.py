@@ -148,3 +148,24 @@ def test_decisions_with_the_batch_engines_request_signals():
     assert decide("Solve this step by step: what is 17*23?") == ("challenge", ["cot_prompt"])
     assert decide("hello, how are you?") == ("allow", [])
     assert decide("hello again", n=8, logprobs=True) == ("degrade", ["extraction_params"])
+
+
+def test_signals_process_answers_a_burst_in_order():
+    """Frames of one event-loop tick go to the child in one write and come back batched:
+    every caller still gets the signals of its own exchange."""
+    from conftest_gateway import controlled_signals
+    from distillguard.gateway.signals_proc import SignalsProcess
+
+    exchanges = [{"messages": [{"role": "user", "content": f"t{i}: " + (
+        "step by step" if i % 3 == 0 else "plain")}], "params": {"n": i % 4}}
+        for i in range(300)]
+
+    async def main():
+        proc = SignalsProcess("conftest_gateway:controlled_signals", exchanges[0])
+        await proc.start()
+        try:
+            return await asyncio.gather(*(proc.annotate(e) for e in exchanges))
+        finally:
+            await proc.close()
+
+    assert asyncio.run(main()) == [controlled_signals(e) for e in exchanges]
