@@ -4,7 +4,8 @@ Data: a traffic-lab run (`--logs DIR` holding exchanges/*.parquet), or, by defau
 simulation of `--scenario` at `--scale` in a temporary directory (real prompts from
 ../shared/data when present). The batch path is fed record batches of `--batch-rows` rows, as the
 engine does. Figures:
-- cold: a fresh annotator (empty per-text cache) over all rows: every distinct prompt analysed once;
+- cold: a fresh annotator (empty per-text cache) over all rows: every distinct prompt analysed once,
+  in `--workers` processes (default: one per core, as `scan` does; includes starting them);
 - warm: the same annotator again (every prompt text cached): the vectorised Arrow part alone;
 - annotate_request latency per request, p50/p99, on distinct prompts (cold) and repeated (warm).
 Medians of `--repeats` runs are quoted.
@@ -16,6 +17,8 @@ Medians of `--repeats` runs are quoted.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -29,13 +32,11 @@ import pyarrow.parquet as pq
 
 from _machine import machine_summary, peak_rss_mib  # benchmarks/ is sys.path[0]
 from distillguard.signals import SignalAnnotator
-from distillguard.signals.annotate import user_text_column
+from distillguard.signals.annotate import INPUT_COLUMNS, user_text_column
 from distillguard.signals.classifier import DistillClassifier
 from distillguard.signals.rules import load_rule_packs
 
-#: The exchange columns `annotate` reads (responses are not needed: keeps memory down).
-COLUMNS = ["request_id", "account_id", "ts", "model", "system", "messages", "tools", "tool_calls",
-           "params"]
+COLUMNS = list(INPUT_COLUMNS)  # responses are not needed: keeps memory down
 
 
 def load_exchanges(args: argparse.Namespace) -> pa.Table:
@@ -61,6 +62,11 @@ def run_batches(annotator: SignalAnnotator, table: pa.Table, batch_rows: int) ->
     return time.perf_counter() - start
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def latency_us(annotator: SignalAnnotator, requests: list[dict]) -> tuple[float, float]:
     times = []
     for request in requests:
@@ -79,6 +85,8 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes analysing new texts (1: this process only)")
     args = parser.parse_args()
 
     print(machine_summary())
@@ -96,12 +104,17 @@ def main() -> None:
           f"database + load classifier): {time.perf_counter() - start:.2f} s")
     classifier = annotator.classifier or DistillClassifier.load()
 
-    cold, warm = [], []
+    cold, warm, cold_cpu = [], [], []
     for _ in range(args.repeats):
-        fresh = SignalAnnotator(packs, classifier)
+        fresh = SignalAnnotator(packs, classifier, workers=args.workers)
+        cpu = time.process_time(), children_cpu()
         cold.append(run_batches(fresh, table, args.batch_rows))
+        fresh.close()  # the workers exit: their CPU time is counted
+        cold_cpu.append(time.process_time() - cpu[0] + children_cpu() - cpu[1])
         warm.append(run_batches(fresh, table, args.batch_rows))
     n = table.num_rows
+    print(f"workers: {args.workers}; cold CPU-seconds (this process + its workers): "
+          f"median {statistics.median(cold_cpu):.1f} s")
     for name, times in (("cold (empty cache)", cold), ("warm (cached texts)", warm)):
         median = statistics.median(times)
         print(f"annotate {name}: median {median:.2f} s = {n / median:,.0f} exchanges/s "

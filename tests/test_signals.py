@@ -223,6 +223,28 @@ def test_annotate_equals_annotate_request_row_by_row() -> None:
             assert single[key] == expected[key], (row["request_id"], key)
 
 
+def test_batch_path_in_worker_processes_equals_a_fresh_single_request_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch path (vectorised classifier, worker processes) and the per-request path of
+    another annotator (empty cache: nothing is shared) give the same signals."""
+    import importlib
+
+    # the module, not the package's `annotate` function of the same name
+    monkeypatch.setattr(importlib.import_module("distillguard.signals.annotate"),
+                        "PARALLEL_MIN_TEXTS", 1)
+    rows = [*MIXED, exchange("Let's think step by step. " + "filler " * 20_000 + "Rate it.", 12),
+            exchange("Für die Übersetzung: explain `x_1` in 3 steps, Anna.", 13)]
+    reference = default_annotator()
+    batch_side = SignalAnnotator(reference.packs, reference.classifier, workers=2)
+    single_side = SignalAnnotator(reference.packs, reference.classifier)
+    try:
+        batch = batch_side.annotate(table(rows)).to_pylist()
+    finally:
+        batch_side.close()
+    for row, expected in zip(rows, batch, strict=True):
+        assert single_side.annotate_request(row) == expected, row["request_id"]
+
+
 def test_output_conforms_to_the_signal_schema() -> None:
     out = annotate(table(MIXED))
     assert out.schema == contract.SIGNAL_SCHEMA
@@ -309,6 +331,30 @@ def test_fast_analyzer_yields_exactly_scikit_learns_features() -> None:
     docs = [COT, RECON, "Ünïcödé WORDS, a b cc dd_ee 12 345", "", "x"]
     difference = make_vectorizer().transform(docs) - reference.transform(docs)
     assert abs(difference).max() < 1e-6
+
+
+def test_vectorised_murmurhash_equals_scikit_learns() -> None:
+    import random
+
+    import numpy as np
+    from sklearn.utils import murmurhash3_32
+
+    from distillguard.signals.classifier import murmurhash3_32_array
+
+    rng = random.Random(3)
+    alphabet = "ab_ 0Zé你🙂"
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+             for _ in range(3000)] + ["", "a", "ab", "abc", "abcd", "abcde"]
+    strings = pa.array(words).slice(1)  # a sliced array: buffers start at an offset
+    expected = np.array([murmurhash3_32(w, seed=0) for w in words[1:]], dtype=np.int32)
+    assert (murmurhash3_32_array(strings) == expected).all()
+
+
+def test_vectorised_scoring_equals_the_per_text_scoring() -> None:
+    classifier = DistillClassifier.load()
+    texts = [COT, RECON, RUBRIC, SAFE, PLAIN, "", "a", "x_1 y_2 Z3", "word " * 2000]
+    assert (classifier.predict_proba_ascii(pa.array(texts))
+            == classifier.predict_proba(texts)).all()
 
 
 def test_fast_scoring_matches_the_scikit_learn_pipeline() -> None:

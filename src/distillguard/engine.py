@@ -124,8 +124,10 @@ def annotate_new(
 ) -> int:
     """Compute signals for stored exchanges (up to `until`) that have none yet; return count.
 
-    Streams record batches from the store through `distillguard.signals.annotate` and appends
-    each result to the `signals` table, so memory stays bounded and reruns are free.
+    Streams record batches (only the columns signals read: responses are most of the bytes)
+    from the store through a `SignalAnnotator` that analyses each batch's new prompt texts on
+    every core, and appends each result to the `signals` table, so memory stays bounded and
+    reruns are free.
     """
     select = (
         "FROM exchanges e WHERE NOT EXISTS "
@@ -134,16 +136,23 @@ def annotate_new(
     total = con.execute(f"SELECT count(*) {select}").fetchone()[0]
     if total == 0:
         return 0
-    from distillguard.signals import annotate
+    from distillguard.signals import SignalAnnotator
+    from distillguard.signals.annotate import INPUT_COLUMNS
 
-    reader = con.cursor().execute(f"SELECT e.* {select}").fetch_record_batch(batch_rows)
+    columns = ", ".join(f"e.{name}" for name in INPUT_COLUMNS)
+    reader = con.cursor().execute(f"SELECT {columns} {select}").fetch_record_batch(batch_rows)
+    annotator = SignalAnnotator(workers=os.cpu_count() or 1)
     done = 0
-    for batch in reader:
-        annotated = contract.conform(annotate(batch), contract.SIGNAL_SCHEMA)  # noqa: F841
-        con.execute("INSERT INTO signals SELECT * FROM annotated")
-        done += batch.num_rows
-        if progress:
-            progress("signals", done, total)
+    try:
+        for batch in reader:
+            annotated = contract.conform(annotator.annotate(batch),  # noqa: F841
+                                         contract.SIGNAL_SCHEMA)
+            con.execute("INSERT INTO signals SELECT * FROM annotated")
+            done += batch.num_rows
+            if progress:
+                progress("signals", done, total)
+    finally:
+        annotator.close()
     return done
 
 

@@ -10,10 +10,12 @@ traffic most of all) and cached across calls. Everything that depends on the res
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, pairwise
 from typing import Any
 
 import numpy as np
@@ -53,6 +55,11 @@ CACHE_MAX_TEXT_CHARS = 2_048
 CACHE_ENTRIES = 250_000
 
 USER_JOIN = "\n"
+#: The exchange columns `annotate` reads (callers select just these: responses are the bulk).
+INPUT_COLUMNS = ("request_id", "account_id", "ts", "model", "system", "messages", "tools",
+                 "tool_calls", "params")
+#: Below this many new distinct texts in a batch, worker processes cost more than they save.
+PARALLEL_MIN_TEXTS = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +146,12 @@ class SignalAnnotator:
         classifier: DistillClassifier | None = None,
         *,
         load_classifier: bool = True,
+        workers: int = 1,
     ):
+        """`workers` > 1 analyses a batch's new texts in that many processes (this one and
+        workers - 1 children, started on first use; `close()` stops them)."""
+        self.workers = max(1, workers)
+        self._pool: ProcessPoolExecutor | None = None
         self.packs = list(load_rule_packs() if packs is None else packs)
         self.matcher = RuleMatcher.from_packs(self.packs, "prompt")
         self.tool_matcher = RuleMatcher.from_packs(self.packs, "tools")
@@ -177,25 +189,34 @@ class SignalAnnotator:
     # -- per text --------------------------------------------------------------------------
     def analyse(self, texts: Sequence[str]) -> list[TextSignals]:
         """Signals of each text (cached); the one place per-text work happens."""
+        return self._cached(texts, lambda rows: self._analyse_uncached([texts[i] for i in rows]))
+
+    def _analyse_column(self, column: pa.Array) -> list[TextSignals]:
+        """`analyse` for an Arrow array of distinct texts (the batch path)."""
+        return self._cached(column.to_pylist(),
+                            lambda rows: self._analyse_parallel(column.take(rows)))
+
+    def _cached(self, texts: Sequence[str],
+                compute: Callable[[list[int]], list[TextSignals]]) -> list[TextSignals]:
+        """Cached signals of `texts`; `compute(rows)` gives those of the uncached rows."""
         out: list[TextSignals | None] = [self._cache.get(t) for t in texts]
         missing = [i for i, hit in enumerate(out) if hit is None]
         if missing:
-            fresh = self._analyse_uncached([texts[i] for i in missing])
+            fresh = compute(missing)
             for i, signals in zip(missing, fresh, strict=True):
                 out[i] = signals
             self._remember([texts[i] for i in missing], fresh)
         return out  # type: ignore[return-value]
 
-    def _analyse_uncached(self, texts: Sequence[str]) -> list[TextSignals]:
-        views = [analysis_view(t) for t in texts]
+    def _analyse_uncached(self, texts: Sequence[str] | pa.Array) -> list[TextSignals]:
+        """Signals of each text, computed. An Arrow array of texts (the batch path) has its
+        ASCII texts scored by the classifier's vectorised twin (identical values)."""
+        column = texts if isinstance(texts, pa.Array) else None
+        views = [analysis_view(t) for t in (texts.to_pylist() if column is not None else texts)]
         sigs, lsh = template_signatures(views)
-        scores: Sequence[float | None]
-        if self.classifier is not None:
-            scores = self.classifier.predict_proba(views).tolist()
-        else:
-            scores = [None] * len(views)
         results = []
-        for view, sig, keys, score in zip(views, sigs, lsh, scores, strict=True):
+        for view, sig, keys, score in zip(views, sigs, lsh, self._scores(views, column),
+                                          strict=True):
             hit_indices = self.matcher.scan_indices(view)
             flags = [False] * len(BOOLEAN_SIGNALS)
             rank = len(CAPABILITY_PRIORITY) - 1
@@ -215,6 +236,43 @@ class SignalAnnotator:
                 )
             )
         return results
+
+    def _scores(self, views: list[str], column: pa.Array | None) -> list[float | None]:
+        if self.classifier is None:
+            return [None] * len(views)
+        if column is None:
+            return self.classifier.predict_proba(views).tolist()
+        # Texts longer than HEAD + TAIL are analysed on a view that differs from the column.
+        fast = pc.and_(pc.string_is_ascii(column),
+                       pc.less_equal(pc.binary_length(column), HEAD_CHARS + TAIL_CHARS))
+        fast_rows = np.flatnonzero(fast.to_numpy(zero_copy_only=False))
+        slow_rows = np.setdiff1d(np.arange(len(views)), fast_rows)
+        scores = np.empty(len(views))
+        scores[fast_rows] = self.classifier.predict_proba_ascii(column.take(fast_rows))
+        scores[slow_rows] = self.classifier.predict_proba([views[i] for i in slow_rows])
+        return scores.tolist()
+
+    def _analyse_parallel(self, texts: pa.Array) -> list[TextSignals]:
+        """`_analyse_uncached` of a batch's new texts, split across `workers` processes."""
+        if self.workers == 1 or len(texts) < PARALLEL_MIN_TEXTS:
+            return self._analyse_uncached(texts)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.workers - 1, mp_context=mp.get_context("spawn"),
+                initializer=_init_worker, initargs=(self.packs, self.classifier))
+        bounds = np.linspace(0, len(texts), self.workers + 1).astype(int).tolist()
+        futures: list[Future] = [self._pool.submit(_worker_analyse, texts[a:b])
+                                 for a, b in pairwise(bounds[1:])]
+        out = self._analyse_uncached(texts[: bounds[1]])
+        for future in futures:
+            out.extend(future.result())
+        return out
+
+    def close(self) -> None:
+        """Stop the worker processes (if any were started)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _remember(self, texts: Sequence[str], results: Sequence[TextSignals]) -> None:
         with self._cache_lock:
@@ -237,7 +295,7 @@ class SignalAnnotator:
         messages = _table_column(table, "messages")
         texts = user_text_column(messages)
         encoded = pc.dictionary_encode(texts)
-        distinct = self.analyse(encoded.dictionary.to_pylist())
+        distinct = self._analyse_column(encoded.dictionary)
         indices = encoded.indices
 
         def per_text(values: list, type_: pa.DataType) -> pa.Array:
@@ -320,6 +378,20 @@ class SignalAnnotator:
             "distill_score": signals.distill_score,
             "rule_hits": list(signals.rule_hits),
         }
+
+
+_worker: SignalAnnotator | None = None
+
+
+def _init_worker(packs: list[RulePack], classifier: DistillClassifier | None) -> None:
+    global _worker
+    _worker = SignalAnnotator(packs, classifier, load_classifier=False)
+
+
+def _worker_analyse(texts: pa.Array) -> list[TextSignals]:
+    """In a worker process: the signals of a slice of a batch's new texts."""
+    assert _worker is not None
+    return _worker._analyse_uncached(texts)
 
 
 _default: SignalAnnotator | None = None

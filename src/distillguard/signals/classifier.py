@@ -16,6 +16,8 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.utils import murmurhash3_32
 
@@ -57,12 +59,93 @@ class _FeatureIndex(dict):
         self.n_features = n_features
 
     def __missing__(self, feature: str) -> int:
-        h = murmurhash3_32(feature, seed=0)
-        n = self.n_features
-        index = (2**31 - 1 - (n - 1)) % n if h == -(2**31) else abs(h) % n
+        # scikit-learn special-cases h == -2**31 ((2**31 - n) mod n): that is |h| mod n too
+        index = abs(murmurhash3_32(feature, seed=0)) % self.n_features
         if len(self) < INDEX_CACHE_ENTRIES:
             self[feature] = index
         return index
+
+
+#: byte -> itself lower-cased if it is an ASCII word character (`\\w`: [0-9A-Za-z_]), else a space
+_WORD_BYTE = np.full(256, ord(" "), dtype=np.uint8)
+for _c in b"0123456789_abcdefghijklmnopqrstuvwxyz":
+    _WORD_BYTE[_c] = _c
+for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+    _WORD_BYTE[_c] = _c + 32
+
+
+def _word_chars(texts: pa.Array) -> pa.Array:
+    """ASCII texts lower-cased with every non-word character made a space: splitting that on
+    whitespace gives `re.findall(r"\\w+", text.lower())` (plus empty strings)."""
+    texts = pa.concat_arrays([texts])  # own buffers, offset 0
+    validity, offsets, data = texts.buffers()
+    if data is None:
+        return texts
+    mapped = pa.py_buffer(_WORD_BYTE[np.frombuffer(data, dtype=np.uint8)])
+    return pa.StringArray.from_buffers(len(texts), offsets, mapped, validity)
+
+
+_C1, _C2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
+
+
+def _rotl(x: np.ndarray, r: int) -> np.ndarray:
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def _fmix(h: np.ndarray) -> np.ndarray:
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def murmurhash3_32_array(strings: pa.Array) -> np.ndarray:
+    """MurmurHash3_x86_32 (seed 0) of each string's UTF-8 bytes as signed int32: exactly
+    `sklearn.utils.murmurhash3_32`, for a whole Arrow array at numpy speed. Strings are sorted
+    by block count so that the k-th round works on a prefix (the strings that still have a k-th
+    4-byte block)."""
+    strings = pa.concat_arrays([strings.cast(pa.large_binary())])  # offset 0, int64 offsets
+    num = len(strings)
+    if num == 0:
+        return np.zeros(0, dtype=np.int32)
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64, count=num + 1)
+    data = np.frombuffer(strings.buffers()[2] or b"\0", dtype=np.uint8)
+    data = np.concatenate([data, np.zeros(4, dtype=np.uint8)])  # room for the last tail read
+    # words[i] = the little-endian uint32 at byte i (overlapping, unaligned view: one gather).
+    words = np.ndarray((len(data) - 3,), dtype="<u4", buffer=data, strides=(1,))
+    lengths = np.diff(offsets)
+    key = -(lengths // 4)
+    if key.min() > np.iinfo(np.int16).min:  # n-grams: numpy's stable sort is a radix sort here
+        key = key.astype(np.int16)
+    order = np.argsort(key, kind="stable")
+    starts, lengths = offsets[:-1][order], lengths[order]
+    blocks = lengths // 4
+    h = np.zeros(num, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        alive = np.searchsorted(-blocks, -np.arange(1, int(blocks[0]) + 1), side="right")
+        for k, m in enumerate(alive.tolist()):
+            hk = _rotl(h[:m] ^ (_rotl(words[starts[:m] + 4 * k] * _C1, 15) * _C2), 13)
+            h[:m] = hk * np.uint32(5) + np.uint32(0xE6546B64)
+        tail_len = lengths % 4
+        at = starts + 4 * blocks
+        tail = np.zeros(num, dtype=np.uint32)
+        for j in (2, 1, 0):
+            has = tail_len > j
+            tail[has] |= data[at[has] + j].astype(np.uint32) << np.uint32(8 * j)
+        has = tail_len > 0
+        h[has] ^= _rotl(tail[has] * _C1, 15) * _C2
+        h ^= lengths.astype(np.uint32)
+        h = _fmix(h)
+    out = np.empty(num, dtype=np.int32)
+    out[order] = h.view(np.int32)
+    return out
+
+
+def hashed_columns(strings: pa.Array, n_features: int) -> np.ndarray:
+    """FeatureHasher's column (int64) of every string of an Arrow array (`_FeatureIndex`)."""
+    return np.abs(murmurhash3_32_array(strings).astype(np.int64)) % n_features
 
 
 def make_vectorizer(config: dict | None = None) -> HashingVectorizer:
@@ -90,6 +173,14 @@ class DistillClassifier:
         self._vectorizer = make_vectorizer(self.config)
         self._index = _FeatureIndex(int(self.config["n_features"]))
 
+    def __getstate__(self) -> dict:
+        # Worker processes get the model, not the (large, rebuildable) n-gram memo.
+        return {k: getattr(self, k) for k in ("weights", "intercept", "config", "metadata")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """Probability per text (float64); empty input gives an empty array.
 
@@ -98,7 +189,6 @@ class DistillClassifier:
         validation, which costs about a millisecond: too much for the gateway's single
         requests. `tests/test_signals.py` checks it against `self.vectorizer().transform`.
         """
-        n_features = int(self.config["n_features"])
         lengths = np.zeros(len(texts), dtype=np.int64)
         indices: list[int] = []
         column_of = self._index.__getitem__
@@ -107,14 +197,32 @@ class DistillClassifier:
             lengths[row] = len(features)
             indices.extend(map(column_of, features))
         rows = np.repeat(np.arange(len(texts)), lengths)
-        keys, counts = np.unique(rows * n_features + np.asarray(indices, dtype=np.int64),
-                                 return_counts=True)
+        return self._score(rows, np.asarray(indices, dtype=np.int64), len(texts))
+
+    def predict_proba_ascii(self, texts: pa.Array) -> np.ndarray:
+        """`predict_proba` for an Arrow array of ASCII texts, vectorised: words split in Arrow,
+        n-grams joined in Arrow, murmurhash3 in numpy."""
+        tokens = pc.ascii_split_whitespace(_word_chars(pc.utf8_slice_codeunits(texts, 0, MAX_CHARS)))
+        flat = pc.list_flatten(tokens)
+        keep = pc.greater_equal(pc.binary_length(flat), 2)  # \b\w\w+\b: runs of 2 or more
+        unigrams = pc.filter(flat, keep)
+        rows = pc.filter(pc.list_parent_indices(tokens), keep).to_numpy()
+        pairs = np.flatnonzero(rows[1:] == rows[:-1])
+        bigrams = pc.binary_join_element_wise(unigrams.take(pairs), unigrams.take(pairs + 1), " ")
+        n = int(self.config["n_features"])
+        columns = np.concatenate([hashed_columns(unigrams, n), hashed_columns(bigrams, n)])
+        return self._score(np.concatenate([rows, rows[pairs]]), columns, len(texts))
+
+    def _score(self, rows: np.ndarray, columns: np.ndarray, num_texts: int) -> np.ndarray:
+        """Probabilities from the (text, feature column) pair of every n-gram occurrence."""
+        n_features = int(self.config["n_features"])
+        keys, counts = np.unique(rows * n_features + columns, return_counts=True)
         key_rows, key_features = np.divmod(keys, n_features)
         counts = counts.astype(np.float64)
-        squared_norm = np.bincount(key_rows, weights=counts * counts, minlength=len(texts))
+        squared_norm = np.bincount(key_rows, weights=counts * counts, minlength=num_texts)
         dot = np.bincount(key_rows, weights=counts * self.weights[key_features],
-                          minlength=len(texts))
-        logits = np.divide(dot, np.sqrt(squared_norm), out=np.zeros(len(texts)),
+                          minlength=num_texts)
+        logits = np.divide(dot, np.sqrt(squared_norm), out=np.zeros(num_texts),
                            where=squared_norm > 0) + self.intercept
         return 1.0 / (1.0 + np.exp(-logits))
 
