@@ -168,6 +168,17 @@ def test_language(text: str, code: str | None) -> None:
     assert detect_language(text) == code
 
 
+def test_vectorised_language_equals_the_per_text_guess() -> None:
+    from distillguard.signals.language import SAMPLE_CHARS, SAMPLE_WORDS, detect_language_ascii
+
+    texts = ["How do I make my tomatoes grow faster?", "Donde esta la casa de la playa y el mar",
+             "", " \n", "12345 67890", "THE The the", "de la the and", "x" * (SAMPLE_CHARS + 10),
+             "word " * SAMPLE_WORDS + "de la de la de la", "dog " * 300 + "le la les des",
+             "snake_case camelCase a1b2 il lo la"]
+    expected = [detect_language(t) if t.strip() else None for t in texts]
+    assert detect_language_ascii(pa.array(texts)) == expected
+
+
 def test_classifier_separates_task_prompts_from_organic_ones() -> None:
     task = one("Janet's ducks lay 16 eggs per day. She eats three for breakfast and bakes "
                "muffins with four. How many eggs does she sell? Let's think step by step.")

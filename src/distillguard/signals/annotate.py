@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from distillguard import contract
 from distillguard.signals.classifier import DistillClassifier, default_artifact_path
-from distillguard.signals.language import detect_language
+from distillguard.signals.language import detect_language, detect_language_ascii
 from distillguard.signals.matcher import RuleMatcher
 from distillguard.signals.params import extraction_mask, is_extraction
 from distillguard.signals.rules import RulePack, load_rule_packs
@@ -214,9 +214,10 @@ class SignalAnnotator:
         column = texts if isinstance(texts, pa.Array) else None
         views = [analysis_view(t) for t in (texts.to_pylist() if column is not None else texts)]
         sigs, lsh = template_signatures(views)
+        scores, languages = self._scores_and_languages(views, column)
         results = []
-        for view, sig, keys, score in zip(views, sigs, lsh, self._scores(views, column),
-                                          strict=True):
+        for view, sig, keys, score, language in zip(views, sigs, lsh, scores, languages,
+                                                    strict=True):
             hit_indices = self.matcher.scan_indices(view)
             flags = [False] * len(BOOLEAN_SIGNALS)
             rank = len(CAPABILITY_PRIORITY) - 1
@@ -230,27 +231,36 @@ class SignalAnnotator:
                     capability=CAPABILITY_PRIORITY[rank],
                     template_sig=sig,
                     template_lsh=tuple(keys),
-                    language=detect_language(view) if view.strip() else None,
+                    language=language,
                     distill_score=None if score is None or not view.strip() else score,
                     rule_hits=tuple(self.matcher.rules[i].id for i in hit_indices),
                 )
             )
         return results
 
-    def _scores(self, views: list[str], column: pa.Array | None) -> list[float | None]:
-        if self.classifier is None:
-            return [None] * len(views)
-        if column is None:
-            return self.classifier.predict_proba(views).tolist()
-        # Texts longer than HEAD + TAIL are analysed on a view that differs from the column.
-        fast = pc.and_(pc.string_is_ascii(column),
-                       pc.less_equal(pc.binary_length(column), HEAD_CHARS + TAIL_CHARS))
-        fast_rows = np.flatnonzero(fast.to_numpy(zero_copy_only=False))
-        slow_rows = np.setdiff1d(np.arange(len(views)), fast_rows)
-        scores = np.empty(len(views))
-        scores[fast_rows] = self.classifier.predict_proba_ascii(column.take(fast_rows))
-        scores[slow_rows] = self.classifier.predict_proba([views[i] for i in slow_rows])
-        return scores.tolist()
+    def _scores_and_languages(self, views: list[str], column: pa.Array | None
+                              ) -> tuple[list[float | None], list[str | None]]:
+        """Classifier score and language of each view; the ASCII texts of an Arrow column by
+        the vectorised twins of the per-text functions (identical values)."""
+        fast_rows: list[int] = []
+        if column is not None:
+            # Texts longer than HEAD + TAIL are analysed on a view that differs from the column.
+            fast = pc.and_(pc.string_is_ascii(column),
+                           pc.less_equal(pc.binary_length(column), HEAD_CHARS + TAIL_CHARS))
+            fast_rows = np.flatnonzero(fast.to_numpy(zero_copy_only=False)).tolist()
+        slow_rows = sorted(set(range(len(views))) - set(fast_rows))
+        slow = [views[i] for i in slow_rows]
+        scores: list[float | None] = [None] * len(views)
+        languages: list[str | None] = [None] * len(views)
+        _scatter(languages, slow_rows, [detect_language(v) if v.strip() else None for v in slow])
+        if self.classifier is not None:
+            _scatter(scores, slow_rows, self.classifier.predict_proba(slow).tolist())
+        if fast_rows:
+            texts = column.take(fast_rows)
+            _scatter(languages, fast_rows, detect_language_ascii(texts))
+            if self.classifier is not None:
+                _scatter(scores, fast_rows, self.classifier.predict_proba_ascii(texts).tolist())
+        return scores, languages
 
     def _analyse_parallel(self, texts: pa.Array) -> list[TextSignals]:
         """`_analyse_uncached` of a batch's new texts, split across `workers` processes."""
@@ -378,6 +388,11 @@ class SignalAnnotator:
             "distill_score": signals.distill_score,
             "rule_hits": list(signals.rule_hits),
         }
+
+
+def _scatter(out: list, rows: Sequence[int], values: Sequence) -> None:
+    for i, value in zip(rows, values, strict=True):
+        out[i] = value
 
 
 _worker: SignalAnnotator | None = None

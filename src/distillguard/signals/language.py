@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 #: Characters examined: the language of a prompt is clear from its start.
 SAMPLE_CHARS = 1000
 #: Words of Latin-script text looked up in the stopword sets.
@@ -90,3 +94,42 @@ def detect_language(text: str) -> str | None:
     best = max(range(len(_LANGUAGES)), key=scores.__getitem__)
     # Latin-script text without stopwords (code, lists of names) is most often English.
     return _LANGUAGES[best] if scores[best] > 0 else "en"
+
+
+_VOCABULARY = pa.array(list(_STOPWORD_INDEX), pa.string())
+#: row i: which languages word i of _VOCABULARY is a stopword of; the last row (no stopword) is 0
+_MEMBERSHIP = np.zeros((len(_VOCABULARY) + 1, len(_LANGUAGES)), dtype=np.int64)
+for _row, _langs in enumerate(_STOPWORD_INDEX.values()):
+    _MEMBERSHIP[_row, list(_langs)] = 1
+_CODES = np.array([*_LANGUAGES, "en", None], dtype=object)
+#: byte -> itself lower-cased if it is an ASCII letter, else a space
+_LETTER_BYTE = np.full(256, ord(" "), dtype=np.uint8)
+for _c in b"abcdefghijklmnopqrstuvwxyz":
+    _LETTER_BYTE[_c] = _LETTER_BYTE[_c - 32] = _c
+
+
+def detect_language_ascii(texts: pa.Array) -> list[str | None]:
+    """`detect_language` of each ASCII text, vectorised in Arrow and numpy: ASCII has no
+    non-Latin script, so only the stopword vote over the sample's first words remains."""
+    sample = pa.concat_arrays([pc.utf8_slice_codeunits(texts, 0, SAMPLE_CHARS)])
+    validity, offsets, data = sample.buffers()
+    if data is not None:
+        letters = pa.py_buffer(_LETTER_BYTE[np.frombuffer(data, dtype=np.uint8)])
+        sample = pa.StringArray.from_buffers(len(sample), offsets, letters, validity)
+    tokens = pc.ascii_split_whitespace(sample)
+    words = pc.list_flatten(tokens)
+    keep = pc.greater(pc.binary_length(words), 0)
+    words = pc.filter(words, keep)
+    rows = pc.filter(pc.list_parent_indices(tokens), keep).to_numpy()
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within its text
+    first = rank < SAMPLE_WORDS
+    words, rows = words.filter(first), rows[first]
+    known = pc.fill_null(pc.index_in(words, value_set=_VOCABULARY), len(_VOCABULARY))
+    membership = _MEMBERSHIP[known.to_numpy()]
+    scores = np.stack([np.bincount(rows, weights=membership[:, k], minlength=len(texts))
+                       for k in range(len(_LANGUAGES))], axis=1)
+    best = scores.argmax(axis=1)  # the first of equal scores, as max() in detect_language
+    # code index: the best language, "en" (no stopword at all) or None (no word at all)
+    code = np.where(scores[np.arange(len(texts)), best] > 0, best, len(_LANGUAGES))
+    code[np.bincount(rows, minlength=len(texts)) == 0] = len(_LANGUAGES) + 1
+    return _CODES[code].tolist()
