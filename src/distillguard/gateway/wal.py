@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -48,7 +49,7 @@ class WriteAheadLog:
         self.records = 0  # total appended by this process
         self.bytes = 0
         self._lock = threading.Lock()
-        self._seq = 0
+        self._seq = itertools.count(1)
         self._fd: int | None = None
         self._path: Path | None = None
         self._seg_records = 0
@@ -60,13 +61,16 @@ class WriteAheadLog:
         self._thread = threading.Thread(target=self._background, name="wal-sync", daemon=True)
         self._thread.start()
 
-    def _open_segment(self) -> None:
-        self._seq += 1
-        name = f"seg-{time.time_ns()}-{os.getpid()}-{self._seq:06d}.open"
+    def _create_segment(self) -> tuple[int, Path]:
+        """A new `.open` segment under our flock (no lock needed: nothing writes to it yet)."""
+        name = f"seg-{time.time_ns()}-{os.getpid()}-{next(self._seq):06d}.open"
         path = self.dir / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._fd, self._path = fd, path
+        return fd, path
+
+    def _open_segment(self, segment: tuple[int, Path] | None = None) -> None:
+        self._fd, self._path = segment or self._create_segment()
         self._seg_records, self._seg_opened = 0, time.monotonic()
 
     def _seal(self) -> None:
@@ -121,12 +125,30 @@ class WriteAheadLog:
                 if self._dirty and self.fsync == "batch":
                     dup = os.dup(self._fd)  # fsync a duplicate: rotation may close the original
                     self._dirty = False
-                if self._seg_records and time.monotonic() - self._seg_opened >= self.max_age:
-                    self._seal()
-                    self._open_segment()
+                rotate = bool(self._seg_records) and \
+                    time.monotonic() - self._seg_opened >= self.max_age
                 retired, self._retired = self._retired, []
             extra = [dup] if dup is not None else []
             self._sync_and_close(extra + retired, extra + retired)
+            if rotate:
+                self._rotate()
+
+    def _rotate(self) -> None:
+        """Age-based rotation with the file-system work outside the lock: the new segment is
+        created first and only swapped in under it, so `append` (the event loop) never waits
+        for an open, flock or rename while the disk is busy (a store flush, fsyncs)."""
+        segment = self._create_segment()
+        old, records = segment, 0  # closed meanwhile: the new one goes again
+        with self._lock:
+            if not self._closed and self._fd is not None:
+                old, records = (self._fd, self._path), self._seg_records
+                self._open_segment(segment)
+        fd, path = old
+        if not records:
+            os.unlink(path)
+        else:
+            os.rename(path, path.with_suffix(".jsonl"))
+        self._sync_and_close([fd], [fd])
 
     def close(self) -> None:
         """Seal the open segment and flush everything to disk (graceful shutdown)."""
