@@ -36,7 +36,15 @@ from distillguard import campaigns as camp
 from distillguard import contract
 from distillguard.clustering import fraudar, leiden_clusters
 from distillguard.fingerprints import account_fingerprints, exchange_view, model_first_seen
-from distillguard.linking import EVIDENCE_SCHEMA, AccountGraph, Linker, activity_cells, evidence
+from distillguard.linking import (
+    EVIDENCE_SCHEMA,
+    AccountGraph,
+    Linker,
+    activity_cells,
+    evidence,
+    key_counts,
+    shared_evidence,
+)
 from distillguard.linking import synchrony_evidence as sync_evidence
 from distillguard.reports import to_plain
 from distillguard.scoring import AccountScores, BehaviourScorer, ClusterScorer, ClusterVerdict
@@ -336,7 +344,11 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
     n_exchanges = int(pc.sum(fp["n_exchanges"]).as_py())
     now = until or max(fp["last_ts"].to_pylist())
     with _timed(seconds, "evidence", progress):
-        ev = _arrow(evidence(view, accounts_t, lsh=config.lsh_evidence)).cast(EVIDENCE_SCHEMA)
+        # only keys two accounts share leave the engine (most template and LSH keys are used
+        # once); the hub discount still counts every key, so the per-account counts come along
+        with evidence(view, accounts_t, lsh=config.lsh_evidence).cache() as all_ev:
+            ev = _arrow(shared_evidence(all_ev)).cast(EVIDENCE_SCHEMA)
+            counts = _arrow(key_counts(all_ev))
         cells = _arrow(activity_cells(view, bucket_minutes=config.sync_bucket_minutes))
         ev = pa.concat_tables([ev, sync_evidence(cells, min_cells=config.sync_min_cells)])
         # a fixed row order: key numbering, sampling and Leiden then agree across engines
@@ -344,7 +356,7 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
                          ("account_id", "ascending")])
     names = fp["account_id"].to_pylist()
     with _timed(seconds, "linking", progress):
-        graph = config.linker.link(ev, names)
+        graph = config.linker.link(ev, names, counts)
     with _timed(seconds, "clustering", progress):
         label = leiden_clusters(graph, resolution=config.resolution, min_size=config.clusters.min_size)
         # dense blocks of *control* evidence: shared prompts, system prompts and synchrony tie

@@ -20,7 +20,7 @@ Two halves:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import ibis
@@ -114,6 +114,20 @@ def evidence(view: ir.Table, accounts: ir.Table, *, lsh: bool = True) -> ir.Tabl
         )
     cols = ["account_id", "kind", "key", "first_ts", "n"]
     return ibis.union(*[p.select(*cols) for p in parts], distinct=False)
+
+
+def shared_evidence(ev: ir.Table) -> ir.Table:
+    """The rows of `ev` whose key at least two accounts used (Ibis). Only those can tie
+    accounts: an edge, a dense block, a campaign signature or indicator all need a key in
+    common, and most template and LSH keys are used by one account only."""
+    keys = ev.group_by(["kind", "key"]).aggregate(df=ev.count())
+    return ev.semi_join(keys.filter(keys.df >= 2).select("kind", "key"), ["kind", "key"])
+
+
+def key_counts(ev: ir.Table) -> ir.Table:
+    """Keys per (account, kind) over all of `ev` (Ibis): the hub discount of `Linker.link`
+    counts every key an account used, shared or not."""
+    return ev.group_by(["account_id", "kind"]).aggregate(n_keys=ev.count())
 
 
 def activity_cells(view: ir.Table, *, bucket_minutes: int = 10) -> ir.Table:
@@ -239,83 +253,169 @@ class Linker:
         return base / np.log2(1.0 + df)
 
     @staticmethod
-    def _hub_factor(acct: np.ndarray, of_kind: np.ndarray, n: int) -> np.ndarray:
-        """How many times more keys of one kind an account has than the population's 90th
-        percentile (at least 1). An account that sends hundreds of different prompts or
-        rotates through hundreds of addresses collides with everyone by chance; its shared
-        keys are discounted by the square root of this factor on each side of a pair."""
-        counts = np.bincount(acct[of_kind], minlength=n).astype(float)
+    def _hub_factor(counts: np.ndarray) -> np.ndarray:
+        """How many times more keys of one kind an account has (`counts`) than the
+        population's 90th percentile (at least 1). An account that sends hundreds of different
+        prompts or rotates through hundreds of addresses collides with everyone by chance; its
+        shared keys are discounted by the square root of this factor on each side of a pair."""
         active = counts[counts > 0]
         typical = max(1.0, float(np.quantile(active, 0.9))) if active.size else 1.0
         return np.maximum(1.0, counts / typical)
 
-    def link(self, ev: pa.Table, accounts: Iterable[str] | None = None) -> AccountGraph:
-        """Build the graph; `accounts` fixes the vertex list (default: accounts in `ev`)."""
+    def link(
+        self,
+        ev: pa.Table,
+        accounts: Iterable[str] | None = None,
+        key_counts: pa.Table | None = None,
+    ) -> AccountGraph:
+        """Build the graph; `accounts` fixes the vertex list (default: accounts in `ev`).
+
+        `ev` may hold only the rows of keys shared by at least two accounts (the only ones that
+        can make an edge: `shared_evidence`) when `key_counts` (keys per account and kind over
+        *all* evidence: `key_counts`) is given for the hub discount.
+
+        Pairs are never listed one row per shared key: per kind, keys of up to `sample_above`
+        accounts go through a sparse product (accounts x keys) @ (keys x accounts), which sums
+        every pair's evidence in place, and bigger keys add their sampled pairs
+        (`_sampled_pairs`) to the same sparse matrix; only the strong edges leave.
+        """
+        from scipy import sparse
+
         names, acct, key_idx, uniq_kind = encode_evidence(ev, accounts)
-        # distinct (account, key) pairs only
-        n_keys = uniq_kind.size
-        pair = np.unique(key_idx.astype(np.int64) * len(names) + acct)
-        key_idx, acct = pair // len(names), pair % len(names)
-        df = np.bincount(key_idx, minlength=n_keys)
+        n = len(names)
+        # distinct (account, key) pairs only, ordered by key then account
+        pair = np.unique(key_idx.astype(np.int64) * n + acct)
+        key_idx, acct = pair // n, pair % n
+        df = np.bincount(key_idx, minlength=uniq_kind.size)
         kw = self.key_weights(df.astype(float), uniq_kind)
         usable = (df >= 2) & (df <= self.max_group) & (kw > 0)
-        rng = np.random.default_rng(self.seed)
-        order = np.argsort(key_idx, kind="stable")
-        key_idx, acct = key_idx[order], acct[order]
-        starts = np.searchsorted(key_idx, np.arange(n_keys))
-        ends = np.searchsorted(key_idx, np.arange(n_keys), side="right")
-        src_parts, dst_parts, key_parts = [], [], []
-        # small groups: all pairs, vectorised over every group of the same size
-        for m in np.unique(df[usable & (df <= self.sample_above)]):
-            keys = np.flatnonzero(usable & (df == m))
-            grid = acct[starts[keys][:, None] + np.arange(m)[None, :]]
-            iu, ju = np.triu_indices(m, 1)
-            a, b = grid[:, iu].ravel(), grid[:, ju].ravel()
-            src_parts.append(np.minimum(a, b))
-            dst_parts.append(np.maximum(a, b))
-            key_parts.append(np.repeat(keys, iu.size))
-        # big groups: sampled partners
-        for k in np.flatnonzero(usable & (df > self.sample_above)):
-            a, b = _group_pairs(acct[starts[k] : ends[k]], self.sample_above, rng)
-            src_parts.append(a)
-            dst_parts.append(b)
-            key_parts.append(np.full(a.size, k, dtype=np.int64))
+        counts = _keys_per_account(key_counts, names) if key_counts is not None else None
+        # random 64-bit tokens per account: member-set hashes and the sampling order
+        tokens = np.random.default_rng(self.seed).integers(0, 2**63, size=n, dtype=np.uint64)
         kinds = sorted(self.kind_weights)
-        if not src_parts:
-            empty = np.zeros(0)
-            return AccountGraph(
-                names, empty.astype(np.int64), empty.astype(np.int64), empty,
-                {k: empty for k in kinds}, {k: empty for k in kinds},
-            )
-        s = np.concatenate(src_parts)
-        d = np.concatenate(dst_parts)
-        kk = np.concatenate(key_parts)
-        pid = s * len(names) + d
-        upid, inv = np.unique(pid, return_inverse=True)
-        by_kind, shared = {}, {}
-        kind_of_edge = uniq_kind[kk]
-        pair_src, pair_dst = upid // len(names), upid % len(names)
+        weight_m, count_m = {}, {}
         for kname in kinds:
-            mask = kind_of_edge == kname
-            w = np.bincount(inv[mask], weights=kw[kk[mask]], minlength=upid.size)
+            of_kind = uniq_kind == kname
+            w, c = self._kind_pairs(acct, key_idx, df, kw, usable & of_kind, n, tokens)
             if kname in USAGE_KINDS:
-                hub = self._hub_factor(acct, uniq_kind[key_idx] == kname, len(names))
-                w = w / np.sqrt(hub[pair_src] * hub[pair_dst])
+                if counts is not None:
+                    per_account = counts.get(kname, np.zeros(n))
+                else:
+                    per_account = np.bincount(acct[of_kind[key_idx]], minlength=n).astype(float)
+                hub = self._hub_factor(per_account)
+                rows = np.repeat(np.arange(n), np.diff(w.indptr))
+                w.data /= np.sqrt(hub[rows] * hub[w.indices])
             # many keys of one kind (e.g. every LSH band of one shared prompt) are one piece of
             # evidence, not many: each kind's total is capped, so strong edges need several
             # independent kinds
-            by_kind[kname] = np.minimum(w, self.kind_cap)
-            shared[kname] = np.bincount(inv[mask], minlength=upid.size).astype(np.int64)
+            np.minimum(w.data, self.kind_cap, out=w.data)
+            weight_m[kname], count_m[kname] = w, c
+        total = sparse.csr_matrix((n, n))
+        for kname in kinds:  # summed in kind order, like `weight` below
+            total = total + weight_m[kname]
+        total = total.tocoo()
+        strong = total.data >= self.min_edge_weight
+        src, dst = total.row[strong].astype(np.int64), total.col[strong].astype(np.int64)
+        by_kind = {k: _values_at(m, src, dst) for k, m in weight_m.items()}
+        shared = {k: np.rint(_values_at(m, src, dst)).astype(np.int64)
+                  for k, m in count_m.items()}
         weight = np.sum(list(by_kind.values()), axis=0)
-        strong = weight >= self.min_edge_weight
-        return AccountGraph(
-            names,
-            (upid // len(names))[strong],
-            (upid % len(names))[strong],
-            weight[strong],
-            {k: v[strong] for k, v in by_kind.items()},
-            {k: v[strong] for k, v in shared.items()},
+        return AccountGraph(names, src, dst, weight, by_kind, shared)
+
+    def _kind_pairs(
+        self,
+        acct: np.ndarray,
+        key_idx: np.ndarray,
+        df: np.ndarray,
+        kw: np.ndarray,
+        keys: np.ndarray,
+        n: int,
+        tokens: np.ndarray,
+    ):
+        """Summed key weight and number of shared keys of every pair sharing a usable key of
+        one kind (`keys`: mask over keys), as two upper-triangular CSR matrices."""
+        from scipy import sparse
+
+        # one complex matrix carries both sums: real part the key weights, imaginary the count
+        small = keys & (df <= self.sample_above)
+        rows = small[key_idx]
+        # accounts x keys incidence; A @ diag(kw + i) @ A.T sums every pair's keys
+        a = sparse.csr_matrix(
+            (np.ones(int(rows.sum())), (acct[rows], key_idx[rows])), shape=(n, df.size)
         )
+        pairs = sparse.triu(a @ sparse.diags(kw + 1j) @ a.T, k=1, format="csr")
+        big = np.flatnonzero(keys & (df > self.sample_above))
+        if big.size:
+            members = acct[np.isin(key_idx, big)]
+            for lo, hi, v in _sampled_pairs(members, df[big], kw[big], self.sample_above,
+                                            tokens):
+                pairs = pairs + sparse.csr_matrix((v, (lo, hi)), shape=(n, n))
+        return pairs.real, pairs.imag
+
+
+def _sampled_pairs(
+    members: np.ndarray, sizes: np.ndarray, kw: np.ndarray, sample_above: int,
+    tokens: np.ndarray, chunk_rows: int = 1 << 24,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Sampled pairs of big keys (`members`: their accounts, key after key, `sizes` each).
+
+    Each key's members are put in a pseudo-random cyclic order and each is linked to the next
+    `h` of them, `h` chosen so a pair is linked with the probability it would have if every
+    member drew `sample_above` random partners (1 - (1 - 1/(m-1))^(2 sample_above)): every
+    member gets ~2 x sample_above partners, every pair at most once per key, vectorised over
+    all keys and with no O(m^2). Keys with the same members (the LSH bands of one prompt) are
+    sampled once, carrying the sum of their weights and their number. Yields (lo, hi,
+    weight + 1j * keys) arrays (lo < hi) of about `chunk_rows` pairs at a time, so the caller
+    sums them into a sparse matrix without holding every pair at once.
+    """
+    starts = np.cumsum(sizes) - sizes
+    # a hash of each key's member set: the sum of its members' random 64-bit tokens
+    set_hash = np.add.reduceat(tokens[members], starts)
+    uniq, first, inv = np.unique(set_hash, return_index=True, return_inverse=True)
+    value = np.bincount(inv, weights=kw, minlength=uniq.size) + 1j * np.bincount(
+        inv, minlength=uniq.size)
+    m = sizes[first]
+    base = np.repeat(np.cumsum(m) - m, m)  # each set's first row
+    rows = np.repeat(starts[first], m) + np.arange(base.size) - base
+    of_set = np.repeat(np.arange(uniq.size), m)
+    # the cyclic order of a set: its members sorted by a mix of their token and the set's hash
+    ring = members[rows][np.lexsort((_mix64(tokens[members[rows]] ^ uniq[of_set]), of_set))]
+    pos = np.arange(ring.size) - base
+    p = 1.0 - (1.0 - 1.0 / (m - 1)) ** (2 * sample_above)
+    hops = np.maximum(1, np.rint((m - 1) / 2 * p).astype(np.int64))
+    at = hop = np.zeros(0, dtype=np.int64)
+    for h in range(1, int(hops.max()) + 2):
+        if at.size >= chunk_rows or (h > hops.max() and at.size):
+            a, b = ring[at], ring[base[at] + (pos[at] + hop) % m[of_set[at]]]
+            yield np.minimum(a, b), np.maximum(a, b), value[of_set[at]]
+            at, hop = at[:0], hop[:0]
+        more = np.flatnonzero(hops[of_set] >= h)
+        at, hop = np.concatenate([at, more]), np.concatenate([hop, np.full(more.size, h)])
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a cheap, well-mixed 64-bit hash (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _values_at(m, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Entries (src[i], dst[i]) of a sparse matrix as a flat array."""
+    return np.asarray(m[src, dst]).ravel() if src.size else np.zeros(0)
+
+
+def _keys_per_account(key_counts: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
+    """Per kind, the number of distinct keys each account (index into `names`) used."""
+    idx = pc.index_in(key_counts["account_id"], value_set=pa.array(names, pa.string()))
+    idx = idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    kinds = np.asarray(key_counts["kind"].to_pylist(), dtype=object)
+    n_keys = key_counts["n_keys"].to_numpy(zero_copy_only=False).astype(float)
+    out = {}
+    for kname in np.unique(kinds):
+        sel = (kinds == kname) & (idx >= 0)
+        out[str(kname)] = np.bincount(idx[sel], weights=n_keys[sel], minlength=len(names))
+    return out
 
 
 def encode_evidence(
@@ -337,18 +437,3 @@ def encode_evidence(
     kind_of_key = np.empty(len(enc.dictionary), dtype=object)
     kind_of_key[key_idx] = kind_names[kinds.indices.to_numpy(zero_copy_only=False)]
     return names, acct[keep], key_idx[keep], kind_of_key
-
-
-def _group_pairs(
-    members: np.ndarray, sample_above: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i < j) linking each member of a big group to `sample_above` sampled others."""
-    m = members.size
-    a = np.repeat(members, sample_above)
-    offsets = rng.integers(1, m, size=a.size)
-    pos = (np.repeat(np.arange(m), sample_above) + offsets) % m
-    b = members[pos]
-    span = int(members.max()) + 1
-    pairs = np.unique(np.minimum(a, b) * span + np.maximum(a, b))  # each pair once per key
-    lo, hi = pairs // span, pairs % span
-    return lo, hi
