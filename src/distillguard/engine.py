@@ -68,6 +68,9 @@ class ScanConfig:
     lsh_evidence: bool = True
     dedicated_share: float = 0.6
     signal_batch_rows: int = 50_000
+    #: DuckDB's memory limit during the scan (it spills to its temp directory beyond it);
+    #: None leaves the connection's own setting
+    duckdb_memory_limit: str | None = "3GB"
 
 
 @dataclass
@@ -282,6 +285,29 @@ def scan(
     if until is not None and until.tzinfo is None:
         raise ValueError("until needs a time zone (e.g. 2026-01-05T00:00:00Z)")
     config = config or ScanConfig()
+    with _memory_limit(con, config.duckdb_memory_limit):
+        findings = _scan(con, until, engine, allow_accounts, allow_orgs, verdicts, progress,
+                         config)
+    if out is not None:
+        findings.write(out)
+    return findings
+
+
+@contextmanager
+def _memory_limit(con: duckdb.DuckDBPyConnection, limit: str | None) -> Iterator[None]:
+    """DuckDB's memory_limit set to `limit` for the block, then restored."""
+    if limit is None:
+        yield
+        return
+    before = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    con.execute(f"SET memory_limit = '{limit}'")
+    try:
+        yield
+    finally:
+        con.execute(f"SET memory_limit = '{before}'")
+
+
+def _scan(con, until, engine, allow_accounts, allow_orgs, verdicts, progress, config) -> Findings:
     seconds: dict[str, float] = {}
     if engine == "duckdb":
         with _timed(seconds, "signals", progress):
@@ -299,8 +325,6 @@ def scan(
         backend.close()
     findings.n_annotated = n_new
     _store_findings(con, findings)
-    if out is not None:
-        findings.write(out)
     return findings
 
 
@@ -332,7 +356,20 @@ def replay(
 
 
 def _detect(con, backend, until, config, seconds, progress, allow_accounts, allow_orgs, verdicts):
-    view = exchange_view(backend.table("exchanges"), backend.table("signals"), until=until)
+    # every later stage reads the exchanges joined to their signals (fingerprints, evidence,
+    # activity cells, attribution): join them once, in the backend, not once per aggregate
+    with _timed(seconds, "fingerprints", progress):
+        view = exchange_view(backend.table("exchanges"), backend.table("signals"),
+                             until=until).cache()
+    try:
+        return _detect_in(con, backend, view, until, config, seconds, progress,
+                          allow_accounts, allow_orgs, verdicts)
+    finally:
+        view.release()
+
+
+def _detect_in(con, backend, view, until, config, seconds, progress, allow_accounts, allow_orgs,
+               verdicts):
     accounts_t = backend.table("accounts")
     with _timed(seconds, "fingerprints", progress):
         # one account order for every in-process stage (code-point order, as Python sorts)
@@ -352,8 +389,11 @@ def _detect(con, backend, until, config, seconds, progress, allow_accounts, allo
         cells = _arrow(activity_cells(view, bucket_minutes=config.sync_bucket_minutes))
         ev = pa.concat_tables([ev, sync_evidence(cells, min_cells=config.sync_min_cells)])
         # a fixed row order: key numbering, sampling and Leiden then agree across engines
-        ev = ev.sort_by([("kind", "ascending"), ("key", "ascending"),
-                         ("account_id", "ascending")])
+        # (DuckDB sorts strings in parallel, byte order like Arrow's sort_by)
+        db = duckdb.connect()
+        db.register("ev", ev)
+        ev = db.sql("SELECT * FROM ev ORDER BY kind, key, account_id").to_arrow_table()
+        ev = ev.cast(EVIDENCE_SCHEMA)
     names = fp["account_id"].to_pylist()
     with _timed(seconds, "linking", progress):
         graph = config.linker.link(ev, names, counts)
