@@ -18,6 +18,7 @@ Optionally the LiteLLM proxy (in its own virtualenv) is measured the same way as
     .venv/bin/python benchmarks/gateway.py                       # 200, 500, 1000 req/s, 5 s each
     .venv/bin/python benchmarks/gateway.py --rates 500 --repeat 5 --nice -5
     .venv/bin/python benchmarks/gateway.py --gateway-src /tmp/old-gateway/src   # older code
+    .venv/bin/python benchmarks/gateway.py --signals conftest_gateway:controlled_signals
     .venv/bin/python benchmarks/gateway.py --litellm-python /path/to/litellm-venv/bin/python
 """
 
@@ -131,7 +132,7 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def gateway_config(tmp: Path, upstream: str, port: int) -> Path:
+def gateway_config(tmp: Path, upstream: str, port: int, signals: str | None = None) -> Path:
     policy = tmp / "policy.yaml"
     policy.write_text(
         "mode: enforce\nwindow_s: 60\n"
@@ -150,7 +151,8 @@ def gateway_config(tmp: Path, upstream: str, port: int) -> Path:
         f"store: {tmp / 'store.duckdb'}\npolicy: {policy}\n"
         f"wal: {{dir: {tmp / 'wal'}, fsync: batch}}\n"
         "auth: {admin_token_env: BENCH_ADMIN}\n"
-        "keys:\n  - {key_env: BENCH_KEY, account_id: bench-account}\n")
+        "keys:\n  - {key_env: BENCH_KEY, account_id: bench-account}\n"
+        + (f"signals: {signals}\n" if signals else ""))
     return cfg
 
 
@@ -330,6 +332,10 @@ def main() -> None:
     ap.add_argument("--gateway-src",
                     help="run the gateway from this source tree (PYTHONPATH), e.g. a git "
                          "worktree of an older commit, against the same stub and load")
+    ap.add_argument("--signals",
+                    help="request-signal function of the gateway (module:function; tests/ is "
+                         "importable), e.g. conftest_gateway:controlled_signals to measure the "
+                         "gateway without the cost of real signals")
     ap.add_argument("--litellm-python", help="python of a venv with litellm[proxy] installed")
     ap.add_argument("--litellm-rates", default="200",
                     help="rates at which the LiteLLM peer is measured (it saturates early)")
@@ -344,22 +350,22 @@ def main() -> None:
     print(machine_summary())
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other work on the machine "
           f"inflates every figure below); niceness {os.nice(0)} (process and session group)"
-          + (f"; gateway from {args.gateway_src}" if args.gateway_src else ""))
+          + (f"; gateway from {args.gateway_src}" if args.gateway_src else "")
+          + (f"; signals {args.signals}" if args.signals else ""))
     texts = Prompts(prompts())
     tmp = Path(tempfile.mkdtemp(prefix="dg-bench-"))
     up_port, gw_port, ll_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     procs = []
     env = {**os.environ, "BENCH_KEY": BENCH_KEY, "BENCH_ADMIN": "bench-admin"}
-    gw_env = env if not args.gateway_src else {
-        **env, "PYTHONPATH": os.pathsep.join(
-            p for p in (args.gateway_src, env.get("PYTHONPATH")) if p)}
+    gw_env = {**env, "PYTHONPATH": os.pathsep.join(
+        p for p in (args.gateway_src, env.get("PYTHONPATH"), str(REPO / "tests")) if p)}
     try:
         procs.append(start([PY, str(REPO / "tests" / "upstream_stub.py"), "--port",
                             str(up_port)], log=tmp / "upstream.log", nice=args.nice))
         wait_ready(upstream + "/v1/models", procs[-1])
         procs.append(start([str(Path(PY).parent / "distillguard"), "gateway", "-c",
-                            str(gateway_config(tmp, upstream, gw_port)),
+                            str(gateway_config(tmp, upstream, gw_port, args.signals)),
                             "--log-level", "warning"], env=gw_env, log=tmp / "gateway.log",
                            nice=args.nice))
         gateway = f"http://127.0.0.1:{gw_port}"
