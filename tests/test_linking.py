@@ -100,3 +100,50 @@ def test_key_weight_decreases_with_sharing(weights):
     linker = linking.Linker(kind_weights=weights)
     w = linker.key_weights(np.array([2.0, 10.0, 1000.0]), np.array(["ip", "ip", "ip"]))
     assert w[0] > w[1] > w[2] > 0
+
+
+def test_shared_evidence_with_key_counts_gives_the_graph_of_all_evidence():
+    ex, sig, acc, _ = crafted()
+    con = ibis.duckdb.connect()
+    view = fingerprints.exchange_view(con.create_table("e", ex), con.create_table("s", sig))
+    full = linking.evidence(view, con.create_table("a", acc))
+    every = full.to_pyarrow().cast(linking.EVIDENCE_SCHEMA)
+    shared = linking.shared_evidence(full).to_pyarrow().cast(linking.EVIDENCE_SCHEMA)
+    assert shared.num_rows < every.num_rows  # keys used by one account stay behind
+    names = sorted(set(every["account_id"].to_pylist()))
+    a = linking.Linker().link(every, names)
+    b = linking.Linker().link(shared, names, linking.key_counts(full).to_pyarrow())
+    assert a.n_edges > 0
+    assert np.array_equal(a.src, b.src) and np.array_equal(a.dst, b.dst)
+    assert np.allclose(a.weight, b.weight)
+    assert all(np.array_equal(a.shared[k], b.shared[k]) for k in a.shared)
+
+
+def test_big_keys_are_sampled_as_rings_with_the_old_pair_probability():
+    sizes = np.array([65, 300, 2000])
+    offsets = np.cumsum(sizes) - sizes
+    members = np.concatenate([o + np.arange(m) for o, m in zip(offsets, sizes, strict=True)])
+    tokens = np.random.default_rng(0).integers(0, 2**63, size=members.size, dtype=np.uint64)
+    parts = list(linking._sampled_pairs(members, sizes, np.ones(3), 64, tokens, chunk_rows=500))
+    assert len(parts) > 1  # streamed in chunks
+    lo = np.concatenate([p[0] for p in parts])
+    hi = np.concatenate([p[1] for p in parts])
+    assert np.all(lo < hi)
+    for o, m in zip(offsets, sizes, strict=True):
+        mine = (lo >= o) & (lo < o + m)
+        assert np.all(hi[mine] < o + m)  # pairs stay inside their key
+        pairs = lo[mine] * members.size + hi[mine]
+        assert np.unique(pairs).size == pairs.size  # no pair twice
+        # each member linked to 2h others, h matching 64 independent draws per member
+        h = round((m - 1) / 2 * (1 - (1 - 1 / (m - 1)) ** 128))
+        degree = np.bincount(np.concatenate([lo[mine], hi[mine]]) - o, minlength=m)
+        assert np.all(degree == 2 * h)
+
+
+def test_keys_with_the_same_members_are_sampled_once_with_their_summed_weight():
+    members = np.concatenate([np.arange(100), np.arange(100)])  # e.g. two bands of one prompt
+    tokens = np.random.default_rng(1).integers(0, 2**63, size=100, dtype=np.uint64)
+    (lo, hi, value), = linking._sampled_pairs(members, np.array([100, 100]),
+                                              np.array([0.25, 0.5]), 64, tokens)
+    assert np.allclose(value, 0.75 + 2j)  # weight 0.25 + 0.5, two shared keys
+    assert np.unique(lo * 100 + hi).size == lo.size
