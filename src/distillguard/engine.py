@@ -390,9 +390,11 @@ def _detect_in(con, backend, view, until, config, seconds, progress, allow_accou
         ev = pa.concat_tables([ev, sync_evidence(cells, min_cells=config.sync_min_cells)])
         # a fixed row order: key numbering, sampling and Leiden then agree across engines
         # (DuckDB sorts strings in parallel, byte order like Arrow's sort_by)
-        db = duckdb.connect()
-        db.register("ev", ev)
-        ev = db.sql("SELECT * FROM ev ORDER BY kind, key, account_id").to_arrow_table()
+        con.register("_dg_ev", ev)
+        try:
+            ev = con.sql("SELECT * FROM _dg_ev ORDER BY kind, key, account_id").to_arrow_table()
+        finally:
+            con.unregister("_dg_ev")
         ev = ev.cast(EVIDENCE_SCHEMA)
     names = fp["account_id"].to_pylist()
     with _timed(seconds, "linking", progress):

@@ -242,13 +242,13 @@ class SignalAnnotator:
                               ) -> tuple[list[float | None], list[str | None]]:
         """Classifier score and language of each view; the ASCII texts of an Arrow column by
         the vectorised twins of the per-text functions (identical values)."""
-        fast_rows: list[int] = []
+        fast = np.zeros(len(views), dtype=bool)
         if column is not None:
             # Texts longer than HEAD + TAIL are analysed on a view that differs from the column.
             fast = pc.and_(pc.string_is_ascii(column),
-                           pc.less_equal(pc.binary_length(column), HEAD_CHARS + TAIL_CHARS))
-            fast_rows = np.flatnonzero(fast.to_numpy(zero_copy_only=False)).tolist()
-        slow_rows = sorted(set(range(len(views))) - set(fast_rows))
+                           pc.less_equal(pc.binary_length(column), HEAD_CHARS + TAIL_CHARS)
+                           ).to_numpy(zero_copy_only=False)
+        fast_rows, slow_rows = np.flatnonzero(fast).tolist(), np.flatnonzero(~fast).tolist()
         slow = [views[i] for i in slow_rows]
         scores: list[float | None] = [None] * len(views)
         languages: list[str | None] = [None] * len(views)
