@@ -132,7 +132,8 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def gateway_config(tmp: Path, upstream: str, port: int, signals: str | None = None) -> Path:
+def gateway_config(tmp: Path, upstream: str, port: int, signals: str | None = None,
+                   signals_wait: str | None = None) -> Path:
     policy = tmp / "policy.yaml"
     policy.write_text(
         "mode: enforce\nwindow_s: 60\n"
@@ -152,7 +153,8 @@ def gateway_config(tmp: Path, upstream: str, port: int, signals: str | None = No
         f"wal: {{dir: {tmp / 'wal'}, fsync: batch}}\n"
         "auth: {admin_token_env: BENCH_ADMIN}\n"
         "keys:\n  - {key_env: BENCH_KEY, account_id: bench-account}\n"
-        + (f"signals: {signals}\n" if signals else ""))
+        + (f"signals: {signals}\n" if signals else "")
+        + (f"signals_wait: {signals_wait}\n" if signals_wait else ""))
     return cfg
 
 
@@ -336,6 +338,10 @@ def main() -> None:
                     help="request-signal function of the gateway (module:function; tests/ is "
                          "importable), e.g. conftest_gateway:controlled_signals to measure the "
                          "gateway without the cost of real signals")
+    ap.add_argument("--signals-wait", choices=("needed", "always"),
+                    help="the gateway's signals_wait (default: its config default, needed); "
+                         "the benchmark policy's only signal rule is gated on live.requests, "
+                         "so with needed no response waits for signals, with always each does")
     ap.add_argument("--litellm-python", help="python of a venv with litellm[proxy] installed")
     ap.add_argument("--litellm-rates", default="200",
                     help="rates at which the LiteLLM peer is measured (it saturates early)")
@@ -351,7 +357,8 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other work on the machine "
           f"inflates every figure below); niceness {os.nice(0)} (process and session group)"
           + (f"; gateway from {args.gateway_src}" if args.gateway_src else "")
-          + (f"; signals {args.signals}" if args.signals else ""))
+          + (f"; signals {args.signals}" if args.signals else "")
+          + (f"; signals_wait {args.signals_wait}" if args.signals_wait else ""))
     texts = Prompts(prompts())
     tmp = Path(tempfile.mkdtemp(prefix="dg-bench-"))
     up_port, gw_port, ll_port = free_port(), free_port(), free_port()
@@ -365,7 +372,8 @@ def main() -> None:
                             str(up_port)], log=tmp / "upstream.log", nice=args.nice))
         wait_ready(upstream + "/v1/models", procs[-1])
         procs.append(start([str(Path(PY).parent / "distillguard"), "gateway", "-c",
-                            str(gateway_config(tmp, upstream, gw_port, args.signals)),
+                            str(gateway_config(tmp, upstream, gw_port, args.signals,
+                                               args.signals_wait)),
                             "--log-level", "warning"], env=gw_env, log=tmp / "gateway.log",
                            nice=args.nice))
         gateway = f"http://127.0.0.1:{gw_port}"

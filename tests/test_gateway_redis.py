@@ -147,3 +147,34 @@ def test_lua_state_matches_local_state(redis_server):
             await shared.close()
 
     asyncio.run(run())
+
+
+def test_lua_signal_half_matches_local_state(redis_server):
+    """A request counted without its signals, then `add_signals` (what the gateway does when it
+    decides without waiting for them), gives the same shares on Redis as in-process, and the
+    same as counting everything in one step."""
+
+    async def run() -> None:
+        local, one_step = LocalState(), LocalState()
+        shared = RedisState(redis_server.url, timeout_s=1.0)
+        await shared.client.flushdb()
+        rng = random.Random(11)
+        now = 1_000_000.0
+        try:
+            for _ in range(300):
+                now += rng.random() * 0.7
+                account = f"acct-{rng.randrange(4)}"
+                tpl, cot = rng.choice([None, "t1", "t2", "t3"]), rng.random() < 0.4
+                buckets = [BucketRequest("acct", account, 2.0, 5.0)]
+                want = one_step.observe_sync(account, None, tpl, cot, buckets, now, 10.0)
+                local.observe_sync(account, None, None, False, buckets, now, 10.0)
+                await shared.observe(account, None, None, False, buckets, now, 10.0)
+                mine = local.add_signals_sync(account, tpl, cot, now, 10.0)
+                got = await shared.add_signals(account, tpl, cot, now, 10.0)
+                expected = (want.cot_share, want.template_repeat_share)
+                assert got == pytest.approx(expected, abs=1e-6)
+                assert mine == pytest.approx(expected, abs=1e-6)
+        finally:
+            await shared.close()
+
+    asyncio.run(run())

@@ -185,3 +185,114 @@ def test_signals_process_answers_a_burst_in_order():
             await proc.close()
 
     assert asyncio.run(main()) == [controlled_signals(e) for e in exchanges]
+
+
+def test_conditions_are_three_valued_while_signals_are_pending():
+    """With the signals pending a condition is decided only when no signal could change it."""
+    from distillguard.gateway.policy import PENDING, compile_condition, reads_signals
+
+    gated = compile_condition({"signal.cot": True, "live.requests": {"gte": 100}})
+    assert gated({PENDING: True, "live.requests": 5}) is False
+    assert gated({PENDING: True, "live.requests": 500}) is None
+    assert gated({"signal.cot": True, "live.requests": 500}) is True
+    either = compile_condition({"any": [{"signal.cot": True}, {"account.flagged": True}]})
+    assert either({PENDING: True, "account.flagged": True}) is True
+    assert either({PENDING: True, "account.flagged": False}) is None
+    assert either({"signal.cot": False, "account.flagged": False}) is False
+    assert compile_condition({"not": {"live.cot_share": {"gte": .5}}})({PENDING: True}) is None
+    share = compile_condition({"live.template_repeat_share": {"gte": .5}})
+    assert share({PENDING: True, "live.template_repeat_share": 1.0}) is None
+    assert compile_condition({"live.requests": {"gte": 1}})({PENDING: True,
+                                                             "live.requests": 3}) is True
+    assert reads_signals({"all": [{"request.n": 2}, {"not": {"live.cot_share": 1}}]})
+    assert not reads_signals({"live.requests": {"gte": 1}, "account.flagged": True})
+
+
+def _decision_sequence(signals_wait: str, seed: int = 7, n: int = 400):
+    """Decide a random but fixed sequence of requests one after the other; returns the
+    decisions and the decider."""
+    import random
+
+    from conftest_gateway import controlled_signals
+
+    policy = policy_from_dict({
+        "window_s": 60,
+        "limits": [
+            {"id": "acct", "scope": "account", "rate_per_s": 1, "burst": 12},
+            {"id": "cot-x", "scope": "account", "rate_per_s": 0.2, "burst": 3,
+             "when": {"signal.cot": True, "account.org_id": "org-x"}},
+        ],
+        "rules": [
+            {"id": "allow-lab", "action": "allow", "when": {"account.org_id": "org-lab"}},
+            {"id": "farm", "action": "challenge",
+             "when": {"signal.cot": True, "live.cot_share": {"gte": 0.6},
+                      "live.requests": {"gte": 6}}},
+            {"id": "repeat", "action": "degrade",
+             "when": {"live.template_repeat_share": {"gte": 0.5}, "request.n": {"gte": 2}}},
+            {"id": "trial", "action": "block", "mode": "monitor",
+             "when": {"any": [{"signal.rubric": True}, {"request.model": "m-secret"}]}},
+        ]})
+    decider = Decider(PolicyHolder(None, policy), LocalState(), EnforcementList(),
+                      annotate=controlled_signals, signals_wait=signals_wait)
+    rng = random.Random(seed)
+    orgs = {"a0": "org-x", "a1": "org-x", "a2": "org-lab", "a3": None, "a4": None}
+    requests = []
+    for i in range(n):
+        account = rng.choice(sorted(orgs))
+        text = rng.choice(["tpl1", "tpl2", f"new{i}"]) + ": " + rng.choice(
+            ["step by step please", "grade this", "plain question", "step by step, grade this"])
+        requests.append((KeyInfo(account, org_id=orgs[account]), {
+            "request_id": f"r{i}", "account_id": account, "endpoint": "chat.completions",
+            "model": rng.choice(["m", "m", "m-secret"]),
+            "messages": [{"role": "user", "content": text}],
+            "params": {"n": rng.choice([1, 1, 2])}}, 1_000_000.0 + i * 0.4))
+
+    async def main():
+        out = [await decider.decide(ex, key, now=now) for key, ex, now in requests]
+        await asyncio.sleep(0.01)  # signals counted after their decision
+        return out
+
+    return asyncio.run(main()), decider
+
+
+def test_deciding_without_waiting_for_signals_decides_like_waiting():
+    """signals_wait=needed takes exactly the decisions of signals_wait=always (rules and
+    limits on signals, live shares, an allow rule, a monitor rule), most of them without
+    waiting, and the live state ends up with the same counts."""
+    early, needed = _decision_sequence("needed")
+    waited, always = _decision_sequence("always")
+
+    def summary(d):
+        return (d.action, d.would_action, d.reasons, d.rules, d.monitored, d.degrade,
+                round(d.retry_after_s, 6))
+
+    assert [summary(d) for d in early] == [summary(d) for d in waited]
+    assert {d.action for d in waited} >= {"allow", "challenge", "degrade", "throttle"}
+    assert needed.decided_early > 50 and needed.decided_with_signals > 50
+    assert always.decided_early == 0
+    for account, win in always.state.accounts.items():
+        other = needed.state.accounts[account]
+        assert (other.cur, other.prev) == (win.cur, win.prev)
+
+
+def test_signals_failing_after_an_early_decision_are_counted_not_raised():
+    def broken(exchange: dict) -> dict:
+        raise RuntimeError("signals broke")
+
+    policy = policy_from_dict({"rules": [{"id": "r", "action": "block",
+                                          "when": {"signal.cot": True,
+                                                   "live.requests": {"gte": 1000}}}]})
+    decider = Decider(PolicyHolder(None, policy), LocalState(), EnforcementList(),
+                      annotate=broken)
+    exchange = {"messages": [{"role": "user", "content": "x"}], "params": {}}
+
+    async def main():
+        d = await decider.decide(exchange, KeyInfo("a"), now=1000.0)
+        await asyncio.sleep(0.01)
+        return d
+
+    assert asyncio.run(main()).action == "allow"
+    assert decider.signal_errors == 1 and decider.decided_early == 1
+    decider.signals_wait = "always"
+    with pytest.raises(RuntimeError, match="signals broke"):
+        asyncio.run(decider.decide(exchange, KeyInfo("a"), now=1001.0))

@@ -89,7 +89,8 @@ class Gateway:
         self.enforcement = EnforcementList()
         self.decider = Decider(self.policy, self.state, self.enforcement,
                                annotate=annotate or load_annotate(cfg.signals),
-                               cluster_by_org=cfg.cluster_by_org)
+                               cluster_by_org=cfg.cluster_by_org,
+                               signals_wait=cfg.signals_wait)
         #: Signals in a child process unless the caller passed its own function (tests).
         self.signals_process = (SignalsProcess(cfg.signals, WARMUP_EXCHANGE)
                                 if cfg.signals_process and annotate is None else None)
@@ -456,8 +457,6 @@ class ProxyHandler:
             t_up = time.perf_counter()
             speculative = asyncio.create_task(self.send_upstream(target, raw, upstream_headers))
         try:
-            if speculative is not None and not gw.decider.signals_offloaded:
-                await asyncio.sleep(0)  # let it write the request before signals hold the loop
             decision = await gw.decider.decide(exchange, key, now=ts)
         except StateUnavailable:
             if speculative is not None:
@@ -834,6 +833,9 @@ def _install_service_routes(app: FastAPI, gw: Gateway) -> None:
                             "campaigns": len(gw.enforcement.campaigns),
                             "manual": len(gw.enforcement.manual),
                             "loaded_at": gw.enforcement.loaded_at},
+            "decisions": {"without_waiting_for_signals": gw.decider.decided_early,
+                          "waited_for_signals": gw.decider.decided_with_signals,
+                          "signal_errors_after_decision": gw.decider.signal_errors},
             "wal": {"records": gw.wal.records if gw.wal else 0,
                     "pending_segments": gw.wal.pending_segments() if gw.wal else 0,
                     "dir": str(cfg.wal.dir)},

@@ -85,6 +85,9 @@ class GatewayConfig:
     #: Forward while deciding, for accounts not on the enforcement list and not recently
     #: rejected/degraded/throttled; the response is held until the decision allows it.
     decide_during_call: bool = True
+    #: "needed": a decision waits for the request's signals only if a limit or rule could
+    #: match or not depending on them; "always": every decision waits (one state update).
+    signals_wait: str = "needed"
 
     def lookup_key(self, api_key: str) -> KeyInfo | None:
         """The owner of `api_key`, or None if unknown (and `unknown_keys` is "reject")."""
@@ -219,6 +222,8 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> GatewayConfig:
         raise ConfigError("signals: expected module:function")
     cfg.signals_process = bool(raw.get("signals_process", True))
     cfg.decide_during_call = bool(raw.get("decide_during_call", True))
+    cfg.signals_wait = _choice(str(raw.get("signals_wait", cfg.signals_wait)),
+                               ("needed", "always"), "signals_wait")
     return cfg
 
 

@@ -2,23 +2,44 @@
 
 Order of work, O(1) per request:
 1. request signals from `distillguard.signals.annotate_request` (the batch engine's code),
+   started first and awaited only if the outcome depends on them,
 2. the account's standing (scan findings + operator list) and its cluster,
-3. ONE state update (counters, template sketch, token buckets of the limits that apply),
+3. the state update (counters, template sketch, token buckets of the limits that apply); the
+   request's signal part (cot, template repeat) is counted when its signals are known,
 4. policy rules over all facts; the most severe action wins. Rules and limits in monitor mode
    (or a policy in monitor mode) are recorded as `would_action` but not enforced.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from distillguard.gateway.config import KeyInfo
-from distillguard.gateway.policy import SEVERITY, DegradeSpec, PolicyHolder
+from distillguard.gateway.policy import (
+    PENDING,
+    SEVERITY,
+    DegradeSpec,
+    Limit,
+    Policy,
+    PolicyHolder,
+)
 from distillguard.gateway.signals_proc import SignalsProcess, SignalsUnavailable
-from distillguard.gateway.state import BucketRequest, EnforcementList, LiveState, LiveView
+from distillguard.gateway.state import (
+    BucketRequest,
+    EnforcementList,
+    LiveState,
+    LiveView,
+    LocalState,
+    Standing,
+)
+
+log = logging.getLogger("distillguard.gateway")
 
 #: Reason codes of decisions that do not come from a policy rule's own `reason`.
 BUILTIN_REASONS = {
@@ -79,47 +100,83 @@ class Decision:
 
 
 class Decider:
-    """Holds the policy, live state and enforcement list; `decide` is called per request."""
+    """Holds the policy, live state and enforcement list; `decide` is called per request.
+
+    With `signals_wait="needed"` (default) a decision waits for the request's signals only
+    when its outcome depends on them: conditions are evaluated three-valued with the signal
+    facts unknown (`policy.PENDING`), and only a limit or rule that comes out unknown (it could
+    match or not depending on the signals) makes the decision wait. The decision is the same
+    as with `signals_wait="always"`; the request's `cot` and template signature are counted
+    into the live state when its signals arrive (see docs/gateway.md, "Waiting for signals").
+    """
 
     def __init__(self, policy: PolicyHolder, state: LiveState, enforcement: EnforcementList,
-                 *, annotate: Annotate, cluster_by_org: bool = False):
+                 *, annotate: Annotate, cluster_by_org: bool = False,
+                 signals_wait: str = "needed"):
         self.policy = policy
         self.state = state
         self.enforcement = enforcement
         self.annotate = annotate
         self.cluster_by_org = cluster_by_org
+        self.signals_wait = signals_wait
         #: Set by the gateway when signals are computed in a child process.
         self.signals_process: SignalsProcess | None = None
+        #: Decisions taken without waiting for signals / after waiting for them.
+        self.decided_early = 0
+        self.decided_with_signals = 0
+        #: Signal computations that failed after their request was decided without them.
+        self.signal_errors = 0
+        self._background: set[asyncio.Task] = set()
 
     @property
     def signals_offloaded(self) -> bool:
         return self.signals_process is not None and self.signals_process.alive
 
-    async def signals(self, exchange: dict) -> dict:
-        """Request signals, from the signals process when it runs, else in-process."""
+    def start_signals(self, exchange: dict) -> asyncio.Future:
+        """Start computing the request's signals: in the signals process when it runs, else
+        in-process right after the current event-loop tick (so an upstream call started in
+        this tick is written first). Futures resolve in request order."""
+        loop = asyncio.get_running_loop()
+        out = loop.create_future()
         proc = self.signals_process
         if proc is not None and proc.alive:
             try:
-                return await proc.annotate(exchange)
+                inner = proc.submit(exchange)
             except SignalsUnavailable:
-                pass  # same function, computed here (raises here if it raises)
-        return self.annotate(exchange)
+                pass
+            else:
+                inner.add_done_callback(functools.partial(self._relay, out, exchange))
+                return out
+        loop.call_soon(self._annotate_into, out, exchange)
+        return out
 
-    async def decide(self, exchange: dict, key: KeyInfo, *, now: float | None = None) -> Decision:
-        """Decide on `exchange` (the request half of a log-contract record)."""
-        now = time.time() if now is None else now
-        policy = self.policy.policy
-        signals = await self.signals(exchange)
-        account_id = key.account_id
-        standing = self.enforcement.standing(account_id)
-        cluster_id = standing.campaign_id if standing else None
-        if cluster_id is None and self.cluster_by_org and key.org_id:
-            cluster_id = f"org:{key.org_id}"
+    def _relay(self, out: asyncio.Future, exchange: dict, inner: asyncio.Future) -> None:
+        if out.done():
+            return
+        if not inner.cancelled() and inner.exception() is None:
+            out.set_result(inner.result())
+        else:  # child gone or failed: same function computed here (fails here if it fails)
+            self._annotate_into(out, exchange)
+
+    def _annotate_into(self, out: asyncio.Future, exchange: dict) -> None:
+        if out.done():
+            return
+        try:
+            out.set_result(self.annotate(exchange))
+        except Exception as exc:
+            out.set_exception(exc)
+
+    async def signals(self, exchange: dict) -> dict:
+        """Request signals, from the signals process when it runs, else in-process."""
+        return await self.start_signals(exchange)
+
+    def _facts(self, exchange: dict, key: KeyInfo, standing: Standing | None,
+               cluster_id: str | None) -> dict[str, Any]:
+        """Every fact that does not depend on signals or live state."""
         campaign = self.enforcement.campaigns.get(cluster_id) if cluster_id else None
         params = exchange.get("params") or {}
-        facts: dict[str, Any] = {f"signal.{k}": v for k, v in signals.items()}
-        facts.update({
-            "account.id": account_id,
+        return {
+            "account.id": key.account_id,
             "account.org_id": key.org_id,
             "account.score": standing.score if standing else 0.0,
             "account.flagged": bool(standing and standing.flagged),
@@ -137,19 +194,27 @@ class Decider:
             "request.logprobs": params.get("logprobs"),
             "request.stream": params.get("stream"),
             "request.reasoning_effort": params.get("reasoning_effort"),
-        })
-        buckets = []
-        applied = []
+        }
+
+    @staticmethod
+    def _limits(policy: Policy, facts: dict, account_id: str,
+                cluster_id: str | None) -> tuple[list[BucketRequest], list[Limit]] | None:
+        """The buckets to take a token from, or None if that depends on unknown signals."""
+        buckets, applied = [], []
         for limit in policy.limits:
             key_id = account_id if limit.scope == "account" else cluster_id
-            if key_id is None or not limit.when(facts):
+            if key_id is None:
                 continue
-            buckets.append(BucketRequest(limit.id, key_id, limit.rate_per_s, limit.burst))
-            applied.append(limit)
-        live = await self.state.observe(
-            account_id, cluster_id, signals.get("template_sig"), bool(signals.get("cot")),
-            buckets, now, policy.window_s,
-        )
+            hit = limit.when(facts)
+            if hit is None:
+                return None
+            if hit:
+                buckets.append(BucketRequest(limit.id, key_id, limit.rate_per_s, limit.burst))
+                applied.append(limit)
+        return buckets, applied
+
+    @staticmethod
+    def _live_facts(facts: dict, live: LiveView) -> None:
         size = facts["cluster.size"]
         facts.update({
             "live.requests": live.requests,
@@ -159,8 +224,65 @@ class Decider:
             "cluster.active_accounts": live.cluster_active_accounts,
             "cluster.synchrony": min(1.0, live.cluster_active_accounts / size) if size else 0.0,
         })
+
+    async def decide(self, exchange: dict, key: KeyInfo, *, now: float | None = None) -> Decision:
+        """Decide on `exchange` (the request half of a log-contract record)."""
+        now = time.time() if now is None else now
+        policy = self.policy.policy
+        pending = self.start_signals(exchange)
+        account_id = key.account_id
+        standing = self.enforcement.standing(account_id)
+        cluster_id = standing.campaign_id if standing else None
+        if cluster_id is None and self.cluster_by_org and key.org_id:
+            cluster_id = f"org:{key.org_id}"
+        facts = self._facts(exchange, key, standing, cluster_id)
+        limits = None
+        if self.signals_wait == "needed":
+            facts[PENDING] = True
+            limits = self._limits(policy, facts, account_id, cluster_id)
+        if limits is None:  # wait for the signals, then count and decide in one step
+            facts.pop(PENDING, None)
+            self.decided_with_signals += 1
+            signals = await pending
+            facts.update({f"signal.{k}": v for k, v in signals.items()})
+            buckets, applied = self._limits(policy, facts, account_id, cluster_id)
+            live = await self.state.observe(
+                account_id, cluster_id, signals.get("template_sig"), bool(signals.get("cot")),
+                buckets, now, policy.window_s)
+            self._live_facts(facts, live)
+            decision = Decision(cluster_id=cluster_id, signals=signals, live=live,
+                                policy_version=self.policy.version)
+            self._evaluate(decision, policy, facts, standing, applied)
+            return decision
+        buckets, applied = limits
+        live = await self.state.observe(account_id, cluster_id, None, False, buckets, now,
+                                        policy.window_s)
+        self._live_facts(facts, live)
+        decision = Decision(cluster_id=cluster_id, live=live, policy_version=self.policy.version)
+        if self._evaluate(decision, policy, facts, standing, applied):
+            self.decided_early += 1
+            pending.add_done_callback(functools.partial(
+                self._count_signals, account_id, now, policy.window_s))
+            return decision
+        # A rule's outcome depends on this request's signals: wait for them, count them in.
+        self.decided_with_signals += 1
+        signals = await pending
+        live.cot_share, live.template_repeat_share = await self.state.add_signals(
+            account_id, signals.get("template_sig"), bool(signals.get("cot")), now,
+            policy.window_s)
+        del facts[PENDING]
+        facts.update({f"signal.{k}": v for k, v in signals.items()})
+        self._live_facts(facts, live)
         decision = Decision(cluster_id=cluster_id, signals=signals, live=live,
                             policy_version=self.policy.version)
+        self._evaluate(decision, policy, facts, standing, applied)
+        return decision
+
+    def _evaluate(self, decision: Decision, policy: Policy, facts: dict,
+                  standing: Standing | None, applied: list[Limit]) -> bool:
+        """Operator action, limits and rules into `decision`; False (and `decision` is
+        incomplete) as soon as a rule's outcome is unknown because signals are pending."""
+        live = decision.live
         monitor_all = policy.mode == "monitor"
         if standing and standing.manual and standing.manual != "allow":
             self._add(decision, standing.manual, f"enforcement_list_{standing.manual}",
@@ -171,16 +293,47 @@ class Decider:
             self._add(decision, "throttle", limit.reason, limit.id, monitor_all or limit.monitor,
                       None)
             decision.retry_after_s = live.retry_after_s
-        if not exempt:
-            for rule in policy.rules:
-                if not rule.when(facts):
-                    continue
-                monitor = monitor_all or rule.monitor
-                self._add(decision, rule.action, rule.reason, rule.id, monitor, rule.degrade,
-                          rule.message)
-                if rule.action == "allow" and not monitor:
-                    break  # an allow rule exempts the request from the rules after it
-        return decision
+        if exempt:
+            return True
+        for rule in policy.rules:
+            hit = rule.when(facts)
+            if hit is None:
+                return False
+            if not hit:
+                continue
+            monitor = monitor_all or rule.monitor
+            self._add(decision, rule.action, rule.reason, rule.id, monitor, rule.degrade,
+                      rule.message)
+            if rule.action == "allow" and not monitor:
+                break  # an allow rule exempts the request from the rules after it
+        return True
+
+    def _count_signals(self, account_id: str, now: float, window_s: float,
+                       fut: asyncio.Future) -> None:
+        """Count the signals of a request decided without them, once they arrive."""
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.signal_errors += 1
+            if self.signal_errors == 1 or self.signal_errors % 1000 == 0:
+                log.error("request signals failed after the decision (%d so far): %r",
+                          self.signal_errors, exc)
+            return
+        signals = fut.result()
+        args = (account_id, signals.get("template_sig"), bool(signals.get("cot")), now,
+                window_s)
+        if isinstance(self.state, LocalState):
+            self.state.add_signals_sync(*args)
+            return
+        task = asyncio.ensure_future(self.state.add_signals(*args))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("deferred signal count failed: %r", task.exception())
 
     @staticmethod
     def _add(decision: Decision, action: str, reason: str, rule_id: str, monitor: bool,

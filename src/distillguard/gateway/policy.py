@@ -31,7 +31,7 @@ FACT_PREFIXES = ("signal.", "account.", "cluster.", "live.", "request.")
 LIVE_FACTS = ("live.", "cluster.synchrony", "cluster.requests", "cluster.active_accounts")
 
 Facts = dict[str, Any]
-Predicate = Callable[[Facts], bool]
+Predicate = Callable[[Facts], bool | None]
 
 
 class PolicyError(ValueError):
@@ -70,8 +70,43 @@ def _compare(op: str, expected: Any) -> Callable[[Any], bool]:
     raise PolicyError(f"unknown operator {op!r} (use eq, ne, gt, gte, lt, lte, in, contains)")
 
 
+#: Facts that depend on the current request's signals: `signal.*`, and the live shares that
+#: count this request's `cot` and template signature.
+SIGNAL_FACTS = ("signal.", "live.cot_share", "live.template_repeat_share")
+#: Put this key in the facts to mark the current request's signals as not known yet: every
+#: condition on a `SIGNAL_FACTS` fact then evaluates to None ("unknown") instead of a bool.
+PENDING = "\x00signals-pending"
+
+
+def _all3(results: Any) -> bool | None:
+    """Three-valued AND: False if any is False, else None if any is unknown, else True."""
+    unknown = False
+    for r in results:
+        if r is False:
+            return False
+        if r is None:
+            unknown = True
+    return None if unknown else True
+
+
+def _any3(results: Any) -> bool | None:
+    """Three-valued OR: True if any is True, else None if any is unknown, else False."""
+    unknown = False
+    for r in results:
+        if r is True:
+            return True
+        if r is None:
+            unknown = True
+    return None if unknown else False
+
+
 def compile_condition(spec: Any, *, allow_live: bool = True) -> Predicate:
-    """`{fact: value | {op: value}, any: [...], all: [...], not: {...}}` -> predicate (AND)."""
+    """`{fact: value | {op: value}, any: [...], all: [...], not: {...}}` -> predicate (AND).
+
+    With complete facts the predicate returns a bool. With `PENDING` in the facts it is
+    three-valued: None when the outcome depends on a signal fact (`SIGNAL_FACTS`), and a bool
+    only when that bool holds whatever the signals turn out to be (Kleene logic), which is
+    what lets the gateway decide without waiting for the signals."""
     if spec is None:
         return lambda facts: True
     if not isinstance(spec, dict):
@@ -82,12 +117,13 @@ def compile_condition(spec: Any, *, allow_live: bool = True) -> Predicate:
             if not isinstance(value, list) or not value:
                 raise PolicyError(f"{key}: needs a non-empty list of conditions")
             subs = [compile_condition(v, allow_live=allow_live) for v in value]
-            combine = any if key == "any" else all
-            parts.append(lambda facts, subs=subs, combine=combine: combine(s(facts) for s in subs))
+            combine = _any3 if key == "any" else _all3
+            parts.append(lambda facts, subs=subs, combine=combine:
+                         combine(s(facts) for s in subs))
             continue
         if key == "not":
             sub = compile_condition(value, allow_live=allow_live)
-            parts.append(lambda facts, sub=sub: not sub(facts))
+            parts.append(lambda facts, sub=sub: _not3(sub(facts)))
             continue
         if not key.startswith(FACT_PREFIXES):
             raise PolicyError(f"unknown fact {key!r} (facts start with {', '.join(FACT_PREFIXES)})")
@@ -97,12 +133,32 @@ def compile_condition(spec: Any, *, allow_live: bool = True) -> Predicate:
             checks = [_compare(op, expected) for op, expected in value.items()]
         else:
             checks = [_compare("eq", value)]
-        parts.append(
-            lambda facts, key=key, checks=checks: all(c(facts.get(key)) for c in checks)
-        )
+        if key.startswith(SIGNAL_FACTS):
+            parts.append(lambda facts, key=key, checks=checks: None if PENDING in facts
+                         else all(c(facts.get(key)) for c in checks))
+        elif len(checks) == 1:
+            parts.append(lambda facts, key=key, check=checks[0]: bool(check(facts.get(key))))
+        else:
+            parts.append(
+                lambda facts, key=key, checks=checks: all(c(facts.get(key)) for c in checks)
+            )
     if len(parts) == 1:
         return parts[0]
-    return lambda facts: all(p(facts) for p in parts)
+    return lambda facts: _all3(p(facts) for p in parts)
+
+
+def _not3(value: bool | None) -> bool | None:
+    return None if value is None else not value
+
+
+def reads_signals(spec: Any) -> bool:
+    """True when a condition mentions a fact that depends on the current request's signals."""
+    if isinstance(spec, dict):
+        return any(reads_signals(v) if k in ("any", "all", "not") else
+                   k.startswith(SIGNAL_FACTS) for k, v in spec.items())
+    if isinstance(spec, list):
+        return any(reads_signals(v) for v in spec)
+    return False
 
 
 @dataclass(frozen=True)

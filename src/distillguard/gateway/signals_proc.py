@@ -112,8 +112,14 @@ class _Protocol(asyncio.Protocol):
         pending = self.owner.pending
         for body in _frames(self.buf):
             fut = pending.popleft()
-            if not fut.done():
-                fut.set_result(body)
+            if fut.done():
+                continue
+            reply = orjson.loads(body)
+            if "ok" in reply:
+                fut.set_result(reply["ok"])
+            else:
+                fut.set_exception(SignalsUnavailable(
+                    f"signals process failed: {reply.get('error')}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner._lost(exc)
@@ -157,7 +163,9 @@ class SignalsProcess:
         self.transport, _ = await loop.create_unix_connection(lambda: _Protocol(self),
                                                               sock=sock)
 
-    async def annotate(self, exchange: dict) -> dict[str, Any]:
+    def submit(self, exchange: dict) -> asyncio.Future:
+        """Queue `exchange` for the child; the future gets the signals dict, or fails with
+        SignalsUnavailable (child gone, or the function raised there)."""
         transport = self.transport
         if transport is None:
             raise SignalsUnavailable("signals process not running")
@@ -169,10 +177,10 @@ class SignalsProcess:
             loop.call_soon(self._flush)
         self.outbox.append(HEADER.pack(len(body)))
         self.outbox.append(body)
-        reply = orjson.loads(await fut)
-        if "ok" not in reply:
-            raise SignalsUnavailable(f"signals process failed: {reply.get('error')}")
-        return reply["ok"]
+        return fut
+
+    async def annotate(self, exchange: dict) -> dict[str, Any]:
+        return await self.submit(exchange)
 
     def _flush(self) -> None:
         frames, self.outbox = self.outbox, []

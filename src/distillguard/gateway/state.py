@@ -79,6 +79,9 @@ class LiveState(Protocol):
         window_s: float,
     ) -> LiveView: ...
 
+    async def add_signals(self, account_id: str, template_sig: str | None, cot: bool,
+                          now: float, window_s: float) -> tuple[float, float]: ...
+
     async def set_manual(self, account_id: str, action: str | None) -> None: ...
 
     async def close(self) -> None: ...
@@ -218,6 +221,33 @@ class LocalState:
         self._take(buckets, now, view)
         return view
 
+    def add_signals_sync(self, account_id: str, template_sig: str | None, cot: bool,
+                         now: float, window_s: float) -> tuple[float, float]:
+        """Count the signals of a request already counted by `observe` without them (its
+        `cot` and template repeat, in the window of its own `now`); returns the account's
+        (cot_share, template_repeat_share) after it."""
+        idx = int(now // window_s)
+        win = self.accounts.get(account_id)
+        if win is None or idx < win.idx - 1:
+            return 0.0, 0.0  # pruned or two windows old: nothing left to count into
+        if idx > win.idx:
+            win.roll(idx)
+        counts, seen, prev = ((win.cur, win.tpl_cur, win.tpl_prev) if idx == win.idx
+                              else (win.prev, win.tpl_prev, set()))
+        if cot:
+            counts[1] += 1
+        if template_sig:
+            if template_sig in seen or template_sig in prev:
+                counts[2] += 1
+            if template_sig not in seen and len(seen) < TEMPLATE_SET_CAP:
+                seen.add(template_sig)
+        view = LiveView()
+        _fill(view, win.cur, win.prev, 0, 0, 0, 0, (now % window_s) / window_s)
+        return view.cot_share, view.template_repeat_share
+
+    async def add_signals(self, *args, **kwargs) -> tuple[float, float]:
+        return self.add_signals_sync(*args, **kwargs)
+
     def _take(self, buckets: list[BucketRequest], now: float, view: LiveView) -> None:
         """All-or-nothing: a token is taken from every bucket only if each has one."""
         levels = []
@@ -321,6 +351,29 @@ return {tonumber(a[1]) or 0, tonumber(a[2]) or 0, tonumber(a[3]) or 0,
         c1, c2, c3, c4, denied, tostring(retry)}
 """
 
+# The signal half of a request that _OBSERVE_LUA counted without signals (cot, template
+# repeat). KEYS: acct cur hash, acct prev hash, tpl set cur, tpl set prev. ARGV: ttl, cot, tpl.
+_SIGNALS_LUA = """
+local ttl = tonumber(ARGV[1])
+local tpl = ARGV[3]
+if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[1], 'cot', 1) end
+if tpl ~= '' then
+  local seen = redis.call('SISMEMBER', KEYS[4], tpl) == 1
+  if redis.call('SCARD', KEYS[3]) < 4096 then
+    if redis.call('SADD', KEYS[3], tpl) == 0 then seen = true end
+    redis.call('EXPIRE', KEYS[3], ttl)
+  elseif redis.call('SISMEMBER', KEYS[3], tpl) == 1 then
+    seen = true
+  end
+  if seen then redis.call('HINCRBY', KEYS[1], 'rep', 1) end
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+local a = redis.call('HMGET', KEYS[1], 'n', 'cot', 'rep')
+local p = redis.call('HMGET', KEYS[2], 'n', 'cot', 'rep')
+return {tonumber(a[1]) or 0, tonumber(a[2]) or 0, tonumber(a[3]) or 0,
+        tonumber(p[1]) or 0, tonumber(p[2]) or 0, tonumber(p[3]) or 0}
+"""
+
 # Merge a locally kept bucket level into Redis: keep the lower of the two levels.
 _MERGE_BUCKET_LUA = """
 local b = redis.call('HMGET', KEYS[1], 't', 'ts')
@@ -349,6 +402,7 @@ class RedisState:
             health_check_interval=0,
         )
         self._observe = self.client.register_script(_OBSERVE_LUA)
+        self._signals = self.client.register_script(_SIGNALS_LUA)
         self._merge = self.client.register_script(_MERGE_BUCKET_LUA)
         self.fallback = LocalState()
         self.healthy = True
@@ -418,6 +472,28 @@ class RedisState:
         )
         view.backend = "memory-fallback"
         return view
+
+    async def add_signals(self, account_id: str, template_sig: str | None, cot: bool,
+                          now: float, window_s: float) -> tuple[float, float]:
+        """The signal half of a request `observe` counted without signals (one round trip);
+        on local state while Redis is down, like `observe`."""
+        if self.healthy:
+            idx = int(now // window_s)
+            p = self.prefix
+            keys = [f"{p}:a:{account_id}:{idx}", f"{p}:a:{account_id}:{idx - 1}",
+                    f"{p}:at:{account_id}:{idx}", f"{p}:at:{account_id}:{idx - 1}"]
+            args = [int(window_s * 2) + 1, "1" if cot else "0", template_sig or ""]
+            try:
+                r = await self._signals(keys=keys, args=args)
+            except Exception as exc:
+                self._mark_down(exc)
+            else:
+                view = LiveView()
+                _fill(view, r[0:3], r[3:6], 0, 0, 0, 0, (now % window_s) / window_s)
+                return view.cot_share, view.template_repeat_share
+        if self.fail_closed:
+            raise StateUnavailable("shared state (redis) is unreachable")
+        return self.fallback.add_signals_sync(account_id, template_sig, cot, now, window_s)
 
     async def set_manual(self, account_id: str, action: str | None) -> None:
         """Put an operator action on the shared enforcement list (or remove it)."""
