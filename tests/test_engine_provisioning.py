@@ -249,7 +249,7 @@ def test_a_small_flagged_cluster_tied_to_two_campaigns_does_not_merge_them():
     dst.append(11)
     w.append(1.0)  # A and B barely tied directly
     graph = AccountGraph([f"u{i:02d}" for i in range(23)], np.array(src), np.array(dst),
-                         np.array(w), {}, {})
+                         np.array(w), {"ip": np.array(w)}, {})
 
     def verdict(lab, idx):
         return scoring.ClusterVerdict(lab, idx, idx, 0.9, 5.0, 5.0, 0.95, True)
@@ -260,3 +260,27 @@ def test_a_small_flagged_cluster_tied_to_two_campaigns_does_not_merge_them():
     sizes = sorted(len(v.core) for v in merged if v.flagged)
     assert sizes == [10, 13]  # the triad joined A only
     assert len(set(label[:10]) | set(label[20:])) == 1 and label[10] != label[0]
+
+
+def _two_flagged_clusters_tied_by(kind: str):
+    """Two flagged clusters of five whose accounts are tied pairwise across by `kind` only."""
+    label = np.r_[[0] * 5, [1] * 5].astype(np.int64)
+    src, dst = np.arange(5), np.arange(5, 10)
+    w = np.full(5, 6.0)
+    graph = AccountGraph([f"u{i}" for i in range(10)], src, dst, w, {kind: w}, {})
+    vs = [scoring.ClusterVerdict(lab, idx, idx, 0.9, 5.0, 5.0, 0.95, True)
+          for lab, idx in ((0, np.arange(5)), (1, np.arange(5, 10)))]
+    return engine._merge_flagged(vs, graph, label, 2.0)
+
+
+def test_flagged_clusters_tied_by_control_evidence_merge():
+    merged = _two_flagged_clusters_tied_by("payment")
+    assert [len(v.core) for v in merged if v.flagged] == [10]
+
+
+def test_flagged_clusters_tied_only_by_shared_templates_stay_two_campaigns():
+    # two operators harvesting one skill from the same public prompt set share templates,
+    # not an owner
+    for kind in ("template", "lsh", "system", "sync"):
+        merged = _two_flagged_clusters_tied_by(kind)
+        assert sorted(len(v.core) for v in merged if v.flagged) == [5, 5], kind

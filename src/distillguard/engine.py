@@ -444,18 +444,22 @@ def _arrow(expr) -> pa.Table:
 
 def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: np.ndarray,
                    min_tie: float) -> list[ClusterVerdict]:
-    """Merge flagged clusters tied to each other as strongly as a cluster is tied inside
-    (evidence weight between them per account of the smaller >= `min_tie`): modularity splits
-    one operator's accounts along its payment instruments, the campaign is still one. Each
-    cluster attaches only to its most strongly tied larger partner, so a small cluster tied to
-    two campaigns cannot chain them together."""
+    """Merge flagged clusters tied to each other by *control* evidence as strongly as a
+    cluster is tied inside (control weight between them per account of the smaller >=
+    `min_tie`): modularity splits one operator's accounts along its payment instruments, the
+    campaign is still one. Shared prompts, templates, system prompts and synchrony
+    (CONTENT_KINDS) do not count here: two operators harvesting the same skill from the same
+    public prompt sets share templates without sharing an owner. Each cluster attaches only to
+    its most strongly tied larger partner, so a small cluster tied to two campaigns cannot
+    chain them together."""
     flagged = {v.label: v for v in verdicts if v.flagged}
     if len(flagged) < 2:
         return verdicts
     a, b = label[graph.src], label[graph.dst]
     between = (a != b) & np.isin(a, list(flagged)) & np.isin(b, list(flagged))
+    control = graph.control_weight()
     ties: dict[tuple[int, int], float] = {}
-    for x, y, w in zip(a[between], b[between], graph.weight[between], strict=True):
+    for x, y, w in zip(a[between], b[between], control[between], strict=True):
         key = (min(x, y), max(x, y))
         ties[key] = ties.get(key, 0.0) + float(w)
     parent = {lab: lab for lab in flagged}
