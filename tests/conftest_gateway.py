@@ -131,14 +131,17 @@ class GatewayProcess:
         self.log_path = tmp / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> GatewayProcess:
+    def start(self, timeout: float = 60.0, *, new_session: bool = False) -> GatewayProcess:
+        """Start and wait for /readyz; `new_session` puts it (and its children) in a process
+        group of its own, to signal the whole group like a service manager."""
         env = {**os.environ, "DG_TEST_ADMIN": ADMIN, "DG_TEST_DECIDE": DECIDE,
                "PYTHONPATH": str(REPO / "tests")}
         self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop/kill)
         self.proc = subprocess.Popen(
             [str(Path(PYTHON).parent / "distillguard"), "gateway", "-c", str(self.config_path),
              "--log-level", "info"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            start_new_session=new_session)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

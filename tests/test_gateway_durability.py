@@ -109,3 +109,33 @@ def test_scan_findings_in_store_reach_the_gateway(tmp_path, upstream):
         assert state["standing"]["campaign_id"] == "camp-9"
     finally:
         gw.stop()
+
+
+def test_sigterm_to_the_process_group_still_ends_with_the_final_flush(tmp_path, upstream):
+    """A service manager or Ctrl-C signals every process of the group: the store worker ignores
+    it, the gateway drains and asks the worker for its final flush, and all of it ends within
+    seconds (with an `mp.Event` as the stop signal, a worker that died or timed out at the
+    wrong moment left the gateway hanging in shutdown)."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "policy.yaml").write_text("rules: []\n")
+    cfg = _config(tmp_path, upstream.url)
+    cfg["wal"]["flush_interval_s"] = 30.0  # nothing is ingested before the final flush
+    gw = GatewayProcess(cfg, tmp_path)
+    gw.start(new_session=True)
+    try:
+        with httpx.Client(base_url=gw.url, headers={"authorization": "Bearer key-1"}) as c:
+            markers = [f"term-{i}" for i in range(20)]
+            for marker in markers:
+                assert c.post("/v1/chat/completions", json=chat(text=marker)).status_code == 200
+        time.sleep(1.0)  # the worker is waiting for its next pass
+        t0 = time.monotonic()
+        os.killpg(gw.proc.pid, signal.SIGTERM)
+        gw.proc.wait(25)
+        assert time.monotonic() - t0 < 25
+    finally:
+        gw.stop()
+    counts = _count_markers(tmp_path / "store.duckdb")
+    assert all(counts.get(m) == 1 for m in markers), counts

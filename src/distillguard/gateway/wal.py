@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import orjson
@@ -252,10 +253,22 @@ def write_snapshot(con, path: Path) -> None:
 
 
 def run_store_worker(directory: str, db_path: str, interval_s: float, parent_pid: int,
-                     stop: mp.synchronize.Event, snapshot_every_s: float) -> None:
-    """Store worker loop (own process). Exits when told to or when its gateway is gone."""
+                     stop: Connection, snapshot_every_s: float) -> None:
+    """Store worker loop (own process). Exits when told to or when its gateway is gone.
+
+    `stop` is the read end of a pipe whose write end only the gateway holds: it becomes
+    readable (EOF) when the gateway closes it (`StoreWorker.stop`) or dies. SIGTERM/SIGINT
+    sent to the whole process group (a service manager, Ctrl-C) are ignored, so the gateway's
+    graceful shutdown still gets its final flush. (An `mp.Event` was used before: a worker that
+    died or timed out at the wrong moment left `Event.set()` blocked forever, hanging the
+    gateway's shutdown.)"""
+    import signal
+
     import duckdb
     import pyarrow
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(message)s")
     # Ingest is CPU-heavy (~0.6 ms per exchange plus ~0.2 s per flush on the development
@@ -269,7 +282,7 @@ def run_store_worker(directory: str, db_path: str, interval_s: float, parent_pid
     last_snapshot = 0.0
     final_deadline = None
     while True:
-        stopping = stop.is_set() or os.getppid() != parent_pid
+        stopping = stop.poll(0) or os.getppid() != parent_pid
         now = time.monotonic()
         export = now - last_snapshot >= snapshot_every_s
         busy = False
@@ -290,7 +303,7 @@ def run_store_worker(directory: str, db_path: str, interval_s: float, parent_pid
                 return
             time.sleep(0.25)
             continue
-        stop.wait(interval_s)
+        stop.poll(interval_s)
 
 
 class StoreWorker:
@@ -299,10 +312,10 @@ class StoreWorker:
     def __init__(self, directory: Path, db_path: Path, interval_s: float,
                  snapshot_every_s: float):
         ctx = mp.get_context("spawn")
-        self.stop_event = ctx.Event()
+        self._stop_r, self._stop_w = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=run_store_worker,
-            args=(str(directory), str(db_path), interval_s, os.getpid(), self.stop_event,
+            args=(str(directory), str(db_path), interval_s, os.getpid(), self._stop_r,
                   snapshot_every_s),
             name="distillguard-store-worker",
             daemon=False,
@@ -310,10 +323,11 @@ class StoreWorker:
 
     def start(self) -> None:
         self.process.start()
+        self._stop_r.close()  # the worker has its own copy; EOF must reach it when we close
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Ask for a final flush and wait for it."""
-        self.stop_event.set()
+        """Ask for a final flush and wait for it (closing the pipe cannot block)."""
+        self._stop_w.close()
         self.process.join(timeout_s)
         if self.process.is_alive():
             log.error("store worker did not finish its final flush in %.0fs", timeout_s)
