@@ -426,3 +426,93 @@ def test_training_is_reproducible_and_writes_artifact_and_card(tmp_path: Path) -
                        first.classifier.predict_proba([COT, PLAIN]), atol=1e-2)
     text = card.read_text()
     assert "ROC AUC" in text and "gsm8k" in text and "Alpaca" in text
+
+
+# -- vectorised template signatures: the same values as the per-text code -------------------
+def _skeleton_corpus() -> list[str]:
+    import random
+
+    rng = random.Random(7)
+    words = ["the", "Anna", "x_1", "foo.bar()", "getValue", "42", "3rd", "'config.py'",
+             "\"quoted text\"", "https://e.x/a", "a@b.co", "<q>what</q>", "`code`", "Über",
+             "naïve", "日本語", "return_0.py:", "Let's", "it's", "O'Neil", "call()", "x.y.z",
+             "```py\nprint(1)\n```", "www.site.org", "Rate", "THE", "Theory", "\t", "\n", "é" * 9]
+    texts = ["", " ", "a", "a b", "a b c", "a b c d", "x" * 40, "y " * 3000 + "end"]
+    texts += [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 60)))
+              for _ in range(300)]
+    return texts
+
+
+def test_vectorised_lsh_keys_equal_the_per_text_minhash() -> None:
+    from distillguard.signals.templates import (
+        VECTOR_MIN_TEXTS,
+        lsh_keys_batch,
+        lsh_keys_of_skeletons,
+        shingles,
+    )
+
+    skeletons = [skeleton(t) for t in _skeleton_corpus()]
+    assert len(skeletons) >= VECTOR_MIN_TEXTS
+    assert lsh_keys_of_skeletons(skeletons) == lsh_keys_batch([shingles(s) for s in skeletons])
+    assert lsh_keys_of_skeletons(skeletons[:5]) == lsh_keys_batch(
+        [shingles(s) for s in skeletons[:5]])
+
+
+def test_numpy_token_hash_equals_rensas() -> None:
+    import numpy as np
+    from rensa import RMinHash
+
+    from distillguard.signals.templates import rensa_hashes
+
+    tokens = ["x" * k for k in range(70)] + ["é日🙂 ab", "a b c", "\x00" * 20]
+    expected = [h for (h,) in RMinHash.hash_token_sets([[t] for t in tokens])]
+    column = pa.array(tokens, pa.large_string())
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int64, count=len(tokens) + 1)
+    data = np.concatenate([np.frombuffer(column.buffers()[2], dtype=np.uint8,
+                                         count=int(offsets[-1])), np.zeros(8, np.uint8)])
+    assert rensa_hashes(data, offsets[:-1], np.diff(offsets)).tolist() == expected
+
+
+def test_skeleton_hints_and_rewritten_masks_change_nothing() -> None:
+    """The batch's vectorised hints and the look-behind / callback forms of the masks give
+    the skeletons of the original patterns (written out here as the reference)."""
+    import re
+
+    import numpy as np
+
+    from distillguard.signals import templates
+    from distillguard.signals.templates import skeleton_hints
+
+    texts = [t for t in _skeleton_corpus() if t.isascii()]
+    hints = skeleton_hints(pa.array(texts))
+    assert [skeleton(t, h) for t, h in zip(texts, hints.tolist(), strict=True)] == [
+        skeleton(t) for t in texts]
+    original = [
+        (r"(?<!\w)'[^'\n]{1,300}'(?!\w)", templates._MASKS[9][1]),
+        (r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?", templates._TOKEN_MASKS[0][1]),
+        (r"\b\w+_\w+\b", templates._TOKEN_MASKS[1][1]),
+        (r"\b\w+\(\)", templates._TOKEN_MASKS[2][1]),
+        (r"\b[a-z]+[A-Z]\w*", templates._TOKEN_MASKS[3][1]),
+    ]
+    corpus = _skeleton_corpus()
+    for reference, rewritten in original:
+        assert [re.sub(reference, "<m>", t) for t in corpus] == [
+            rewritten.sub("<m>", t) for t in corpus], reference
+    assert [templates._NAME.sub("<name>", t) for t in corpus] == [
+        templates._CAPITALISED_WORD.sub(templates._name_or_common, t) for t in corpus]
+    # the dotted-id hint is not a necessary condition: it is searched again at its turn
+    quoted = "Find 'config.py' and return_0.py: now"
+    assert skeleton(quoted, np.ones(hints.shape[1], dtype=bool).tolist()) == skeleton(quoted)
+
+
+def test_vectorised_band_keys_equal_the_formatted_ones() -> None:
+    import numpy as np
+
+    from distillguard.signals import templates
+
+    digests = np.random.default_rng(5).integers(0, 2**32, size=(templates.VECTOR_MIN_TEXTS + 3,
+                                                                templates.NUM_PERM),
+                                                dtype=np.uint64)
+    vectorised = templates._band_keys(digests)
+    assert vectorised == [row for chunk in range(0, len(digests), 8)
+                          for row in templates._band_keys(digests[chunk:chunk + 8])]

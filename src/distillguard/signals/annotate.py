@@ -28,7 +28,12 @@ from distillguard.signals.language import detect_language, detect_language_ascii
 from distillguard.signals.matcher import RuleMatcher
 from distillguard.signals.params import extraction_mask, is_extraction
 from distillguard.signals.rules import RulePack, load_rule_packs
-from distillguard.signals.templates import skeleton, template_signatures, text_hash
+from distillguard.signals.templates import (
+    skeleton,
+    skeleton_hints,
+    template_signatures,
+    text_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +218,20 @@ class SignalAnnotator:
         ASCII texts scored by the classifier's vectorised twin (identical values)."""
         column = texts if isinstance(texts, pa.Array) else None
         views = [analysis_view(t) for t in (texts.to_pylist() if column is not None else texts)]
-        sigs, lsh = template_signatures(views)
-        scores, languages = self._scores_and_languages(views, column)
+        fast = np.zeros(len(views), dtype=bool)
+        if column is not None:
+            # ASCII texts up to HEAD + TAIL characters: their view is the text itself, and the
+            # vectorised twins of the per-text functions apply (identical values).
+            fast = pc.and_(pc.string_is_ascii(column),
+                           pc.less_equal(pc.binary_length(column), HEAD_CHARS + TAIL_CHARS)
+                           ).to_numpy(zero_copy_only=False)
+        hints = skeleton_hints(column.filter(pa.array(fast))) if fast.any() else None
+        if hints is not None:
+            full = np.zeros((len(views), hints.shape[1]), dtype=bool)
+            full[fast] = hints
+            hints = full
+        sigs, lsh = template_signatures(views, hints, fast)
+        scores, languages = self._scores_and_languages(views, column, fast)
         results = []
         for view, sig, keys, score, language in zip(views, sigs, lsh, scores, languages,
                                                     strict=True):
@@ -238,16 +255,10 @@ class SignalAnnotator:
             )
         return results
 
-    def _scores_and_languages(self, views: list[str], column: pa.Array | None
-                              ) -> tuple[list[float | None], list[str | None]]:
-        """Classifier score and language of each view; the ASCII texts of an Arrow column by
+    def _scores_and_languages(self, views: list[str], column: pa.Array | None,
+                              fast: np.ndarray) -> tuple[list[float | None], list[str | None]]:
+        """Classifier score and language of each view; the `fast` texts of an Arrow column by
         the vectorised twins of the per-text functions (identical values)."""
-        fast = np.zeros(len(views), dtype=bool)
-        if column is not None:
-            # Texts longer than HEAD + TAIL are analysed on a view that differs from the column.
-            fast = pc.and_(pc.string_is_ascii(column),
-                           pc.less_equal(pc.binary_length(column), HEAD_CHARS + TAIL_CHARS)
-                           ).to_numpy(zero_copy_only=False)
         fast_rows, slow_rows = np.flatnonzero(fast).tolist(), np.flatnonzero(~fast).tolist()
         slow = [views[i] for i in slow_rows]
         scores: list[float | None] = [None] * len(views)

@@ -208,9 +208,16 @@ class DistillClassifier:
         unigrams = pc.filter(flat, keep)
         rows = pc.filter(pc.list_parent_indices(tokens), keep).to_numpy()
         pairs = np.flatnonzero(rows[1:] == rows[:-1])
-        bigrams = pc.binary_join_element_wise(unigrams.take(pairs), unigrams.take(pairs + 1), " ")
+        # Each distinct n-gram is hashed once (Zipf: far fewer distinct than occurrences).
+        encoded = pc.dictionary_encode(unigrams)
+        words = encoded.dictionary
+        ids = encoded.indices.to_numpy().astype(np.int64)
+        pair_ids = pc.dictionary_encode(pa.array(ids[pairs] * len(words) + ids[pairs + 1]))
+        first, second = np.divmod(pair_ids.dictionary.to_numpy(), len(words))
+        bigrams = pc.binary_join_element_wise(words.take(first), words.take(second), " ")
         n = int(self.config["n_features"])
-        columns = np.concatenate([hashed_columns(unigrams, n), hashed_columns(bigrams, n)])
+        columns = np.concatenate([hashed_columns(words, n)[ids],
+                                  hashed_columns(bigrams, n)[pair_ids.indices.to_numpy()]])
         return self._score(np.concatenate([rows, rows[pairs]]), columns, len(texts))
 
     def _score(self, rows: np.ndarray, columns: np.ndarray, num_texts: int) -> np.ndarray:

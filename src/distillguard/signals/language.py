@@ -101,6 +101,10 @@ _VOCABULARY = pa.array(list(_STOPWORD_INDEX), pa.string())
 _MEMBERSHIP = np.zeros((len(_VOCABULARY) + 1, len(_LANGUAGES)), dtype=np.int64)
 for _row, _langs in enumerate(_STOPWORD_INDEX.values()):
     _MEMBERSHIP[_row, list(_langs)] = 1
+#: the languages of vocabulary word i: _WORD_LANGUAGES[start[i]:start[i] + count[i]]
+_WORD_LANGUAGE_COUNT = _MEMBERSHIP[:-1].sum(axis=1)
+_WORD_LANGUAGE_START = np.concatenate([[0], np.cumsum(_WORD_LANGUAGE_COUNT)[:-1]])
+_WORD_LANGUAGES = np.nonzero(_MEMBERSHIP[:-1])[1]
 _CODES = np.array([*_LANGUAGES, "en", None], dtype=object)
 #: byte -> itself lower-cased if it is an ASCII letter, else a space
 _LETTER_BYTE = np.full(256, ord(" "), dtype=np.uint8)
@@ -124,10 +128,16 @@ def detect_language_ascii(texts: pa.Array) -> list[str | None]:
     rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within its text
     first = rank < SAMPLE_WORDS
     words, rows = words.filter(first), rows[first]
-    known = pc.fill_null(pc.index_in(words, value_set=_VOCABULARY), len(_VOCABULARY))
-    membership = _MEMBERSHIP[known.to_numpy()]
-    scores = np.stack([np.bincount(rows, weights=membership[:, k], minlength=len(texts))
-                       for k in range(len(_LANGUAGES))], axis=1)
+    known = pc.fill_null(pc.index_in(words, value_set=_VOCABULARY), len(_VOCABULARY)).to_numpy()
+    # One (text, language) count per stopword occurrence and language it belongs to.
+    stop = known < len(_VOCABULARY)
+    word, stop_rows = known[stop], rows[stop]
+    per_word = _WORD_LANGUAGE_COUNT[word]
+    ends = np.cumsum(per_word)
+    rank = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - per_word, per_word)
+    language = _WORD_LANGUAGES[np.repeat(_WORD_LANGUAGE_START[word], per_word) + rank]
+    scores = np.bincount(np.repeat(stop_rows, per_word) * len(_LANGUAGES) + language,
+                         minlength=len(texts) * len(_LANGUAGES)).reshape(len(texts), -1)
     best = scores.argmax(axis=1)  # the first of equal scores, as max() in detect_language
     # code index: the best language, "en" (no stopword at all) or None (no word at all)
     code = np.where(scores[np.arange(len(texts)), best] > 0, best, len(_LANGUAGES))

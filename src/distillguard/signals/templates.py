@@ -13,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from rensa import RMinHash
 
 #: MinHash size and LSH banding: 8 bands of 8 rows gives a match probability of ~0.5 at Jaccard
@@ -24,6 +27,8 @@ LSH_BANDS = 8
 LSH_ROWS = NUM_PERM // LSH_BANDS
 MINHASH_SEED = 20260223
 SHINGLE_WORDS = 3
+#: Below this many skeletons the per-text MinHash (`lsh_keys_batch`) is faster.
+VECTOR_MIN_TEXTS = 64
 _BAND_MULTIPLIERS = np.array(
     [pow(0x9E3779B97F4A7C15, k + 1, 1 << 64) | 1 for k in range(LSH_ROWS)], dtype=np.uint64
 )
@@ -46,7 +51,7 @@ _MASKS: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ('"', re.compile(r'"[^"\n]{1,500}"'), " <q> "),
     ("“", re.compile(r"“[^”\n]{1,500}”"), " <q> "),
     ("«", re.compile(r"«[^»\n]{1,500}»"), " <q> "),
-    ("'", re.compile(r"(?<!\w)'[^'\n]{1,300}'(?!\w)"), " <q> "),
+    ("'", re.compile(r"'(?<!\w')[^'\n]{1,300}'(?!\w)"), " <q> "),  # (?<!\w) before the quote
 )
 _COMMON_WORDS = """a about above after again against all also an and any are as at be because been before
     being below between both but by can could did do does doing down during each few for from
@@ -66,7 +71,10 @@ _COMMON_CAPITALISED = frozenset(_COMMON_WORDS.split())
 
 
 # Token masks, applied with literal replacements (C speed, no per-token Python callback), each
-# only when a cheap `search` hint shows it can match. Capitalised words that are not common
+# only when a cheap `search` hint shows it can match. A leading `\b` is written as the first
+# character followed by a look-behind (`[a-z](?<=\b[a-z])` is `\b[a-z]`): a pattern that starts
+# with a character class lets Python's `re` skip to candidate positions instead of trying every
+# position (about twice as fast on prose; same matches). Capitalised words that are not common
 # English words are taken to be names (people, places, products): a cheap heuristic, no NER
 # model in the hot path.
 _NAME = re.compile(
@@ -75,26 +83,72 @@ _NAME = re.compile(
 )
 _TOKEN_MASKS: tuple[tuple[re.Pattern[str], re.Pattern[str], str], ...] = (
     (re.compile(r"[A-Za-z_]\.[A-Za-z_]"),
-     re.compile(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?"), "<id>"),
-    (re.compile("_"), re.compile(r"\b\w+_\w+\b"), "<id>"),  # literal hints: fast search
-    (re.compile(r"\(\)"), re.compile(r"\b\w+\(\)"), "<id>"),
-    (re.compile(r"[a-z][A-Z]"), re.compile(r"\b[a-z]+[A-Z]\w*"), "<id>"),
+     re.compile(r"[A-Za-z_](?<=\b[A-Za-z_])\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?"), "<id>"),
+    (re.compile("_"), re.compile(r"\w(?<=\b\w)\w*_\w+\b"), "<id>"),  # literal hints: fast search
+    (re.compile(r"\(\)"), re.compile(r"\w(?<=\b\w)\w*\(\)"), "<id>"),
+    (re.compile(r"[a-z][A-Z]"), re.compile(r"[a-z](?<=\b[a-z])[a-z]*[A-Z]\w*"), "<id>"),
     (re.compile(r"[A-Z]"), _NAME, "<name>"),
     (re.compile(r"\d"), re.compile(r"\d[\d,._:/]*(?:%|st\b|nd\b|rd\b|th\b)?"), "<num>"),
 )
+_NAME_INDEX = 4
+_CAPITALISED = frozenset(w.capitalize() for w in _COMMON_CAPITALISED)
+#: `_NAME.sub("<name>", ...)` as one pass over capitalised words with a set lookup: a letters-
+#: only word between word boundaries is masked unless it is a common word (the same matches:
+#: the look-ahead alternation of `_NAME` can only fail on a whole word, so this is what it
+#: computes, without trying ~250 alternatives at every word start).
+_CAPITALISED_WORD = re.compile(r"[A-Z](?<=\b[A-Z])[A-Za-z]+\b")
 
 
-def skeleton(text: str) -> str:
-    """The prompt with its variable data masked, lower-cased, whitespace collapsed."""
+def _name_or_common(match: re.Match[str]) -> str:
+    word = match[0]
+    return word if word in _CAPITALISED else "<name>"
+
+
+#: The token hints that are a necessary condition of their mask's pattern (skipping the
+#: pattern when the hint fails changes nothing). The dotted-id hint is not: its pattern also
+#: matches `file_0.py` (`\w` before the dot), so whether it runs depends on the hint itself,
+#: searched in the text as masked so far.
+_HINT_IS_NECESSARY = tuple(k != 0 for k in range(len(_TOKEN_MASKS)))
+
+
+def skeleton(text: str, hints: Sequence[bool] | None = None) -> str:
+    """The prompt with its variable data masked, lower-cased, whitespace collapsed.
+
+    `hints` (from `skeleton_hints`, one per token mask) says whether the mask's hint occurs
+    in the unmasked text: a batch finds them in one vectorised pass per hint instead of one
+    Python regex search per text and hint (Python's `re` is slow on character classes)."""
     if len(text) > SKELETON_HEAD_CHARS + SKELETON_TAIL_CHARS:
         text = text[:SKELETON_HEAD_CHARS] + "\n" + text[-SKELETON_TAIL_CHARS:]
     for trigger, pattern, replacement in _MASKS:
         if trigger in text:
             text = pattern.sub(replacement, text)
-    for hint, pattern, replacement in _TOKEN_MASKS:
-        if hint.search(text):
+    for k, (hint, pattern, replacement) in enumerate(_TOKEN_MASKS):
+        if hints is None or not _HINT_IS_NECESSARY[k]:
+            if (hints is not None and not hints[k]) or not hint.search(text):
+                continue
+        elif not hints[k]:
+            continue
+        if k == _NAME_INDEX:
+            text = _CAPITALISED_WORD.sub(_name_or_common, text)
+        else:
             text = pattern.sub(replacement, text)
     return " ".join(text.split()).lower()
+
+
+def skeleton_hints(texts: pa.Array) -> np.ndarray:
+    """Per ASCII text (rows, len(_TOKEN_MASKS)): whether each token mask's hint occurs in it,
+    for `skeleton(text, hints)`, by Arrow (RE2) over the whole array.
+
+    Exact for ASCII texts only (the hints' RE2 twins agree with Python's `re` there). A hint
+    found in the text before masking is a superset of one found at its turn: the earlier
+    masks only remove text, and what they insert (space-padded or `<...>` tokens, tag names
+    taken from the text) creates no hint that was not there. A necessary hint that occurs
+    while its pattern does not match changes nothing; the one hint that is not necessary is
+    searched again at its turn (`_HINT_IS_NECESSARY`)."""
+    out = np.zeros((len(texts), len(_TOKEN_MASKS)), dtype=bool)
+    for k, (hint, _, _) in enumerate(_TOKEN_MASKS):
+        out[:, k] = pc.match_substring_regex(texts, hint.pattern).to_numpy(zero_copy_only=False)
+    return out
 
 
 def _hex_hash(data: bytes, size: int = 8) -> str:
@@ -128,16 +182,159 @@ def lsh_keys_batch(shingle_sets: Sequence[list[str]]) -> list[list[str]]:
         sketch = RMinHash(num_perm=NUM_PERM, seed=MINHASH_SEED)
         sketch.update(shingle_sets[i])
         digests.append(sketch.digest())
-    bands = np.asarray(digests, dtype=np.uint64).reshape(len(present), LSH_BANDS, LSH_ROWS)
-    # One 48-bit key per band: a polynomial hash of its rows (uint64 arithmetic wraps).
-    band_hash = (bands * _BAND_MULTIPLIERS).sum(axis=2, dtype=np.uint64) >> np.uint64(16)
-    for row, i in enumerate(present):
-        keys[i] = [f"{band}:{value:012x}" for band, value in enumerate(band_hash[row].tolist())]
+    for i, row_keys in zip(present, _band_keys(np.asarray(digests, dtype=np.uint64)),
+                           strict=True):
+        keys[i] = row_keys
     return keys
 
 
-def template_signatures(texts: Sequence[str]) -> tuple[list[str | None], list[list[str]]]:
-    """`template_sig` and `template_lsh` for each text (None / [] when nothing is left)."""
-    skeletons = [skeleton(t) for t in texts]
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_KEY_CHARS = 2 + 12  # "band:" + 12 hex digits of a 48-bit band hash
+_NIBBLE_SHIFTS = np.arange(44, -1, -4, dtype=np.uint64)
+
+
+def _band_keys(digests: np.ndarray) -> list[list[str]]:
+    """LSH band keys (`"band:hash"`) of each row of a (rows, NUM_PERM) matrix of MinHash
+    values."""
+    bands = digests.astype(np.uint64).reshape(len(digests), LSH_BANDS, LSH_ROWS)
+    # One 48-bit key per band: a polynomial hash of its rows (uint64 arithmetic wraps).
+    band_hash = (bands * _BAND_MULTIPLIERS).sum(axis=2, dtype=np.uint64) >> np.uint64(16)
+    if len(digests) < VECTOR_MIN_TEXTS:
+        return [[f"{band}:{value:012x}" for band, value in enumerate(row)]
+                for row in band_hash.tolist()]
+    # Every key has the same width: format them all at once as bytes, then slice one string.
+    chars = np.empty((len(digests), LSH_BANDS, _KEY_CHARS), dtype=np.uint8)
+    chars[:, :, 0] = ord("0") + np.arange(LSH_BANDS, dtype=np.uint8)
+    chars[:, :, 1] = ord(":")
+    chars[:, :, 2:] = _HEX[(band_hash[:, :, None] >> _NIBBLE_SHIFTS) & np.uint64(15)]
+    text = chars.tobytes().decode("ascii")
+    width = LSH_BANDS * _KEY_CHARS
+    return [[text[at + k: at + k + _KEY_CHARS] for k in range(0, width, _KEY_CHARS)]
+            for at in range(0, len(text), width)]
+
+
+# rensa's token hash (`utils::calculate_hash_fast`: rustc-hash 2's FxHasher::write + finish on
+# the token's UTF-8 bytes), reproduced in numpy so that a batch's shingles are hashed without
+# building one Python string per shingle. `tests/test_signals.py` checks it against
+# `RMinHash.hash_token_sets`.
+_FX_SEED1 = np.uint64(0x243F6A8885A308D3)
+_FX_SEED2 = np.uint64(0x13198A2E03707344)
+_FX_ZERO_COLLAPSE = np.uint64(0xA4093822299F31D0)
+_FX_K = np.uint64(0xF1357AEA2E62A9C5)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_U32 = np.uint64(32)
+
+
+def _multiply_mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(x * y as 128 bits): low half XOR high half, from 32-bit limbs (numpy has no u128)."""
+    x0, x1, y0, y1 = x & _LOW32, x >> _U32, y & _LOW32, y >> _U32
+    p01, p10 = x0 * y1, x1 * y0
+    carry = ((x0 * y0 >> _U32) + (p01 & _LOW32) + (p10 & _LOW32)) >> _U32
+    high = x1 * y1 + (p01 >> _U32) + (p10 >> _U32) + carry
+    return (x * y) ^ high
+
+
+def rensa_hashes(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """rensa's u64 hash of each byte range `data[start:start + length]` (`data`: uint8, with
+    at least 8 readable bytes after every range, e.g. zero padding)."""
+    starts, lengths = starts.astype(np.int64), lengths.astype(np.int64)
+    # u64 / u32 little-endian words at every byte offset (overlapping, unaligned views).
+    u64 = np.ndarray((len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
+    u32 = np.ndarray((len(data) - 3,), dtype="<u4", buffer=data, strides=(1,))
+    n = len(starts)
+    s0 = np.full(n, _FX_SEED1, dtype=np.uint64)
+    s1 = np.full(n, _FX_SEED2, dtype=np.uint64)
+    ends = starts + lengths
+    with np.errstate(over="ignore"):
+        big = (lengths >= 8) & (lengths <= 16)
+        s0[big] ^= u64[starts[big]]
+        s1[big] ^= u64[ends[big] - 8]
+        mid = (lengths >= 4) & (lengths < 8)
+        s0[mid] ^= u32[starts[mid]].astype(np.uint64)
+        s1[mid] ^= u32[ends[mid] - 4].astype(np.uint64)
+        small = (lengths > 0) & (lengths < 4)
+        lo = data[starts[small]].astype(np.uint64)
+        s0[small] ^= lo
+        s1[small] ^= (data[ends[small] - 1].astype(np.uint64) << np.uint64(8)) | data[
+            starts[small] + lengths[small] // 2].astype(np.uint64)
+        # Longer than 16 bytes: 16-byte rounds, then the last 16 bytes.
+        long_rows = np.flatnonzero(lengths > 16)
+        if len(long_rows):
+            rounds = (lengths[long_rows] - 1) // 16
+            order = np.argsort(-rounds, kind="stable")
+            long_rows, rounds = long_rows[order], rounds[order]
+            a, b = s0[long_rows], s1[long_rows]
+            at = starts[long_rows]
+            alive = np.searchsorted(-rounds, -np.arange(1, int(rounds[0]) + 1), side="right")
+            for k, m in enumerate(alive.tolist()):
+                off = at[:m] + 16 * k
+                t = _multiply_mix(a[:m] ^ u64[off], _FX_ZERO_COLLAPSE ^ u64[off + 8])
+                a[:m], b[:m] = b[:m], t
+            tail = ends[long_rows] - 16
+            s0[long_rows] = a ^ u64[tail]
+            s1[long_rows] = b ^ u64[tail + 8]
+        compressed = _multiply_mix(s0, s1) ^ lengths.astype(np.uint64)
+        h = compressed * _FX_K
+        return (h << np.uint64(26)) | (h >> np.uint64(38))
+
+
+def lsh_keys_of_skeletons(skeletons: Sequence[str]) -> list[list[str]]:
+    """`lsh_keys_batch([shingles(s) for s in skeletons])`, vectorised: a shingle of a skeleton
+    (single spaces between tokens) is one byte range of it, so shingle ranges are found on
+    the skeletons' UTF-8 buffer, hashed in numpy (`rensa_hashes`) and sketched by one rensa
+    call on the flat hash buffer; no Python string per shingle."""
+    if len(skeletons) < VECTOR_MIN_TEXTS:
+        return lsh_keys_batch([shingles(s) for s in skeletons])
+    column = pa.array(skeletons, pa.large_string())
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int64, count=len(column) + 1)
+    raw = column.buffers()[2]
+    body = np.frombuffer(raw, dtype=np.uint8, count=int(offsets[-1])) if raw is not None \
+        else np.zeros(0, dtype=np.uint8)
+    data = np.concatenate([body, np.zeros(8, dtype=np.uint8)])
+    lengths = np.diff(offsets)
+    present = np.flatnonzero(lengths > 0)
+    keys: list[list[str]] = [[] for _ in skeletons]
+    if not len(present):
+        return keys
+    # Token i of the batch spans [token_start[i], token_end[i]); tokens never cross skeletons.
+    spaces = np.flatnonzero(body == 32)
+    row_starts, row_ends = offsets[present], offsets[present + 1]
+    token_start = np.sort(np.concatenate([row_starts, spaces + 1]))
+    token_end = np.sort(np.concatenate([spaces, row_ends]))
+    token_row = np.searchsorted(row_starts, token_start, side="right") - 1
+    tokens_per_row = np.bincount(token_row, minlength=len(present))
+    first_token = np.concatenate([[0], np.cumsum(tokens_per_row)[:-1]])
+    # Shingle j of a row starts at its token j and ends at token j + SHINGLE_WORDS - 1; a row
+    # with no more than SHINGLE_WORDS tokens has one shingle, the whole skeleton.
+    shingles_per_row = np.maximum(tokens_per_row - (SHINGLE_WORDS - 1), 1)
+    shingle_row = np.repeat(np.arange(len(present)), shingles_per_row)
+    row_offsets = np.zeros(len(present) + 1, dtype=np.uint64)
+    np.cumsum(shingles_per_row, out=row_offsets[1:])
+    rank = np.arange(len(shingle_row)) - row_offsets[:-1].astype(np.int64)[shingle_row]
+    first = first_token[shingle_row] + rank
+    last = np.minimum(first + SHINGLE_WORDS - 1, first_token[shingle_row]
+                      + tokens_per_row[shingle_row] - 1)
+    starts = token_start[first]
+    hashes = rensa_hashes(data, starts, token_end[last] - starts)
+    matrix = RMinHash.digest_matrix_from_flat_token_hashes(hashes, row_offsets,
+                                                           num_perm=NUM_PERM, seed=MINHASH_SEED)
+    digests = np.fromiter(chain.from_iterable(matrix.to_rows()), dtype=np.uint32,
+                          count=len(present) * NUM_PERM).reshape(len(present), NUM_PERM)
+    for i, row_keys in zip(present.tolist(), _band_keys(digests), strict=True):
+        keys[i] = row_keys
+    return keys
+
+
+def template_signatures(texts: Sequence[str], hints: np.ndarray | None = None,
+                        hinted: np.ndarray | None = None
+                        ) -> tuple[list[str | None], list[list[str]]]:
+    """`template_sig` and `template_lsh` for each text (None / [] when nothing is left);
+    `hints[i]` (`skeleton_hints`) are used for the texts where `hinted[i]` is true."""
+    if hints is None or hinted is None:
+        skeletons = [skeleton(t) for t in texts]
+    else:
+        rows = hints.tolist()
+        skeletons = [skeleton(t, rows[i]) if ok else skeleton(t)
+                     for i, (t, ok) in enumerate(zip(texts, hinted.tolist(), strict=True))]
     sigs = [text_hash(s) if s else None for s in skeletons]
-    return sigs, lsh_keys_batch([shingles(s) for s in skeletons])
+    return sigs, lsh_keys_of_skeletons(skeletons)
