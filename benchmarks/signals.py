@@ -6,6 +6,7 @@ simulation of `--scenario` at `--scale` in a temporary directory (real prompts f
 engine does. Figures:
 - cold: a fresh annotator (empty per-text cache) over all rows: every distinct prompt analysed once,
   in `--workers` processes (default: one per core, as `scan` does; includes starting them);
+  `--pipelined` feeds the batches through `annotate_stream` instead of `annotate`;
 - warm: the same annotator again (every prompt text cached): the vectorised Arrow part alone;
 - annotate_request latency per request, p50/p99, on distinct prompts (cold) and repeated (warm).
 Medians of `--repeats` runs are quoted.
@@ -55,10 +56,16 @@ def load_exchanges(args: argparse.Namespace) -> pa.Table:
         return pa.concat_tables(pq.read_table(f, columns=COLUMNS) for f in files)
 
 
-def run_batches(annotator: SignalAnnotator, table: pa.Table, batch_rows: int) -> float:
+def run_batches(annotator: SignalAnnotator, table: pa.Table, batch_rows: int,
+                pipelined: bool = False) -> float:
     start = time.perf_counter()
-    for batch in table.to_batches(max_chunksize=batch_rows):
-        annotator.annotate(batch)
+    batches = table.to_batches(max_chunksize=batch_rows)
+    if pipelined:
+        for _ in annotator.annotate_stream(batches):
+            pass
+    else:
+        for batch in batches:
+            annotator.annotate(batch)
     return time.perf_counter() - start
 
 
@@ -87,6 +94,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes analysing new texts (1: this process only)")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="cold pass through annotate_stream (workers start on the next "
+                             "batch while this one is handed back) instead of annotate")
     args = parser.parse_args()
 
     print(machine_summary())
@@ -108,12 +118,12 @@ def main() -> None:
     for _ in range(args.repeats):
         fresh = SignalAnnotator(packs, classifier, workers=args.workers)
         cpu = time.process_time(), children_cpu()
-        cold.append(run_batches(fresh, table, args.batch_rows))
+        cold.append(run_batches(fresh, table, args.batch_rows, args.pipelined))
         fresh.close()  # the workers exit: their CPU time is counted
         cold_cpu.append(time.process_time() - cpu[0] + children_cpu() - cpu[1])
         warm.append(run_batches(fresh, table, args.batch_rows))
     n = table.num_rows
-    print(f"workers: {args.workers}; cold CPU-seconds (this process + its workers): "
+    print(f"workers: {args.workers}{' (pipelined)' if args.pipelined else ''}; cold CPU-seconds (this process + its workers): "
           f"median {statistics.median(cold_cpu):.1f} s")
     for name, times in (("cold (empty cache)", cold), ("warm (cached texts)", warm)):
         median = statistics.median(times)

@@ -516,3 +516,28 @@ def test_vectorised_band_keys_equal_the_formatted_ones() -> None:
     vectorised = templates._band_keys(digests)
     assert vectorised == [row for chunk in range(0, len(digests), 8)
                           for row in templates._band_keys(digests[chunk:chunk + 8])]
+
+
+def test_pipelined_stream_equals_batch_by_batch_annotate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`annotate_stream` (next batch's texts in the workers while this one is handed back,
+    texts shared with the batch in flight taken from it) gives `annotate`'s tables."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("distillguard.signals.annotate"),
+                        "PARALLEL_MIN_TEXTS", 1)
+    rows = [exchange(f"Task {i % 7}: rate answer {i % 5} for Anna, step by step", i)
+            for i in range(60)]
+    rows += [*MIXED, exchange("x_1 " * 30, 99)]
+    batches = [table(rows[k:k + 16]) for k in range(0, len(rows), 16)]
+    reference = default_annotator()
+    expected = [SignalAnnotator(reference.packs, reference.classifier).annotate(b)
+                for b in batches]
+    streaming = SignalAnnotator(reference.packs, reference.classifier, workers=2)
+    try:
+        got = list(streaming.annotate_stream(iter(batches)))
+        again = list(streaming.annotate_stream(batches))  # all cached now
+    finally:
+        streaming.close()
+    assert len(got) == len(expected)
+    for a, b, c in zip(got, expected, again, strict=True):
+        assert a.equals(b) and c.equals(b)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import islice, pairwise
@@ -78,6 +79,21 @@ class TextSignals:
     language: str | None
     distill_score: float | None
     rule_hits: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch between `_start_batch` and `_finish_batch` (its workers may be running)."""
+
+    table: pa.Table
+    texts: pa.Array  # per row: the prompt text
+    encoded: pa.DictionaryArray  # texts, dictionary-encoded: one entry per distinct text
+    keys: list[str]  # the distinct texts
+    out: list[TextSignals | None]  # their signals (cache hits so far)
+    new: list[int]  # distinct texts analysed for this batch (here or in workers)
+    deferred: list[int]  # distinct texts the batch before is analysing
+    own: list[int]  # the share of `new` analysed in this process
+    futures: list[tuple[list[int], Future]]  # the workers' shares
 
 
 def analysis_view(text: str) -> str:
@@ -176,6 +192,7 @@ class SignalAnnotator:
         self.classifier = classifier
         self._cache: dict[str, TextSignals] = {}
         self._cache_lock = threading.Lock()
+        self._timing = (0.0, 0.0)  # the last batch: own analysis, waiting for workers (s)
 
     # -- tools ----------------------------------------------------------------------------
     def tool_capability(self, tools_text: str) -> str | None:
@@ -195,11 +212,6 @@ class SignalAnnotator:
     def analyse(self, texts: Sequence[str]) -> list[TextSignals]:
         """Signals of each text (cached); the one place per-text work happens."""
         return self._cached(texts, lambda rows: self._analyse_uncached([texts[i] for i in rows]))
-
-    def _analyse_column(self, column: pa.Array) -> list[TextSignals]:
-        """`analyse` for an Arrow array of distinct texts (the batch path)."""
-        return self._cached(column.to_pylist(),
-                            lambda rows: self._analyse_parallel(column.take(rows)))
 
     def _cached(self, texts: Sequence[str],
                 compute: Callable[[list[int]], list[TextSignals]]) -> list[TextSignals]:
@@ -273,21 +285,73 @@ class SignalAnnotator:
                 _scatter(scores, fast_rows, self.classifier.predict_proba_ascii(texts).tolist())
         return scores, languages
 
-    def _analyse_parallel(self, texts: pa.Array) -> list[TextSignals]:
-        """`_analyse_uncached` of a batch's new texts, split across `workers` processes."""
-        if self.workers == 1 or len(texts) < PARALLEL_MIN_TEXTS:
-            return self._analyse_uncached(texts)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                self.workers - 1, mp_context=mp.get_context("spawn"),
-                initializer=_init_worker, initargs=(self.packs, self.classifier))
-        bounds = np.linspace(0, len(texts), self.workers + 1).astype(int).tolist()
-        futures: list[Future] = [self._pool.submit(_worker_analyse, texts[a:b])
-                                 for a, b in pairwise(bounds[1:])]
-        out = self._analyse_uncached(texts[: bounds[1]])
-        for future in futures:
-            out.extend(future.result())
-        return out
+    def _start_batch(self, exchanges: pa.Table | pa.RecordBatch,
+                     in_flight: set[str] | None = None,
+                     balance: tuple[float, float] | None = None) -> _Batch:
+        """Validate a batch, look its distinct texts up in the cache and hand the workers
+        their share of the new ones (they start at once); this process keeps an equal share,
+        or less by `balance` = (seconds per text, other busy seconds per batch) measured on
+        the batch before. Texts in `in_flight` (new in the batch before, still being
+        analysed) are taken from that batch's results instead."""
+        table = pa.Table.from_batches([exchanges]) if isinstance(exchanges, pa.RecordBatch) \
+            else exchanges
+        for name in ("request_id", "account_id", "ts", "model", "messages"):
+            if name not in table.column_names:
+                raise ValueError(f"exchanges have no {name!r} column (see contract.EXCHANGE_SCHEMA)")
+        texts = user_text_column(_table_column(table, "messages"))
+        encoded = pc.dictionary_encode(texts)
+        keys = encoded.dictionary.to_pylist()
+        out: list[TextSignals | None] = [self._cache.get(t) for t in keys]
+        missing = [i for i, hit in enumerate(out) if hit is None]
+        deferred: list[int] = []
+        if in_flight:
+            deferred = [i for i in missing if keys[i] in in_flight]
+            if deferred:
+                missing = [i for i in missing if keys[i] not in in_flight]
+        batch = _Batch(table, texts, encoded, keys, out, missing, deferred, missing, [])
+        if self.workers > 1 and len(missing) >= PARALLEL_MIN_TEXTS:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self.workers - 1, mp_context=mp.get_context("spawn"),
+                    initializer=_init_worker, initargs=(self.packs, self.classifier))
+            own = len(missing) // self.workers
+            if balance is not None:
+                # This process also spends `other` seconds per batch outside the analysis:
+                # keep fewer texts so that it and each worker are busy equally long, i.e.
+                # own * per_text + other = worker's texts * per_text.
+                per_text, other = balance
+                own = int(max(0.0, min(own, (len(missing) - (self.workers - 1) * other
+                                             / per_text) / self.workers)))
+            bounds = [0, *np.linspace(own, len(missing), self.workers).astype(int).tolist()]
+            column = encoded.dictionary
+            for lo, hi in pairwise(bounds[1:]):
+                rows = missing[lo:hi]
+                batch.futures.append((rows, self._pool.submit(_worker_analyse,
+                                                              column.take(rows))))
+            batch.own = missing[: bounds[1]]
+        return batch
+
+    def _finish_batch(self, batch: _Batch, earlier: Mapping[str, TextSignals] | None = None
+                      ) -> pa.Table:
+        """Analyse this process's share of the batch's new texts, collect the workers', and
+        build the SIGNAL_SCHEMA table; `earlier` holds the results of the batch before (for
+        the deferred texts)."""
+        out, keys = batch.out, batch.keys
+        start = time.perf_counter()
+        if batch.own:
+            _scatter(out, batch.own,
+                     self._analyse_uncached(batch.encoded.dictionary.take(batch.own)))
+        analysed = time.perf_counter()
+        for rows, future in batch.futures:
+            _scatter(out, rows, future.result())
+        self._timing = (analysed - start, time.perf_counter() - analysed)
+        for i in batch.deferred:
+            found = (earlier or {}).get(keys[i]) or self._cache.get(keys[i])
+            out[i] = found if found is not None else self._analyse_uncached([keys[i]])[0]
+        if batch.new:
+            self._remember([keys[i] for i in batch.new], [out[i] for i in batch.new])
+        return self._signal_table(batch.table, batch.texts, batch.encoded.indices,
+                                  out)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Stop the worker processes (if any were started)."""
@@ -307,17 +371,37 @@ class SignalAnnotator:
     # -- batch -----------------------------------------------------------------------------
     def annotate(self, exchanges: pa.Table | pa.RecordBatch) -> pa.Table:
         """Signals for every exchange, as a SIGNAL_SCHEMA table in the same row order."""
-        table = pa.Table.from_batches([exchanges]) if isinstance(exchanges, pa.RecordBatch) \
-            else exchanges
+        return self._finish_batch(self._start_batch(exchanges))
+
+    def annotate_stream(self, batches: Iterable[pa.Table | pa.RecordBatch]
+                        ) -> Iterator[pa.Table]:
+        """`annotate` of each batch, in order, pipelined: the next batch is read and its new
+        texts handed to the worker processes before this batch's table is yielded, so the
+        workers analyse while the caller writes the table (and reads the next batch), instead
+        of idling. The same tables as `annotate` batch by batch."""
+        pending: _Batch | None = None
+        earlier: dict[str, TextSignals] = {}
+        balance: tuple[float, float] | None = None
+        for exchanges in batches:
+            cycle_start = time.perf_counter()
+            in_flight = {pending.keys[i] for i in pending.new} if pending else None
+            started = self._start_batch(exchanges, in_flight, balance)
+            if pending is not None:
+                table = self._finish_batch(pending, earlier)
+                earlier = {pending.keys[i]: pending.out[i] for i in pending.new}
+                yield table
+                own, waited = self._timing
+                if pending.own and own > 0:  # per-text cost here, other busy seconds here
+                    balance = (own / len(pending.own),
+                               max(0.0, time.perf_counter() - cycle_start - own - waited))
+            pending = started
+        if pending is not None:
+            yield self._finish_batch(pending, earlier)
+
+    def _signal_table(self, table: pa.Table, texts: pa.Array, indices: pa.Array,
+                      distinct: list[TextSignals]) -> pa.Table:
+        """The SIGNAL_SCHEMA table of a batch from the signals of its distinct texts."""
         num_rows = table.num_rows
-        for name in ("request_id", "account_id", "ts", "model", "messages"):
-            if name not in table.column_names:
-                raise ValueError(f"exchanges have no {name!r} column (see contract.EXCHANGE_SCHEMA)")
-        messages = _table_column(table, "messages")
-        texts = user_text_column(messages)
-        encoded = pc.dictionary_encode(texts)
-        distinct = self._analyse_column(encoded.dictionary)
-        indices = encoded.indices
 
         def per_text(values: list, type_: pa.DataType) -> pa.Array:
             return pc.take(pa.array(values, type_), indices)
