@@ -366,6 +366,9 @@ def test_vectorised_scoring_equals_the_per_text_scoring() -> None:
     texts = [COT, RECON, RUBRIC, SAFE, PLAIN, "", "a", "x_1 y_2 Z3", "word " * 2000]
     assert (classifier.predict_proba_ascii(pa.array(texts))
             == classifier.predict_proba(texts)).all()
+    # one text at a time (the gateway's path) gives the same values too
+    assert [classifier.predict_proba([t])[0] for t in texts] == classifier.predict_proba(
+        texts).tolist()
 
 
 def test_fast_scoring_matches_the_scikit_learn_pipeline() -> None:
