@@ -133,7 +133,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def gateway_config(tmp: Path, upstream: str, port: int, signals: str | None = None,
-                   signals_wait: str | None = None) -> Path:
+                   signals_wait: str | None = None, extra: list[str] | None = None) -> Path:
     policy = tmp / "policy.yaml"
     policy.write_text(
         "mode: enforce\nwindow_s: 60\n"
@@ -154,7 +154,8 @@ def gateway_config(tmp: Path, upstream: str, port: int, signals: str | None = No
         "auth: {admin_token_env: BENCH_ADMIN}\n"
         "keys:\n  - {key_env: BENCH_KEY, account_id: bench-account}\n"
         + (f"signals: {signals}\n" if signals else "")
-        + (f"signals_wait: {signals_wait}\n" if signals_wait else ""))
+        + (f"signals_wait: {signals_wait}\n" if signals_wait else "")
+        + "".join(f"{item.replace('=', ': ', 1)}\n" for item in extra or ()))
     return cfg
 
 
@@ -263,16 +264,31 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000
 
 
-def gateway_added_mean_ms(url: str) -> tuple[float, int]:
-    """Mean time the gateway itself reports spending outside the upstream call."""
+def gateway_added_mean_ms(url: str) -> tuple[float, int, str]:
+    """Mean time the gateway itself reports spending outside the upstream call, and its
+    garbage-collector passes (count, total and longest bucket per generation)."""
     text = httpx.get(url + "/metrics", headers={"authorization": "Bearer bench-admin"}).text
     total = count = 0.0
+    gc: dict[str, dict] = {}
     for line in text.splitlines():
         if line.startswith("distillguard_gateway_added_latency_seconds_sum"):
             total = float(line.split()[1])
         elif line.startswith("distillguard_gateway_added_latency_seconds_count"):
             count = float(line.split()[1])
-    return (total / count * 1000 if count else float("nan")), int(count)
+        elif line.startswith("distillguard_gateway_gc_pause_seconds"):
+            name, value = line.rsplit(" ", 1)
+            gen = name.split('generation="')[1].split('"')[0]
+            entry = gc.setdefault(gen, {"le": 0.0, "prev": 0.0})
+            if "_sum" in name:
+                entry["sum"] = float(value)
+            elif "_count" in name:
+                entry["count"] = float(value)
+            elif "_bucket" in name and float(value) > entry["prev"]:
+                le = name.split('le="')[1].split('"')[0]
+                entry["le"], entry["prev"] = le, float(value)
+    gc_text = ", ".join(f"gen{g}: {int(e.get('count', 0))} passes, {e.get('sum', 0) * 1000:.0f} "
+                        f"ms, longest <= {e['le']} s" for g, e in sorted(gc.items()))
+    return (total / count * 1000 if count else float("nan")), int(count), gc_text or "n/a"
 
 
 def measure(name: str, url: str, key: str, pid: int, rate: int, seconds: float, stream: bool,
@@ -342,6 +358,8 @@ def main() -> None:
                     help="the gateway's signals_wait (default: its config default, needed); "
                          "the benchmark policy's only signal rule is gated on live.requests, "
                          "so with needed no response waits for signals, with always each does")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra top-level gateway config entry, e.g. --set signals_nice=10")
     ap.add_argument("--litellm-python", help="python of a venv with litellm[proxy] installed")
     ap.add_argument("--litellm-rates", default="200",
                     help="rates at which the LiteLLM peer is measured (it saturates early)")
@@ -358,7 +376,8 @@ def main() -> None:
           f"inflates every figure below); niceness {os.nice(0)} (process and session group)"
           + (f"; gateway from {args.gateway_src}" if args.gateway_src else "")
           + (f"; signals {args.signals}" if args.signals else "")
-          + (f"; signals_wait {args.signals_wait}" if args.signals_wait else ""))
+          + (f"; signals_wait {args.signals_wait}" if args.signals_wait else "")
+          + "".join(f"; {item}" for item in args.set))
     texts = Prompts(prompts())
     tmp = Path(tempfile.mkdtemp(prefix="dg-bench-"))
     up_port, gw_port, ll_port = free_port(), free_port(), free_port()
@@ -373,7 +392,7 @@ def main() -> None:
         wait_ready(upstream + "/v1/models", procs[-1])
         procs.append(start([str(Path(PY).parent / "distillguard"), "gateway", "-c",
                             str(gateway_config(tmp, upstream, gw_port, args.signals,
-                                               args.signals_wait)),
+                                               args.signals_wait, args.set)),
                             "--log-level", "warning"], env=gw_env, log=tmp / "gateway.log",
                            nice=args.nice))
         gateway = f"http://127.0.0.1:{gw_port}"
@@ -422,9 +441,9 @@ def main() -> None:
                               f"added p50 {medians[name]['added_p50']:+6.2f} ms  "
                               f"p99 {medians[name]['added_p99']:+7.2f} ms", flush=True)
                 rows.append((mode, rate, medians))
-        mean_ms, count = gateway_added_mean_ms(gateway)
+        mean_ms, count, gc_text = gateway_added_mean_ms(gateway)
         print(f"gateway's own measure (all runs, {count} requests): mean time outside the "
-              f"upstream call {mean_ms:.3f} ms")
+              f"upstream call {mean_ms:.3f} ms; GC passes of the gateway process: {gc_text}")
         summary = {"args": vars(args), "rows": [{"mode": m, "rate": r, **{
             n: {k: v for k, v in x.items() if k not in ("lat", "ttfb")}
             for n, x in res.items()}} for m, r, res in rows]}

@@ -92,7 +92,8 @@ class Gateway:
                                cluster_by_org=cfg.cluster_by_org,
                                signals_wait=cfg.signals_wait)
         #: Signals in a child process unless the caller passed its own function (tests).
-        self.signals_process = (SignalsProcess(cfg.signals, WARMUP_EXCHANGE)
+        self.signals_process = (SignalsProcess(cfg.signals, WARMUP_EXCHANGE,
+                                               nice=cfg.signals_nice)
                                 if cfg.signals_process and annotate is None else None)
         self.start_worker = start_worker and cfg.wal.mode == "store"
         self.client: UpstreamPool | None = None
@@ -132,6 +133,8 @@ class Gateway:
         # collection does not walk ~170k long-lived objects while requests wait.
         gc.collect()
         gc.freeze()
+        self._gc_callback = self.metrics.gc_callback()
+        gc.callbacks.append(self._gc_callback)
         window = self.policy.policy.window_s
         self._tasks = [
             asyncio.create_task(refresh_loop(1.0, self._reload_policy)),
@@ -148,6 +151,8 @@ class Gateway:
     async def stop(self) -> None:
         """Graceful: called after the server stopped taking requests and drained them."""
         self.ready = False
+        with contextlib.suppress(AttributeError, ValueError):
+            gc.callbacks.remove(self._gc_callback)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -451,13 +456,18 @@ class ProxyHandler:
         # the decision allows it; a rejected request's upstream call is cancelled, a degraded
         # one is re-sent degraded. Accounts on the enforcement list or recently not allowed
         # are decided first.
+        # A decision that needs no waiting (no signal could change it, local state) is
+        # complete before anything could be sent, so nothing is sent speculatively.
         speculative = None
         t_up = t0
-        if cfg.decide_during_call and gw.may_overlap(key.account_id, ts):
-            t_up = time.perf_counter()
-            speculative = asyncio.create_task(self.send_upstream(target, raw, upstream_headers))
         try:
-            decision = await gw.decider.decide(exchange, key, now=ts)
+            decision = gw.decider.decide_now(exchange, key, now=ts)
+            if not isinstance(decision, Decision):
+                if cfg.decide_during_call and gw.may_overlap(key.account_id, ts):
+                    t_up = time.perf_counter()
+                    speculative = asyncio.create_task(
+                        self.send_upstream(target, raw, upstream_headers))
+                decision = await gw.decider.finish(decision)
         except StateUnavailable:
             if speculative is not None:
                 _abandon(speculative)

@@ -99,6 +99,21 @@ class Decision:
         }
 
 
+@dataclass(slots=True)
+class Undecided:
+    """A decision `Decider.decide_now` started and `Decider.finish` completes."""
+
+    exchange: dict
+    account_id: str
+    now: float
+    policy: Policy
+    standing: Standing | None
+    cluster_id: str | None
+    facts: dict[str, Any]
+    limits: tuple[list[BucketRequest], list[Limit]] | None = None  # None: wait for signals
+    live: LiveView | None = None  # None: state not updated yet
+
+
 class Decider:
     """Holds the policy, live state and enforcement list; `decide` is called per request.
 
@@ -132,16 +147,17 @@ class Decider:
     def signals_offloaded(self) -> bool:
         return self.signals_process is not None and self.signals_process.alive
 
-    def start_signals(self, exchange: dict) -> asyncio.Future:
+    def start_signals(self, exchange: dict, *, urgent: bool = True) -> asyncio.Future:
         """Start computing the request's signals: in the signals process when it runs, else
         in-process right after the current event-loop tick (so an upstream call started in
-        this tick is written first). Futures resolve in request order."""
+        this tick is written first). Futures resolve in request order; `urgent=False` (no
+        decision waits for them) lets the hand-off to the child be batched."""
         loop = asyncio.get_running_loop()
         out = loop.create_future()
         proc = self.signals_process
         if proc is not None and proc.alive:
             try:
-                inner = proc.submit(exchange)
+                inner = proc.submit(exchange, urgent=urgent)
             except SignalsUnavailable:
                 pass
             else:
@@ -227,55 +243,82 @@ class Decider:
 
     async def decide(self, exchange: dict, key: KeyInfo, *, now: float | None = None) -> Decision:
         """Decide on `exchange` (the request half of a log-contract record)."""
+        first = self.decide_now(exchange, key, now=now)
+        return first if isinstance(first, Decision) else await self.finish(first)
+
+    def decide_now(self, exchange: dict, key: KeyInfo, *,
+                   now: float | None = None) -> Decision | Undecided:
+        """As much of the decision as needs no waiting: the whole decision when it depends
+        neither on this request's signals nor on a state round trip (local state), else
+        what `finish` continues from. Lets the proxy skip the speculative upstream call."""
         now = time.time() if now is None else now
         policy = self.policy.policy
-        pending = self.start_signals(exchange)
         account_id = key.account_id
         standing = self.enforcement.standing(account_id)
         cluster_id = standing.campaign_id if standing else None
         if cluster_id is None and self.cluster_by_org and key.org_id:
             cluster_id = f"org:{key.org_id}"
         facts = self._facts(exchange, key, standing, cluster_id)
-        limits = None
-        if self.signals_wait == "needed":
-            facts[PENDING] = True
-            limits = self._limits(policy, facts, account_id, cluster_id)
-        if limits is None:  # wait for the signals, then count and decide in one step
+        u = Undecided(exchange, account_id, now, policy, standing, cluster_id, facts)
+        if self.signals_wait != "needed":
+            return u
+        facts[PENDING] = True
+        u.limits = self._limits(policy, facts, account_id, cluster_id)
+        if u.limits is None or not isinstance(self.state, LocalState):
+            return u
+        u.live = self.state.observe_sync(account_id, cluster_id, None, False, u.limits[0], now,
+                                         policy.window_s)
+        return self._early(u) or u
+
+    def _early(self, u: Undecided) -> Decision | None:
+        """The decision from what is known without this request's signals, if it is complete
+        (their counting is then left to when they arrive)."""
+        self._live_facts(u.facts, u.live)
+        decision = Decision(cluster_id=u.cluster_id, live=u.live,
+                            policy_version=self.policy.version)
+        if not self._evaluate(decision, u.policy, u.facts, u.standing, u.limits[1]):
+            return None
+        self.decided_early += 1
+        self.start_signals(u.exchange, urgent=False).add_done_callback(functools.partial(
+            self._count_signals, u.account_id, u.now, u.policy.window_s))
+        return decision
+
+    async def finish(self, u: Undecided) -> Decision:
+        """The rest of a decision `decide_now` could not complete."""
+        policy, facts, account_id, cluster_id = u.policy, u.facts, u.account_id, u.cluster_id
+        if u.limits is None:  # wait for the signals, then count and decide in one step
             facts.pop(PENDING, None)
             self.decided_with_signals += 1
-            signals = await pending
+            signals = await self.start_signals(u.exchange)
             facts.update({f"signal.{k}": v for k, v in signals.items()})
             buckets, applied = self._limits(policy, facts, account_id, cluster_id)
             live = await self.state.observe(
                 account_id, cluster_id, signals.get("template_sig"), bool(signals.get("cot")),
-                buckets, now, policy.window_s)
+                buckets, u.now, policy.window_s)
             self._live_facts(facts, live)
             decision = Decision(cluster_id=cluster_id, signals=signals, live=live,
                                 policy_version=self.policy.version)
-            self._evaluate(decision, policy, facts, standing, applied)
+            self._evaluate(decision, policy, facts, u.standing, applied)
             return decision
-        buckets, applied = limits
-        live = await self.state.observe(account_id, cluster_id, None, False, buckets, now,
-                                        policy.window_s)
-        self._live_facts(facts, live)
-        decision = Decision(cluster_id=cluster_id, live=live, policy_version=self.policy.version)
-        if self._evaluate(decision, policy, facts, standing, applied):
-            self.decided_early += 1
-            pending.add_done_callback(functools.partial(
-                self._count_signals, account_id, now, policy.window_s))
-            return decision
+        if u.live is None:  # shared state: its round trip first
+            u.live = await self.state.observe(account_id, cluster_id, None, False,
+                                              u.limits[0], u.now, policy.window_s)
+            decision = self._early(u)
+            if decision is not None:
+                return decision
         # A rule's outcome depends on this request's signals: wait for them, count them in.
         self.decided_with_signals += 1
-        signals = await pending
+        signals = await self.start_signals(u.exchange)
+        live = u.live
         live.cot_share, live.template_repeat_share = await self.state.add_signals(
-            account_id, signals.get("template_sig"), bool(signals.get("cot")), now,
+            account_id, signals.get("template_sig"), bool(signals.get("cot")), u.now,
             policy.window_s)
         del facts[PENDING]
         facts.update({f"signal.{k}": v for k, v in signals.items()})
         self._live_facts(facts, live)
         decision = Decision(cluster_id=cluster_id, signals=signals, live=live,
                             policy_version=self.policy.version)
-        self._evaluate(decision, policy, facts, standing, applied)
+        self._evaluate(decision, policy, facts, u.standing, u.limits[1])
         return decision
 
     def _evaluate(self, decision: Decision, policy: Policy, facts: dict,

@@ -3,6 +3,9 @@ tests must not collide on the global one)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1)
@@ -72,15 +75,32 @@ class GatewayMetrics:
         self.enforcement_accounts = Gauge(
             "distillguard_gateway_enforcement_accounts", "Accounts on the enforcement list.",
             registry=r)
+        self.gc_pause = Histogram(
+            "distillguard_gateway_gc_pause_seconds",
+            "Garbage-collector passes of the serving process (each holds every request).",
+            ["generation"], buckets=LATENCY_BUCKETS, registry=r)
         self.state_healthy.set(1)
         for metric in (self.requests, self.decisions, self.monitored, self.upstream_errors,
-                       self.rejected):
+                       self.rejected, self.gc_pause):
             metric.labels = _memo_labels(metric.labels)
 
     def state_health_changed(self, healthy: bool) -> None:
         self.state_healthy.set(1 if healthy else 0)
         if not healthy:
             self.state_outages.inc()
+
+    def gc_callback(self) -> Callable[[str, dict], None]:
+        """A `gc.callbacks` entry timing each collection by generation."""
+        started = [0.0]
+        clock = time.perf_counter
+
+        def callback(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = clock()
+            else:
+                self.gc_pause.labels(str(info["generation"])).observe(clock() - started[0])
+
+        return callback
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
