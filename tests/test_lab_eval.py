@@ -168,6 +168,7 @@ def test_perfect_findings(lab: Path, tmp_path: Path) -> None:
     campaigns = by_id(score.campaigns, "campaign_id")
     assert campaigns["A"].recall == 1.0
     assert (campaigns["A"].hours_to_50pct, campaigns["A"].hours_to_90pct) == (2.0, 4.0)
+    assert campaigns["A"].hours_to_first == 1.0 and campaigns["B"].hours_to_first == 1.0
     assert (campaigns["B"].hours_to_50pct, campaigns["B"].hours_to_90pct) == (5.0, 10.0)
     assert campaigns["A"].pivot_model is None and campaigns["A"].hours_to_pivot is None
     assert campaigns["B"].hours_to_pivot == 3.0
@@ -189,6 +190,7 @@ def test_empty_findings(lab: Path, tmp_path: Path) -> None:
     assert score.exchange.attack_attributed_share == 0.0 and score.exchange.honest_wrong_share == 0
     for c in score.campaigns:
         assert c.recall == 0.0 and c.hours_to_50pct is None and c.hours_to_90pct is None
+        assert c.hours_to_first is None
     assert by_id(score.campaigns, "campaign_id")["B"].hours_to_pivot is None
 
 

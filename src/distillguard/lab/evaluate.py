@@ -350,6 +350,7 @@ class CampaignMetrics:
     exchanges_attributed: int  # attributed to a found campaign mapped to this campaign
     attributed_share: float | None
     found_campaigns: list[str]  # found campaign ids mapped to this campaign
+    hours_to_first: float | None  # None: none of its accounts was ever flagged
     hours_to_50pct: float | None  # None: 50 % of its accounts were never flagged
     hours_to_90pct: float | None
     pivot_model: str | None
@@ -706,6 +707,7 @@ def _campaign_metrics(
                 exchanges_attributed=ex_attributed,
                 attributed_share=_ratio(ex_attributed, n_ex),
                 found_campaigns=sorted(f for f, t in mapping.items() if t == c),
+                hours_to_first=_hours(times[0], start_ms) if times else None,
                 hours_to_50pct=_kth_hours(times, n, 0.5, start_ms),
                 hours_to_90pct=_kth_hours(times, n, 0.9, start_ms),
                 pivot_model=pivot_model,
@@ -910,8 +912,9 @@ def render_report(report: EvalReport, console: Console | None = None) -> None:
             lambda c: f"{_pct(c.attributed_share)} · {len(c.found_campaigns)} found",
         ),
         (
-            "Hours from campaign start until 50 % / 90 % of its accounts were flagged",
-            lambda c: f"{_hours_text(c.hours_to_50pct)} / {_hours_text(c.hours_to_90pct)}",
+            "Hours from campaign start until its first / 50 % / 90 % of accounts were flagged",
+            lambda c: f"{_hours_text(c.hours_to_first)} / {_hours_text(c.hours_to_50pct)} / "
+                      f"{_hours_text(c.hours_to_90pct)}",
         ),
     ]
     if any(c.pivot_model for c in scores[0].campaigns):
