@@ -144,8 +144,8 @@ def gateway_config(tmp: Path, upstream: str, port: int, signals: str | None = No
         "rules:\n"
         "  - {id: flagged, when: {account.flagged: true}, action: degrade}\n"
         "  - {id: cot-farm, action: challenge, when: {signal.cot: true,"
-        " live.cot_share: {gte: 0.99}, live.template_repeat_share: {gte: 0.99},"
-        " live.requests: {gte: 1000000}}}\n")
+        " live.cot_share: {gte: 0.9}, live.template_repeat_share: {gte: 0.8},"
+        " live.requests: {gte: 100}}}\n")
     cfg = tmp / "gateway.yaml"
     cfg.write_text(
         f"upstream: {upstream}\nlisten: {{host: 127.0.0.1, port: {port}}}\n"
@@ -356,8 +356,10 @@ def main() -> None:
                          "gateway without the cost of real signals")
     ap.add_argument("--signals-wait", choices=("needed", "always"),
                     help="the gateway's signals_wait (default: its config default, needed); "
-                         "the benchmark policy's only signal rule is gated on live.requests, "
-                         "so with needed no response waits for signals, with always each does")
+                         "the benchmark policy's signal rule is the example policy's "
+                         "reasoning-harvest (cot, cot share >= 0.9, template repeats >= 0.8, "
+                         ">= 100 requests): with needed a response waits for its signals only "
+                         "while the shares could cross those thresholds, with always each does")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra top-level gateway config entry, e.g. --set signals_nice=10")
     ap.add_argument("--litellm-python", help="python of a venv with litellm[proxy] installed")

@@ -101,6 +101,22 @@ def test_streaming_chunks_in_order_and_unbuffered(tmp_path, upstream):
         assert record["params"]["stream"] is True and record["status"] == 200
 
 
+def test_stream_events_split_across_chunks_are_recorded_whole(tmp_path, upstream):
+    """The record is accumulated event by event as chunks pass; a `data:` line that arrives
+    in two chunks is still parsed once, whole."""
+    body = chat("stub-reason", stream=True)
+    headers = {"x-stub-chunks": "6", "x-stub-split": "2"}
+    direct = httpx.post(upstream.url + "/v1/chat/completions", json=body, headers=headers)
+    with running_gateway(tmp_path, upstream.url) as gw, client(gw) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            chunks = list(r.iter_raw())
+        assert sse_events(b"".join(chunks)) == sse_events(direct.content)
+        assert len(chunks) >= 12  # the halves really came apart
+        record = wait_for(lambda: wal_records(tmp_path / "wal"))[-1]
+        assert record["response_text"] == "".join(f"tok{i} " for i in range(6))
+        assert record["reasoning_text"].startswith("First, restate")
+
+
 def test_client_hanging_up_mid_stream_stops_the_upstream_stream(tmp_path, upstream):
     headers = {"x-stub-chunks": "100", "x-stub-chunk-delay": "0.05"}  # 5 s of tokens
     with running_gateway(tmp_path, upstream.url) as gw, client(gw) as c:

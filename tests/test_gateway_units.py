@@ -192,18 +192,28 @@ def test_conditions_are_three_valued_while_signals_are_pending():
     from distillguard.gateway.policy import PENDING, compile_condition, reads_signals
 
     gated = compile_condition({"signal.cot": True, "live.requests": {"gte": 100}})
-    assert gated({PENDING: True, "live.requests": 5}) is False
-    assert gated({PENDING: True, "live.requests": 500}) is None
+    assert gated({PENDING: {}, "live.requests": 5}) is False
+    assert gated({PENDING: {}, "live.requests": 500}) is None
     assert gated({"signal.cot": True, "live.requests": 500}) is True
     either = compile_condition({"any": [{"signal.cot": True}, {"account.flagged": True}]})
-    assert either({PENDING: True, "account.flagged": True}) is True
-    assert either({PENDING: True, "account.flagged": False}) is None
+    assert either({PENDING: {}, "account.flagged": True}) is True
+    assert either({PENDING: {}, "account.flagged": False}) is None
     assert either({"signal.cot": False, "account.flagged": False}) is False
-    assert compile_condition({"not": {"live.cot_share": {"gte": .5}}})({PENDING: True}) is None
+    assert compile_condition({"not": {"live.cot_share": {"gte": .5}}})({PENDING: {}}) is None
     share = compile_condition({"live.template_repeat_share": {"gte": .5}})
-    assert share({PENDING: True, "live.template_repeat_share": 1.0}) is None
-    assert compile_condition({"live.requests": {"gte": 1}})({PENDING: True,
+    assert share({PENDING: {}, "live.template_repeat_share": 1.0}) is None
+    assert compile_condition({"live.requests": {"gte": 1}})({PENDING: {},
                                                              "live.requests": 3}) is True
+    # bounded shares: a threshold decided at both ends is decided
+    bounded = compile_condition({"live.cot_share": {"gte": 0.9}, "signal.cot": True})
+    assert bounded({PENDING: {"live.cot_share": (0.1, 0.12)}}) is False
+    assert bounded({PENDING: {"live.cot_share": (0.85, 0.95)}}) is None
+    assert compile_condition({"live.cot_share": {"gte": 0.2, "lte": 0.6}})(
+        {PENDING: {"live.cot_share": (0.1, 0.9)}}) is None  # not monotone as a pair
+    assert compile_condition({"live.cot_share": {"gte": 0.2, "lte": 0.6}})(
+        {PENDING: {"live.cot_share": (0.3, 0.4)}}) is True
+    assert compile_condition({"live.cot_share": 0.5})(
+        {PENDING: {"live.cot_share": (0.5, 0.5)}}) is None  # equality: not a threshold
     assert reads_signals({"all": [{"request.n": 2}, {"not": {"live.cot_share": 1}}]})
     assert not reads_signals({"live.requests": {"gte": 1}, "account.flagged": True})
 

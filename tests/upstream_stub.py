@@ -6,6 +6,8 @@ request headers so the body stays a genuine API request:
   x-stub-sleep: 2.5         sleep that many seconds before answering (timeouts)
   x-stub-chunks: 8          number of content chunks in a stream
   x-stub-chunk-delay: 0.05  seconds between stream chunks
+  x-stub-split: 1           send each stream event in two writes, split mid-line, that
+                            many ms apart (an event line across two chunks)
 The model name decides the shape: names containing "reason" return reasoning
 (`reasoning_content`, or `thinking` blocks on /v1/messages); "think-tags" puts <think>...</think>
 inside the content, like llama.cpp serving DeepSeek-R1.
@@ -212,7 +214,14 @@ async def app(scope, receive, send) -> None:
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-upstream-server", b"stub")]})
+            split = float(headers.get("x-stub-split", "0")) / 1000
             for event in events:
+                if split:
+                    half = len(event) // 2
+                    await send({"type": "http.response.body", "body": event[:half],
+                                "more_body": True})
+                    await asyncio.sleep(split)
+                    event = event[half:]
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 if delay:
                     await asyncio.sleep(delay)

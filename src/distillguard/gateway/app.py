@@ -119,7 +119,8 @@ class Gateway:
                                  segment_max_age_s=cfg.wal.segment_max_age_s)
         if self.start_worker:
             self.worker = StoreWorker(cfg.wal.dir, cfg.store, cfg.wal.flush_interval_s,
-                                      cfg.state.enforcement_refresh_s)
+                                      cfg.state.enforcement_refresh_s,
+                                      own_session=cfg.wal.worker_session == "own")
             self.worker.start()  # its first pass replays segments a crashed run left behind
         self._load_snapshot()
         # Build the signal annotator (rule packs, classifier) before taking traffic.
@@ -588,7 +589,11 @@ class ProxyHandler:
         if degrader is not None:
             headers.append((b"x-distillguard-decision", b"degrade"))
         m.added_latency.observe(added)
-        received: list[bytes] = []
+        # The record's response fields are accumulated event by event as chunks pass, so
+        # the chunk that ends the stream waits only for the WAL write, not for a parse of
+        # the whole stream.
+        acc = ResponseAccumulator(endpoint)
+        partial = b""  # an event line split across chunks
         logged = gone = False
         error = None
 
@@ -597,9 +602,9 @@ class ProxyHandler:
             if logged:
                 return
             logged = True
-            acc = ResponseAccumulator(endpoint)
-            for event in iter_sse_data(b"".join(received)):
-                acc.from_event(event)
+            if partial:
+                for event in iter_sse_data(partial):
+                    acc.from_event(event)
             record = {**exchange, **acc.fields(), "status": resp.status,
                       "latency_ms": round((time.perf_counter() - t_up) * 1000, 3),
                       **gw_fields}
@@ -620,7 +625,12 @@ class ProxyHandler:
             await send({"type": "http.response.start", "status": resp.status,
                         "headers": headers})
             async for chunk in resp.iter_chunks():
-                received.append(chunk)
+                joined = partial + chunk if partial else chunk
+                cut = joined.rfind(b"\n") + 1
+                partial = joined[cut:]
+                if cut:
+                    for event in iter_sse_data(joined[:cut]):
+                        acc.from_event(event)
                 out = degrader.feed(chunk) if degrader else chunk
                 if any(marker in chunk for marker in STREAM_END_MARKERS):
                     write_log()  # on disk before the client sees the end of the stream

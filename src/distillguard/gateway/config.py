@@ -44,6 +44,9 @@ class WalConfig:
     mode: str = "store"
     #: Each flush costs ~0.2 s of CPU on top of ~0.6 ms per exchange: rarer flushes, less CPU.
     flush_interval_s: float = 5.0
+    #: "own": the store worker starts a session of its own, so with autogroup scheduling its
+    #: ingest CPU is not charged to the gateway's session; "gateway": it stays in it.
+    worker_session: str = "own"
 
 
 @dataclass
@@ -194,6 +197,8 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> GatewayConfig:
         segment_max_age_s=float(wal.get("segment_max_age_s", 2.0)),
         mode=_choice(str(wal.get("mode", "store")), ("store", "spool"), "wal.mode"),
         flush_interval_s=float(wal.get("flush_interval_s", 5.0)),
+        worker_session=_choice(str(wal.get("worker_session", "own")), ("own", "gateway"),
+                               "wal.worker_session"),
     )
     state = _section(raw, "state")
     cfg.state = StateConfig(

@@ -142,6 +142,8 @@ class Decider:
         #: Signal computations that failed after their request was decided without them.
         self.signal_errors = 0
         self._background: set[asyncio.Task] = set()
+        #: Account -> requests decided without their signals, not counted yet.
+        self._unsettled: dict[str, int] = {}
 
     @property
     def signals_offloaded(self) -> bool:
@@ -262,7 +264,7 @@ class Decider:
         u = Undecided(exchange, account_id, now, policy, standing, cluster_id, facts)
         if self.signals_wait != "needed":
             return u
-        facts[PENDING] = True
+        facts[PENDING] = {}
         u.limits = self._limits(policy, facts, account_id, cluster_id)
         if u.limits is None or not isinstance(self.state, LocalState):
             return u
@@ -274,11 +276,23 @@ class Decider:
         """The decision from what is known without this request's signals, if it is complete
         (their counting is then left to when they arrive)."""
         self._live_facts(u.facts, u.live)
+        # The two shares are not known, but bounded: counting this request and the account's
+        # earlier ones whose signals are still pending can only raise them, by at most
+        # (pending + 1) / requests. A threshold that holds (or fails) at both ends is decided.
+        live = u.live
+        if live.requests > 0:
+            step = (self._unsettled.get(u.account_id, 0) + 1) / live.requests
+            u.facts[PENDING] = {
+                "live.cot_share": (live.cot_share, min(1.0, live.cot_share + step)),
+                "live.template_repeat_share": (live.template_repeat_share,
+                                               min(1.0, live.template_repeat_share + step)),
+            }
         decision = Decision(cluster_id=u.cluster_id, live=u.live,
                             policy_version=self.policy.version)
         if not self._evaluate(decision, u.policy, u.facts, u.standing, u.limits[1]):
             return None
         self.decided_early += 1
+        self._unsettled[u.account_id] = self._unsettled.get(u.account_id, 0) + 1
         self.start_signals(u.exchange, urgent=False).add_done_callback(functools.partial(
             self._count_signals, u.account_id, u.now, u.policy.window_s))
         return decision
@@ -354,6 +368,9 @@ class Decider:
     def _count_signals(self, account_id: str, now: float, window_s: float,
                        fut: asyncio.Future) -> None:
         """Count the signals of a request decided without them, once they arrive."""
+        left = self._unsettled.pop(account_id, 1) - 1
+        if left > 0:
+            self._unsettled[account_id] = left
         if fut.cancelled():
             return
         exc = fut.exception()

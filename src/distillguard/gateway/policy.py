@@ -74,7 +74,8 @@ def _compare(op: str, expected: Any) -> Callable[[Any], bool]:
 #: count this request's `cot` and template signature.
 SIGNAL_FACTS = ("signal.", "live.cot_share", "live.template_repeat_share")
 #: Put this key in the facts to mark the current request's signals as not known yet: every
-#: condition on a `SIGNAL_FACTS` fact then evaluates to None ("unknown") instead of a bool.
+#: condition on a `SIGNAL_FACTS` fact then evaluates to None ("unknown") instead of a bool,
+#: except thresholds on a fact whose bounds the value maps (`{"live.cot_share": (lo, hi)}`).
 PENDING = "\x00signals-pending"
 
 
@@ -129,13 +130,12 @@ def compile_condition(spec: Any, *, allow_live: bool = True) -> Predicate:
             raise PolicyError(f"unknown fact {key!r} (facts start with {', '.join(FACT_PREFIXES)})")
         if not allow_live and key.startswith(LIVE_FACTS):
             raise PolicyError(f"{key}: live facts cannot be used in a limit's condition")
-        if isinstance(value, dict):
-            checks = [_compare(op, expected) for op, expected in value.items()]
-        else:
-            checks = [_compare("eq", value)]
+        ops = list(value.items()) if isinstance(value, dict) else [("eq", value)]
+        checks = [_compare(op, expected) for op, expected in ops]
         if key.startswith(SIGNAL_FACTS):
-            parts.append(lambda facts, key=key, checks=checks: None if PENDING in facts
-                         else all(c(facts.get(key)) for c in checks))
+            monotone = all(op in ("gt", "gte", "lt", "lte") for op, _ in ops)
+            parts.append(lambda facts, key=key, checks=checks, monotone=monotone:
+                         _pending_leaf(facts, key, checks, monotone))
         elif len(checks) == 1:
             parts.append(lambda facts, key=key, check=checks[0]: bool(check(facts.get(key))))
         else:
@@ -145,6 +145,24 @@ def compile_condition(spec: Any, *, allow_live: bool = True) -> Predicate:
     if len(parts) == 1:
         return parts[0]
     return lambda facts: _all3(p(facts) for p in parts)
+
+
+def _pending_leaf(facts: Facts, key: str, checks: list, monotone: bool) -> bool | None:
+    """A condition on a signal fact. While the signals are pending it is unknown, unless the
+    fact has bounds (`facts[PENDING][key] = (lo, hi)`, the live shares) and every check is a
+    threshold that gives the same answer at both ends (then it does everywhere between)."""
+    pending = facts.get(PENDING)
+    if pending is None:
+        return all(c(facts.get(key)) for c in checks)
+    bounds = pending.get(key) if monotone else None
+    if bounds is None:
+        return None
+    lo, hi = bounds
+    results = []
+    for check in checks:
+        at_lo = bool(check(lo))
+        results.append(at_lo if at_lo == bool(check(hi)) else None)
+    return _all3(results)
 
 
 def _not3(value: bool | None) -> bool | None:
