@@ -54,6 +54,7 @@ def main() -> None:
         ingest_paths(con, lab / "exchanges", kind="exchanges")
         ingest_paths(con, lab / "accounts.parquet", kind="accounts")
         print(f"ingested in {time.perf_counter() - t:.0f} s (not part of the scan figure)")
+        print(store_size(con, db))
         con.close()
 
     walls, cpus, runs = [], [], []
@@ -85,6 +86,29 @@ def main() -> None:
         mark = "  <- slowest" if stage == slowest else ""
         print(f"  {stage:<13} {sec:8.1f} s  {100 * sec / wall:5.1f}%{mark}")
     print(f"peak RSS: {peak_rss_mib():,.0f} MiB")
+    con = store.connect(db, read_only=True)
+    print(store_size(con, db))
+    con.close()
+
+
+def store_size(con, db: Path) -> str:
+    """The store's file, WAL and per-table size (DuckDB blocks; a table's share of partly
+    filled blocks is counted whole), per million exchanges."""
+    block, used, free = con.execute(
+        "SELECT block_size, used_blocks, free_blocks FROM pragma_database_size() "
+        "WHERE database_name = current_database()").fetchone()
+    wal = db.with_name(db.name + ".wal")
+    n = con.execute("SELECT count(*) FROM exchanges").fetchone()[0]
+    per_m = f" ({db.stat().st_size / max(n, 1) * 1e6 / 2**30:.2f} GiB per million exchanges)"
+    lines = [f"store {db}: {db.stat().st_size / 2**20:,.0f} MiB{per_m}, "
+             f"used {used * block / 2**20:,.0f} MiB, free {free * block / 2**20:,.0f} MiB, "
+             f"WAL {(wal.stat().st_size if wal.exists() else 0) / 2**20:,.0f} MiB"]
+    for name in ("exchanges", "signals", "accounts"):
+        blocks = con.execute(
+            "SELECT count(DISTINCT block_id) + coalesce(sum(len(additional_block_ids)), 0) "
+            "FROM pragma_storage_info(?) WHERE persistent", [name]).fetchone()[0]
+        lines.append(f"  {name:<10} {blocks * block / 2**20:9,.0f} MiB")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
