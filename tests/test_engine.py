@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pyarrow.parquet as pq
 import pytest
@@ -155,3 +155,19 @@ def test_replay_stamps_the_checkpoint_that_first_saw_each_flag(con, world):
     assert min(times) == first_ts + timedelta(days=1)  # seen at the first daily checkpoint
     with pytest.raises(ValueError, match="positive"):
         engine.replay(con, every=timedelta(0))
+
+
+def test_replay_from_a_later_start_only_scans_that_window(con, world, monkeypatch):
+    start = T0 + timedelta(days=DAYS - 2)
+    seen: list[datetime] = []
+    real_scan = engine.scan
+
+    def spy(con, until=None, **kw):
+        seen.append(until)
+        return real_scan(con, until=until, **kw)
+
+    monkeypatch.setattr(engine, "scan", spy)
+    f = engine.replay(con, every=timedelta(days=1), start=start)
+    assert seen[0] == start + timedelta(days=1) and all(t > start for t in seen)
+    times = {r["first_flagged_at"] for r in f.accounts.to_pylist() if r["flagged"]}
+    assert times and min(times) > start  # nothing is stamped before the window it replayed

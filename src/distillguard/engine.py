@@ -333,19 +333,23 @@ def replay(
     *,
     every: timedelta,
     until: datetime | None = None,
+    start: datetime | None = None,
     progress: Progress | None = None,
     **scan_args,
 ) -> Findings:
-    """Scan the log as it grew: `scan(until=t)` at every `every` from the first exchange's
-    time to `until` (default: the last exchange), so each flag carries the checkpoint that first
-    saw it (the lab's day-by-day replay, in one call). Returns the last checkpoint's findings."""
+    """Scan the log as it grew: `scan(until=t)` at every `every` from `start` (default: the
+    first exchange's time) to `until` (default: the last exchange), so each flag carries the
+    checkpoint that first saw it (the lab's day-by-day replay, in one call). A later `start`
+    replays one window only (a release, a campaign's first day); flags it finds that earlier
+    scans of the store did not make get a checkpoint inside the window, so times measured
+    that way are upper bounds. Returns the last checkpoint's findings."""
     if every <= timedelta(0):
         raise ValueError("the replay step must be positive")
     first, last = con.execute("SELECT min(ts), max(ts) FROM exchanges").fetchone()
     if first is None:
         return scan(con, until=until, progress=progress, **scan_args)
     end = until or last
-    t = first + every
+    t = max(first, start) + every if start is not None else first + every
     findings = None
     while True:
         t = min(t, end)

@@ -86,6 +86,10 @@ def scan_command(
         str | None,
         typer.Option(help="Replay the log in steps (e.g. 6h, 1d): true first-flag times."),
     ] = None,
+    replay_from: Annotated[
+        str | None,
+        typer.Option(help="Start the replay at this time (RFC 3339) instead of the log's start."),
+    ] = None,
 ) -> None:
     """Find distillation campaigns in the stored exchanges and write the findings.
 
@@ -104,6 +108,12 @@ def scan_command(
         until_ts = parse_until(until)
     except ValueError:
         raise fail(f"--until {until!r}: not an RFC 3339 timestamp") from None
+    try:
+        from_ts = parse_until(replay_from)
+    except ValueError:
+        raise fail(f"--replay-from {replay_from!r}: not an RFC 3339 timestamp") from None
+    if from_ts is not None and replay_every is None:
+        raise fail("--replay-from needs --replay-every")
     if engine not in ("duckdb", "spark"):
         raise fail(f"--engine {engine!r}: choose duckdb or spark")
     step = _parse_step(replay_every) if replay_every else None
@@ -124,7 +134,7 @@ def scan_command(
             if step is None:
                 findings = scan(con, until=until_ts, **args)
             else:
-                findings = replay(con, every=step, until=until_ts, **args)
+                findings = replay(con, every=step, until=until_ts, start=from_ts, **args)
         except ValueError as exc:
             raise fail(str(exc)) from None
         finally:
