@@ -443,6 +443,10 @@ def main() -> None:
                               f"added p50 {medians[name]['added_p50']:+6.2f} ms  "
                               f"p99 {medians[name]['added_p99']:+7.2f} ms", flush=True)
                 rows.append((mode, rate, medians))
+        decisions = httpx.get(gateway + "/admin/state", headers={
+            "authorization": "Bearer bench-admin"}).json().get("decisions")
+        if decisions:
+            print(f"gateway decisions: {decisions}")
         mean_ms, count, gc_text = gateway_added_mean_ms(gateway)
         print(f"gateway's own measure (all runs, {count} requests): mean time outside the "
               f"upstream call {mean_ms:.3f} ms; GC passes of the gateway process: {gc_text}")
