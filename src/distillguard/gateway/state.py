@@ -406,6 +406,7 @@ class RedisState:
         self._merge = self.client.register_script(_MERGE_BUCKET_LUA)
         self.fallback = LocalState()
         self.healthy = True
+        self._epoch = 0  # bumped on every recovery
         self.outages = 0
         self.resyncs = 0
         self.manual: dict[str, str] = {}
@@ -416,7 +417,12 @@ class RedisState:
     def backend(self) -> str:
         return "redis" if self.healthy else "memory-fallback"
 
-    def _mark_down(self, exc: BaseException) -> None:
+    def _mark_down(self, exc: BaseException, epoch: int | None = None) -> None:
+        """Switch to local state, unless the failed call began before the last recovery (a
+        call still in flight from the outage, e.g. a deferred signal count, must not undo
+        the switch back)."""
+        if epoch is not None and epoch != self._epoch:
+            return
         if self.healthy:
             self.healthy = False
             self.outages += 1
@@ -454,10 +460,11 @@ class RedisState:
             args.append(bttl)
             for b in buckets:
                 args.extend((repr(b.rate), repr(b.burst)))
+            epoch = self._epoch
             try:
                 r = await self._observe(keys=keys, args=args)
             except Exception as exc:  # connection refused, timeout, server restarting...
-                self._mark_down(exc)
+                self._mark_down(exc, epoch)
             else:
                 view = LiveView(backend="redis")
                 _fill(view, r[0:3], r[3:6], r[6], r[7], r[8], r[9], (now % window_s) / window_s)
@@ -483,10 +490,11 @@ class RedisState:
             keys = [f"{p}:a:{account_id}:{idx}", f"{p}:a:{account_id}:{idx - 1}",
                     f"{p}:at:{account_id}:{idx}", f"{p}:at:{account_id}:{idx - 1}"]
             args = [int(window_s * 2) + 1, "1" if cot else "0", template_sig or ""]
+            epoch = self._epoch
             try:
                 r = await self._signals(keys=keys, args=args)
             except Exception as exc:
-                self._mark_down(exc)
+                self._mark_down(exc, epoch)
             else:
                 view = LiveView()
                 _fill(view, r[0:3], r[3:6], 0, 0, 0, 0, (now % window_s) / window_s)
@@ -549,6 +557,7 @@ class RedisState:
             log.debug("redis still unreachable: %s", exc)
             return False
         self.healthy = True
+        self._epoch += 1
         self.resyncs += 1
         log.warning("redis state reachable again: resynchronised local counters and buckets")
         for cb in self.on_health_change:
