@@ -37,12 +37,13 @@ INDICATOR_KINDS = {
 def campaign_signatures(ev: pa.Table, campaign_of: dict[str, str], *, purity: float = 0.5) -> pa.Table:
     """(campaign_id, kind, key) for template / LSH keys shared by >= 2 accounts of a campaign,
     where the campaign's accounts are at least `purity` of all accounts using the key."""
-    owners = pa.table(  # noqa: F841  (read by DuckDB below)
+    owners = pa.table(
         {"account_id": list(campaign_of), "campaign_id": list(campaign_of.values())},
         schema=pa.schema([("account_id", pa.string()), ("campaign_id", pa.string())]),
     )
     db = duckdb.connect()
     db.register("ev", ev)
+    db.register("owners", owners)
     return db.execute(
         """
         WITH sig AS (

@@ -156,9 +156,10 @@ def annotate_new(
     done = 0
     try:
         for batch in reader:
-            annotated = contract.conform(annotator.annotate(batch),  # noqa: F841
-                                         contract.SIGNAL_SCHEMA)
-            con.execute("INSERT INTO signals SELECT * FROM annotated")
+            annotated = contract.conform(annotator.annotate(batch), contract.SIGNAL_SCHEMA)
+            # an explicit relation: Ibis turns DuckDB's lookup of Python variables by name off
+            # on the connections it wraps, so it fails from the second scan of a process on
+            con.from_arrow(annotated).insert_into("signals")
             done += batch.num_rows
             if progress:
                 progress("signals", done, total)
@@ -253,7 +254,7 @@ def _spark_backend(
     n_new = 0
     if fresh is not None and fresh.num_rows:
         fresh = contract.conform(fresh, contract.SIGNAL_SCHEMA)
-        con.execute("INSERT INTO signals SELECT * FROM fresh")
+        con.from_arrow(fresh).insert_into("signals")
         n_new = fresh.num_rows
     signals = known.unionByName(spark.read.parquet(str(new_path)))
     ex.createOrReplaceTempView("exchanges")

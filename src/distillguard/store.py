@@ -62,11 +62,10 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
 def create_table_sql(con: duckdb.DuckDBPyConnection, name: str, schema: pa.Schema) -> str:
     """CREATE TABLE for `schema` (DuckDB's types for its Arrow types), with the compression of
     ZSTD_COLUMNS pinned."""
-    empty = contract.empty_table(schema)  # noqa: F841  (read by DuckDB's replacement scan)
-    types = con.execute("DESCRIBE SELECT * FROM empty").fetchall()
+    empty = con.from_arrow(contract.empty_table(schema))
     zstd = ZSTD_COLUMNS.get(name, ())
     columns = ", ".join(
         f'"{column}" {type_}' + (" USING COMPRESSION zstd" if column in zstd else "")
-        for column, type_, *_ in types
+        for column, type_ in zip(empty.columns, empty.types, strict=True)
     )
     return f'CREATE TABLE "{name}" ({columns})'
