@@ -79,26 +79,26 @@ SIGNAL_FACTS = ("signal.", "live.cot_share", "live.template_repeat_share")
 PENDING = "\x00signals-pending"
 
 
-def _all3(results: Any) -> bool | None:
-    """Three-valued AND: False if any is False, else None if any is unknown, else True."""
+def _combine3(results: Any, decisive: bool) -> bool | None:
+    """Three-valued AND (`decisive` False) or OR (True): `decisive` if any result is, else
+    None if any is unknown, else the other value."""
     unknown = False
     for r in results:
-        if r is False:
-            return False
+        if r is decisive:
+            return decisive
         if r is None:
             unknown = True
-    return None if unknown else True
+    return None if unknown else not decisive
+
+
+def _all3(results: Any) -> bool | None:
+    """Three-valued AND: False if any is False, else None if any is unknown, else True."""
+    return _combine3(results, False)
 
 
 def _any3(results: Any) -> bool | None:
     """Three-valued OR: True if any is True, else None if any is unknown, else False."""
-    unknown = False
-    for r in results:
-        if r is True:
-            return True
-        if r is None:
-            unknown = True
-    return None if unknown else False
+    return _combine3(results, True)
 
 
 def compile_condition(spec: Any, *, allow_live: bool = True) -> Predicate:

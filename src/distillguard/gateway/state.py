@@ -297,18 +297,11 @@ class LocalState:
         return {"backend": self.backend, "healthy": True, "accounts": len(self.accounts)}
 
 
-# KEYS: 1 acct cur hash, 2 acct prev hash, 3 acct tpl set cur, 4 acct tpl set prev,
-#       5 cluster cur counter, 6 cluster prev counter, 7 cluster accounts cur, 8 ... prev,
-#       9.. buckets.   ARGV: now, ttl, cot, tpl, account, has_cluster, n_buckets, bucket_ttl,
-#       then rate, burst per bucket.
-_OBSERVE_LUA = """
-local now = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-local tpl = ARGV[4]
-local nb = tonumber(ARGV[7])
-local bttl = tonumber(ARGV[8])
-redis.call('HINCRBY', KEYS[1], 'n', 1)
-if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'cot', 1) end
+# Counts a request's signal half (chain-of-thought, template repeat) into the account's current
+# window and reads both windows back as `a` and `p`; expects locals ttl, cot, tpl and KEYS
+# 1-4 (acct cur hash, acct prev hash, tpl set cur, tpl set prev). Shared by the two scripts.
+_COUNT_SIGNALS_LUA = """
+if cot == '1' then redis.call('HINCRBY', KEYS[1], 'cot', 1) end
 if tpl ~= '' then
   local seen = redis.call('SISMEMBER', KEYS[4], tpl) == 1
   if redis.call('SCARD', KEYS[3]) < 4096 then
@@ -322,7 +315,21 @@ end
 redis.call('EXPIRE', KEYS[1], ttl)
 local a = redis.call('HMGET', KEYS[1], 'n', 'cot', 'rep')
 local p = redis.call('HMGET', KEYS[2], 'n', 'cot', 'rep')
-local c1, c2, c3, c4 = 0, 0, 0, 0
+"""
+
+# KEYS: 1 acct cur hash, 2 acct prev hash, 3 acct tpl set cur, 4 acct tpl set prev,
+#       5 cluster cur counter, 6 cluster prev counter, 7 cluster accounts cur, 8 ... prev,
+#       9.. buckets.   ARGV: now, ttl, cot, tpl, account, has_cluster, n_buckets, bucket_ttl,
+#       then rate, burst per bucket.
+_OBSERVE_LUA = """
+local now = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local cot = ARGV[3]
+local tpl = ARGV[4]
+local nb = tonumber(ARGV[7])
+local bttl = tonumber(ARGV[8])
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+""" + _COUNT_SIGNALS_LUA + """local c1, c2, c3, c4 = 0, 0, 0, 0
 if ARGV[6] == '1' then
   c1 = redis.call('INCR', KEYS[5]); redis.call('EXPIRE', KEYS[5], ttl)
   c2 = tonumber(redis.call('GET', KEYS[6]) or '0')
@@ -355,22 +362,9 @@ return {tonumber(a[1]) or 0, tonumber(a[2]) or 0, tonumber(a[3]) or 0,
 # repeat). KEYS: acct cur hash, acct prev hash, tpl set cur, tpl set prev. ARGV: ttl, cot, tpl.
 _SIGNALS_LUA = """
 local ttl = tonumber(ARGV[1])
+local cot = ARGV[2]
 local tpl = ARGV[3]
-if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[1], 'cot', 1) end
-if tpl ~= '' then
-  local seen = redis.call('SISMEMBER', KEYS[4], tpl) == 1
-  if redis.call('SCARD', KEYS[3]) < 4096 then
-    if redis.call('SADD', KEYS[3], tpl) == 0 then seen = true end
-    redis.call('EXPIRE', KEYS[3], ttl)
-  elseif redis.call('SISMEMBER', KEYS[3], tpl) == 1 then
-    seen = true
-  end
-  if seen then redis.call('HINCRBY', KEYS[1], 'rep', 1) end
-end
-redis.call('EXPIRE', KEYS[1], ttl)
-local a = redis.call('HMGET', KEYS[1], 'n', 'cot', 'rep')
-local p = redis.call('HMGET', KEYS[2], 'n', 'cot', 'rep')
-return {tonumber(a[1]) or 0, tonumber(a[2]) or 0, tonumber(a[3]) or 0,
+""" + _COUNT_SIGNALS_LUA + """return {tonumber(a[1]) or 0, tonumber(a[2]) or 0, tonumber(a[3]) or 0,
         tonumber(p[1]) or 0, tonumber(p[2]) or 0, tonumber(p[3]) or 0}
 """
 
