@@ -544,3 +544,59 @@ def test_pipelined_stream_equals_batch_by_batch_annotate(monkeypatch: pytest.Mon
     assert len(got) == len(expected)
     for a, b, c in zip(got, expected, again, strict=True):
         assert a.equals(b) and c.equals(b)
+
+
+def test_worker_processes_exit_when_their_parent_is_killed(tmp_path) -> None:
+    """A scan killed by a signal never shuts its worker pool down; the workers must not
+    outlive it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import importlib, sys, time\n"
+        "import pyarrow as pa\n"
+        "from distillguard.signals import SignalAnnotator\n"
+        "mod = importlib.import_module('distillguard.signals.annotate')\n"
+        "mod.PARALLEL_MIN_TEXTS = 1\n"
+        "if __name__ == '__main__':\n"
+        "    a = SignalAnnotator(workers=2)\n"
+        "    from datetime import datetime, UTC\n"
+        "    from distillguard import contract\n"
+        "    rows = [{'request_id': f'r{i}', 'ts': datetime(2026, 1, 1, tzinfo=UTC),\n"
+        "             'account_id': 'acct', 'model': 'm-1',\n"
+        "             'messages': [{'role': 'user', 'content': f'Solve {i} step by step'}]}\n"
+        "            for i in range(50)]\n"
+        "    a.annotate(pa.Table.from_pylist(rows, schema=contract.EXCHANGE_SCHEMA))\n"
+        "    print(' '.join(str(p) for p in a._pool._processes), flush=True)\n"
+        "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert workers
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in alive if _running(p)]
+        assert not alive, f"workers {alive} outlived their parent"
+    finally:
+        parent.kill()
+        for p in workers:
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

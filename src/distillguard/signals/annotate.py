@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -313,7 +314,8 @@ class SignalAnnotator:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     self.workers - 1, mp_context=mp.get_context("spawn"),
-                    initializer=_init_worker, initargs=(self.packs, self.classifier))
+                    initializer=_init_worker,
+                    initargs=(self.packs, self.classifier, os.getpid()))
             own = len(missing) // self.workers
             if balance is not None:
                 # This process also spends `other` seconds per batch outside the analysis:
@@ -493,9 +495,20 @@ def _scatter(out: list, rows: Sequence[int], values: Sequence) -> None:
 _worker: SignalAnnotator | None = None
 
 
-def _init_worker(packs: list[RulePack], classifier: DistillClassifier | None) -> None:
+def _init_worker(packs: list[RulePack], classifier: DistillClassifier | None,
+                 parent_pid: int) -> None:
     global _worker
     _worker = SignalAnnotator(packs, classifier, load_classifier=False)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int, every_s: float = 1.0) -> None:
+    """In a worker process: exit when the process that started it is gone. A parent killed
+    by a signal never shuts its pool down, and its workers would wait on the pool's queue
+    (or finish a batch nobody reads) forever."""
+    while os.getppid() == parent_pid:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _worker_analyse(texts: pa.Array) -> list[TextSignals]:
