@@ -361,7 +361,7 @@ def main() -> None:
                          ">= 100 requests): with needed a response waits for its signals only "
                          "while the shares could cross those thresholds, with always each does")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra top-level gateway config entry, e.g. --set signals_nice=10")
+                    help="extra top-level gateway config entry, e.g. --set decide_during_call=false")
     ap.add_argument("--litellm-python", help="python of a venv with litellm[proxy] installed")
     ap.add_argument("--litellm-rates", default="200",
                     help="rates at which the LiteLLM peer is measured (it saturates early)")

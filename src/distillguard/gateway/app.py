@@ -92,8 +92,7 @@ class Gateway:
                                cluster_by_org=cfg.cluster_by_org,
                                signals_wait=cfg.signals_wait)
         #: Signals in a child process unless the caller passed its own function (tests).
-        self.signals_process = (SignalsProcess(cfg.signals, WARMUP_EXCHANGE,
-                                               nice=cfg.signals_nice)
+        self.signals_process = (SignalsProcess(cfg.signals, WARMUP_EXCHANGE)
                                 if cfg.signals_process and annotate is None else None)
         self.start_worker = start_worker and cfg.wal.mode == "store"
         self.client: UpstreamPool | None = None

@@ -91,8 +91,6 @@ class GatewayConfig:
     #: "needed": a decision waits for the request's signals only if a limit or rule could
     #: match or not depending on them; "always": every decision waits (one state update).
     signals_wait: str = "needed"
-    #: Niceness added to the signals process (0: same CPU priority as the gateway).
-    signals_nice: int = 0
 
     def lookup_key(self, api_key: str) -> KeyInfo | None:
         """The owner of `api_key`, or None if unknown (and `unknown_keys` is "reject")."""
@@ -229,9 +227,6 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> GatewayConfig:
         raise ConfigError("signals: expected module:function")
     cfg.signals_process = bool(raw.get("signals_process", True))
     cfg.decide_during_call = bool(raw.get("decide_during_call", True))
-    cfg.signals_nice = int(raw.get("signals_nice", cfg.signals_nice))
-    if not 0 <= cfg.signals_nice <= 19:
-        raise ConfigError("signals_nice: expected 0-19")
     cfg.signals_wait = _choice(str(raw.get("signals_wait", cfg.signals_wait)),
                                ("needed", "always"), "signals_wait")
     return cfg

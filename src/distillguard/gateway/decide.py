@@ -184,10 +184,6 @@ class Decider:
         except Exception as exc:
             out.set_exception(exc)
 
-    async def signals(self, exchange: dict) -> dict:
-        """Request signals, from the signals process when it runs, else in-process."""
-        return await self.start_signals(exchange)
-
     def _facts(self, exchange: dict, key: KeyInfo, standing: Standing | None,
                cluster_id: str | None) -> dict[str, Any]:
         """Every fact that does not depend on signals or live state."""

@@ -42,11 +42,8 @@ class SignalsUnavailable(RuntimeError):
     """The signals process is not running (the caller computes the signals itself)."""
 
 
-def _serve(conn, spec: str, warmup: dict, nice: int = 0) -> None:
+def _serve(conn, spec: str, warmup: dict) -> None:
     """Child process: answer annotate requests until the parent closes the pipe.
-
-    `nice` lowers its CPU priority relative to the gateway (when decisions rarely wait for
-    signals, the event loop should win the CPU when both want it).
 
     SIGTERM/SIGINT sent to the whole process group (a service manager, Ctrl-C) are ignored: the
     gateway still drains its requests after them, and closes the pipe (or dies, which closes it
@@ -56,9 +53,6 @@ def _serve(conn, spec: str, warmup: dict, nice: int = 0) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if nice:
-        with contextlib.suppress(OSError):
-            os.nice(nice)
 
     from distillguard.gateway.decide import load_annotate
 
@@ -136,10 +130,9 @@ class _Protocol(asyncio.Protocol):
 class SignalsProcess:
     """Owns the signals child process of one gateway."""
 
-    def __init__(self, spec: str, warmup: dict, *, nice: int = 0):
+    def __init__(self, spec: str, warmup: dict):
         self.spec = spec
         self.warmup = warmup
-        self.nice = nice
         self.pending: collections.deque[asyncio.Future] = collections.deque()
         self.outbox: list[bytes] = []  # frames not written yet, written by _flush
         self._flush_now = False  # a call_soon(_flush) is scheduled
@@ -155,8 +148,7 @@ class SignalsProcess:
     async def start(self, timeout_s: float = 120.0) -> None:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)  # a socketpair on Linux
-        self.process = ctx.Process(target=_serve, args=(child, self.spec, self.warmup,
-                                                        self.nice),
+        self.process = ctx.Process(target=_serve, args=(child, self.spec, self.warmup),
                                    name="distillguard-signals", daemon=True)
         await asyncio.to_thread(self.process.start)
         child.close()
