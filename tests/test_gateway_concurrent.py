@@ -6,13 +6,24 @@ decision does not allow it, and that accounts with a record are decided first.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
+import urllib.request
 
 import httpx
 import pytest
 
-from conftest_gateway import ADMIN, chat, client, running_gateway, wait_for, wal_records
+from conftest_gateway import (
+    ADMIN,
+    chat,
+    client,
+    controlled_signals,
+    running_gateway,
+    wait_for,
+    wal_records,
+)
 
 CHALLENGE_COT = {"rules": [{"id": "cot", "action": "challenge", "reason": "cot_harvesting",
                             "when": {"signal.cot": True}}]}
@@ -20,13 +31,35 @@ DEGRADE_COT = {"rules": [{"id": "cot", "action": "degrade", "reason": "cot_degra
                           "when": {"signal.cot": True},
                           "degrade": {"drop_logprobs": True, "max_n": 1, "max_tokens": 64}}]}
 SLOW = {"x-stub-sleep": "20"}  # the upstream is still "generating" when the decision lands
-#: Signals in the child process, taking 50 ms: the request is upstream before it is decided.
-OVERLAP = {"annotate": None, "signals": "conftest_gateway:slow_controlled_signals"}
+#: A prompt holding this is decided only once the upstream has received it (`gated_signals`).
+UPSTREAM_FIRST = "(upstream first)"
+#: Signals in the child process: the request is upstream before it is decided.
+OVERLAP = {"annotate": None, "signals": "test_gateway_concurrent:gated_signals"}
+
+
+def gated_signals(exchange: dict) -> dict:
+    """`controlled_signals`, which for a prompt marked UPSTREAM_FIRST return only once the
+    upstream stub has received that request (run in the signals process; the stub's address
+    is in DG_TEST_STUB_URL). So the decision lands while the upstream call is under way
+    however loaded the machine is: a fixed 50 ms of signals was once not enough for the
+    forwarded request to reach the stub before the gateway cancelled it."""
+    text = exchange["messages"][0]["content"]
+    if UPSTREAM_FIRST in text:
+        url = os.environ["DG_TEST_STUB_URL"] + "/_stub/requests"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                if any(x["body"].get("messages", [{}])[0].get("content") == text
+                       for x in json.load(r)):
+                    break
+            time.sleep(0.01)
+    return controlled_signals(exchange)
 
 
 @pytest.fixture
-def stub(upstream):
+def stub(upstream, monkeypatch):
     httpx.post(upstream.url + "/_stub/reset")
+    monkeypatch.setenv("DG_TEST_STUB_URL", upstream.url)  # for gated_signals
 
     class Stub:
         @staticmethod
@@ -52,13 +85,13 @@ def test_rejected_during_call_never_reaches_client_and_is_cancelled_upstream(tmp
                                                                               stub):
     with running_gateway(tmp_path, upstream.url, CHALLENGE_COT, **OVERLAP) as gw, \
             client(gw) as c:
-        r = c.post("/v1/chat/completions", json=chat(text="solve it step by step #1"),
-                   headers=SLOW)
+        first = f"solve it step by step #1 {UPSTREAM_FIRST}"
+        r = c.post("/v1/chat/completions", json=chat(text=first), headers=SLOW)
         assert r.status_code == 403
         assert r.json()["error"]["code"] == "distillguard_challenge"
         assert "choices" not in r.json() and "42" not in r.text
         # it was forwarded while being decided, and the gateway hung up on the upstream
-        wait_for(lambda: "solve it step by step #1" in stub.disconnected(), timeout=10)
+        wait_for(lambda: first in stub.disconnected(), timeout=10)
         assert metric(gw, "distillguard_gateway_upstream_cancelled_total") == 1
         record = [x for x in wal_records(tmp_path / "wal") if x["status"] == 403][-1]
         assert record["gateway_upstream_cancelled"] is True
@@ -89,9 +122,10 @@ def test_listed_account_is_decided_before_forwarding(tmp_path, upstream, stub):
 def test_degraded_during_call_is_resent_degraded(tmp_path, upstream, stub):
     with running_gateway(tmp_path, upstream.url, DEGRADE_COT, **OVERLAP) as gw, \
             client(gw) as c:
+        text = f"think step by step {UPSTREAM_FIRST}"
         r = c.post("/v1/chat/completions",
-                   json=chat(text="think step by step", n=3, logprobs=True, max_tokens=999),
-                   headers={"x-stub-sleep": "0.5"})
+                   json=chat(text=text, n=3, logprobs=True, max_tokens=999),
+                   headers={"x-stub-sleep": "2"})
         assert r.status_code == 200 and r.headers["x-distillguard-decision"] == "degrade"
         assert len(r.json()["choices"]) == 1
         assert all("logprobs" not in ch for ch in r.json()["choices"])
@@ -100,7 +134,7 @@ def test_degraded_during_call_is_resent_degraded(tmp_path, upstream, stub):
         assert bodies[-1]["n"] == 1 and bodies[-1]["max_tokens"] == 64
         assert bodies[-1]["logprobs"] is False
         # the copy forwarded as written was cancelled before it answered
-        wait_for(lambda: "think step by step" in stub.disconnected(), timeout=10)
+        wait_for(lambda: text in stub.disconnected(), timeout=10)
 
 
 def test_decide_during_call_can_be_turned_off(tmp_path, upstream, stub):
