@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # LiteLLM's proxy (~740 MB, strict pins of its own) lives in its own venv, used only by the
 # test that runs distillguard's guardrail inside a real LiteLLM proxy.
 LITELLM_VENV ?= .venv-litellm
+# Editing these reinstalls the project (setup.py compiles the Cython skeleton scanner in place).
+BUILD_INPUTS := pyproject.toml setup.py src/distillguard/signals/_skeleton.pyx
 
 .PHONY: demo test lint bench system-deps clean
 
@@ -12,15 +14,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed-base: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-base: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed-base
 
-$(LITELLM_VENV)/.installed: pyproject.toml
+$(LITELLM_VENV)/.installed: $(BUILD_INPUTS)
 	$(PYTHON) -m venv $(LITELLM_VENV)
 	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
 	$(LITELLM_VENV)/bin/pip install -q -e '.[litellm]' 'litellm[proxy]==1.106.2'

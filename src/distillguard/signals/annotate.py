@@ -30,12 +30,7 @@ from distillguard.signals.language import detect_language, detect_language_ascii
 from distillguard.signals.matcher import RuleMatcher
 from distillguard.signals.params import extraction_mask, is_extraction
 from distillguard.signals.rules import RulePack, load_rule_packs
-from distillguard.signals.templates import (
-    skeleton,
-    skeleton_hints,
-    template_signatures,
-    text_hash,
-)
+from distillguard.signals.templates import skeleton, template_signatures, text_hash
 
 log = logging.getLogger(__name__)
 
@@ -238,12 +233,7 @@ class SignalAnnotator:
             fast = pc.and_(pc.string_is_ascii(column),
                            pc.less_equal(pc.binary_length(column), HEAD_CHARS + TAIL_CHARS)
                            ).to_numpy(zero_copy_only=False)
-        hints = skeleton_hints(column.filter(pa.array(fast))) if fast.any() else None
-        if hints is not None:
-            full = np.zeros((len(views), hints.shape[1]), dtype=bool)
-            full[fast] = hints
-            hints = full
-        sigs, lsh = template_signatures(views, hints, fast)
+        sigs, lsh = template_signatures(views)
         scores, languages = self._scores_and_languages(views, column, fast)
         results = []
         for view, sig, keys, score, language in zip(views, sigs, lsh, scores, languages,

@@ -11,14 +11,14 @@ probability, unrelated prompts almost never do.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from itertools import chain
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from rensa import RMinHash
+
+from distillguard.signals import _skeleton as _compiled
 
 #: MinHash size and LSH banding: 8 bands of 8 rows gives a match probability of ~0.5 at Jaccard
 #: 0.77, ~0.99 at 0.9 and ~0.03 at 0.5 (S-curve 1 - (1 - J^8)^8).
@@ -38,21 +38,6 @@ _BAND_MULTIPLIERS = np.array(
 SKELETON_HEAD_CHARS = 3000
 SKELETON_TAIL_CHARS = 1000
 
-# (trigger, pattern, replacement): a mask is only tried when its trigger substring occurs (cheap
-# `in` tests skip most regexes on most prompts). Order matters: blocks of data first (they may
-# contain numbers and names), then single tokens.
-_MASKS: tuple[tuple[str, re.Pattern[str], str], ...] = (
-    ("```", re.compile(r"```.*?(```|\Z)", re.S), " <code> "),
-    ("</", re.compile(r"<(\w{1,30})>.*?</\1>", re.S), r" <\1><data></\1> "),
-    ("`", re.compile(r"`[^`\n]{1,300}`"), " <code> "),
-    ("http", re.compile(r"https?://\S+"), " <url> "),
-    ("www.", re.compile(r"www\.\S+"), " <url> "),
-    ("@", re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), " <email> "),
-    ('"', re.compile(r'"[^"\n]{1,500}"'), " <q> "),
-    ("“", re.compile(r"“[^”\n]{1,500}”"), " <q> "),
-    ("«", re.compile(r"«[^»\n]{1,500}»"), " <q> "),
-    ("'", re.compile(r"'(?<!\w')[^'\n]{1,300}'(?!\w)"), " <q> "),  # (?<!\w) before the quote
-)
 _COMMON_WORDS = """a about above after again against all also an and any are as at be because been before
     being below between both but by can could did do does doing down during each few for from
     further had has have having he her here hers herself him himself his how i if in into is it its
@@ -67,88 +52,26 @@ _COMMON_WORDS = """a about above after again against all also an and any are as 
     responses assistant user system human final problem solution option options true false none
     first second third next finally also however therefore thus one two three
 """
+#: Capitalised words that are not common English words are taken to be names (people, places,
+#: products): a cheap heuristic, no NER model in the hot path.
 _COMMON_CAPITALISED = frozenset(_COMMON_WORDS.split())
 
-
-# Token masks, applied with literal replacements (C speed, no per-token Python callback), each
-# only when a cheap `search` hint shows it can match. A leading `\b` is written as the first
-# character followed by a look-behind (`[a-z](?<=\b[a-z])` is `\b[a-z]`): a pattern that starts
-# with a character class lets Python's `re` skip to candidate positions instead of trying every
-# position (about twice as fast on prose; same matches). Capitalised words that are not common
-# English words are taken to be names (people, places, products): a cheap heuristic, no NER
-# model in the hot path.
-_NAME = re.compile(
-    r"\b(?=[A-Z])(?!(?:" + "|".join(sorted((w.capitalize() for w in _COMMON_CAPITALISED),
-                                           key=len, reverse=True)) + r")\b)[A-Za-z]{2,}\b"
-)
-_TOKEN_MASKS: tuple[tuple[re.Pattern[str], re.Pattern[str], str], ...] = (
-    (re.compile(r"[A-Za-z_]\.[A-Za-z_]"),
-     re.compile(r"[A-Za-z_](?<=\b[A-Za-z_])\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?"), "<id>"),
-    (re.compile("_"), re.compile(r"\w(?<=\b\w)\w*_\w+\b"), "<id>"),  # literal hints: fast search
-    (re.compile(r"\(\)"), re.compile(r"\w(?<=\b\w)\w*\(\)"), "<id>"),
-    (re.compile(r"[a-z][A-Z]"), re.compile(r"[a-z](?<=\b[a-z])[a-z]*[A-Z]\w*"), "<id>"),
-    (re.compile(r"[A-Z]"), _NAME, "<name>"),
-    (re.compile(r"\d"), re.compile(r"\d[\d,._:/]*(?:%|st\b|nd\b|rd\b|th\b)?"), "<num>"),
-)
-_NAME_INDEX = 4
-_CAPITALISED = frozenset(w.capitalize() for w in _COMMON_CAPITALISED)
-#: `_NAME.sub("<name>", ...)` as one pass over capitalised words with a set lookup: a letters-
-#: only word between word boundaries is masked unless it is a common word (the same matches:
-#: the look-ahead alternation of `_NAME` can only fail on a whole word, so this is what it
-#: computes, without trying ~250 alternatives at every word start).
-_CAPITALISED_WORD = re.compile(r"[A-Z](?<=\b[A-Z])[A-Za-z]+\b")
+# The skeleton is a hand-written scanner in a compiled extension (`_skeleton.pyx`: the masks
+# in order, each reading the previous one's output, with Python `re`'s semantics; tested equal
+# to the regex implementation it replaced, `tests/skeleton_reference.py`).
+_compiled.init([w.capitalize() for w in _COMMON_CAPITALISED], SKELETON_HEAD_CHARS,
+               SKELETON_TAIL_CHARS)
 
 
-def _name_or_common(match: re.Match[str]) -> str:
-    word = match[0]
-    return word if word in _CAPITALISED else "<name>"
-
-
-#: The token hints that are a necessary condition of their mask's pattern (skipping the
-#: pattern when the hint fails changes nothing). The dotted-id hint is not: its pattern also
-#: matches `file_0.py` (`\w` before the dot), so whether it runs depends on the hint itself,
-#: searched in the text as masked so far.
-_HINT_IS_NECESSARY = tuple(k != 0 for k in range(len(_TOKEN_MASKS)))
-
-
-def skeleton(text: str, hints: Sequence[bool] | None = None) -> str:
+def skeleton(text: str) -> str:
     """The prompt with its variable data masked, lower-cased, whitespace collapsed.
 
-    `hints` (from `skeleton_hints`, one per token mask) says whether the mask's hint occurs
-    in the unmasked text: a batch finds them in one vectorised pass per hint instead of one
-    Python regex search per text and hint (Python's `re` is slow on character classes)."""
-    if len(text) > SKELETON_HEAD_CHARS + SKELETON_TAIL_CHARS:
-        text = text[:SKELETON_HEAD_CHARS] + "\n" + text[-SKELETON_TAIL_CHARS:]
-    for trigger, pattern, replacement in _MASKS:
-        if trigger in text:
-            text = pattern.sub(replacement, text)
-    for k, (hint, pattern, replacement) in enumerate(_TOKEN_MASKS):
-        if hints is None or not _HINT_IS_NECESSARY[k]:
-            if (hints is not None and not hints[k]) or not hint.search(text):
-                continue
-        elif not hints[k]:
-            continue
-        if k == _NAME_INDEX:
-            text = _CAPITALISED_WORD.sub(_name_or_common, text)
-        else:
-            text = pattern.sub(replacement, text)
-    return " ".join(text.split()).lower()
-
-
-def skeleton_hints(texts: pa.Array) -> np.ndarray:
-    """Per ASCII text (rows, len(_TOKEN_MASKS)): whether each token mask's hint occurs in it,
-    for `skeleton(text, hints)`, by Arrow (RE2) over the whole array.
-
-    Exact for ASCII texts only (the hints' RE2 twins agree with Python's `re` there). A hint
-    found in the text before masking is a superset of one found at its turn: the earlier
-    masks only remove text, and what they insert (space-padded or `<...>` tokens, tag names
-    taken from the text) creates no hint that was not there. A necessary hint that occurs
-    while its pattern does not match changes nothing; the one hint that is not necessary is
-    searched again at its turn (`_HINT_IS_NECESSARY`)."""
-    out = np.zeros((len(texts), len(_TOKEN_MASKS)), dtype=bool)
-    for k, (hint, _, _) in enumerate(_TOKEN_MASKS):
-        out[:, k] = pc.match_substring_regex(texts, hint.pattern).to_numpy(zero_copy_only=False)
-    return out
+    Masked, in this order: fenced code (```...```, an unterminated fence to the end), XML-style
+    tagged blocks (`<q>...</q>` -> `<q><data></q>`), inline code, URLs, e-mail addresses,
+    quoted strings ("...", “...”, «...», '...'), dotted identifiers (`a.b`, `a.b()`), snake_case,
+    `call()`, camelCase, names (capitalised words that are not common words) and numbers. A
+    text longer than SKELETON_HEAD_CHARS + SKELETON_TAIL_CHARS is cut to its head and tail."""
+    return _compiled.skeleton(text)
 
 
 def _hex_hash(data: bytes, size: int = 8) -> str:
@@ -325,16 +248,8 @@ def lsh_keys_of_skeletons(skeletons: Sequence[str]) -> list[list[str]]:
     return keys
 
 
-def template_signatures(texts: Sequence[str], hints: np.ndarray | None = None,
-                        hinted: np.ndarray | None = None
-                        ) -> tuple[list[str | None], list[list[str]]]:
-    """`template_sig` and `template_lsh` for each text (None / [] when nothing is left);
-    `hints[i]` (`skeleton_hints`) are used for the texts where `hinted[i]` is true."""
-    if hints is None or hinted is None:
-        skeletons = [skeleton(t) for t in texts]
-    else:
-        rows = hints.tolist()
-        skeletons = [skeleton(t, rows[i]) if ok else skeleton(t)
-                     for i, (t, ok) in enumerate(zip(texts, hinted.tolist(), strict=True))]
+def template_signatures(texts: Sequence[str]) -> tuple[list[str | None], list[list[str]]]:
+    """`template_sig` and `template_lsh` for each text (None / [] when nothing is left)."""
+    skeletons = [_compiled.skeleton(t) for t in texts]
     sigs = [text_hash(s) if s else None for s in skeletons]
     return sigs, lsh_keys_of_skeletons(skeletons)
