@@ -461,21 +461,6 @@ def test_vectorised_lsh_keys_equal_the_per_text_minhash() -> None:
         [shingles(s) for s in skeletons[:5]])
 
 
-def test_numpy_token_hash_equals_rensas() -> None:
-    import numpy as np
-    from rensa import RMinHash
-
-    from distillguard.signals.templates import rensa_hashes
-
-    tokens = ["x" * k for k in range(70)] + ["é日🙂 ab", "a b c", "\x00" * 20]
-    expected = [h for (h,) in RMinHash.hash_token_sets([[t] for t in tokens])]
-    column = pa.array(tokens, pa.large_string())
-    offsets = np.frombuffer(column.buffers()[1], dtype=np.int64, count=len(tokens) + 1)
-    data = np.concatenate([np.frombuffer(column.buffers()[2], dtype=np.uint8,
-                                         count=int(offsets[-1])), np.zeros(8, np.uint8)])
-    assert rensa_hashes(data, offsets[:-1], np.diff(offsets)).tolist() == expected
-
-
 def test_vectorised_band_keys_equal_the_formatted_ones() -> None:
     import numpy as np
 

@@ -175,6 +175,33 @@ def test_template_signatures_hash_the_reference_skeleton() -> None:
     assert lsh == templates.lsh_keys_batch([templates.shingles(s) for s in expected])
 
 
+def test_compiled_token_hash_equals_rensas() -> None:
+    from rensa import RMinHash
+
+    from distillguard.signals import _skeleton
+
+    tokens = ["x" * k for k in range(70)] + ["é日🙂 ab", "a b c", "\x00" * 20, "ab" * 100]
+    expected = [h for (h,) in RMinHash.hash_token_sets([[t] for t in tokens])]
+    assert [_skeleton.token_hash(t.encode()) for t in tokens] == expected
+
+
+def test_shingle_hashes_are_rensas_hashes_of_the_shingles() -> None:
+    from rensa import RMinHash
+
+    from distillguard.signals import _skeleton
+
+    rng = random.Random(11)
+    words = ["a", "bb", "<num>", "<name>", "é", "日本", "🙂", "x" * 17, "y" * 40, "z" * 8]
+    skeletons = ["", "a", "a b", "a b c", "a b c d", "", "é日 🙂"] + [
+        " ".join(rng.choice(words) for _ in range(rng.randrange(1, 30))) for _ in range(500)]
+    hashes, offsets, present = _skeleton.shingle_hashes(skeletons, templates.SHINGLE_WORDS)
+    assert present.tolist() == [i for i, s in enumerate(skeletons) if s]
+    flat = hashes.tolist()
+    expected = RMinHash.hash_token_sets([templates.shingles(skeletons[i]) for i in present])
+    assert [flat[offsets[k]:offsets[k + 1]] for k in range(len(present))] == \
+        [list(row) for row in expected]
+
+
 def test_reference_hints_and_rewritten_masks_change_nothing() -> None:
     """The reference's batch hints and look-behind / callback forms of the masks give the
     skeletons of the original patterns (moved here from test_signals with the reference)."""

@@ -628,3 +628,144 @@ def skeleton(str text):
     finally:
         free(b.src)
         free(b.dst)
+
+
+# -- MinHash input: rensa's hash of every word shingle of a batch of skeletons -----------------
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+
+ctypedef unsigned long long u64
+
+cdef extern from *:
+    """
+    static inline unsigned long long dg_multiply_mix(unsigned long long x, unsigned long long y)
+    {   /* (x * y as 128 bits): low half XOR high half */
+        unsigned __int128 full = (unsigned __int128) x * y;
+        return (unsigned long long) full ^ (unsigned long long) (full >> 64);
+    }
+    """
+    u64 multiply_mix "dg_multiply_mix"(u64 x, u64 y) noexcept
+
+cdef u64 FX_SEED1 = 0x243F6A8885A308D3ULL
+cdef u64 FX_SEED2 = 0x13198A2E03707344ULL
+cdef u64 FX_ZERO_COLLAPSE = 0xA4093822299F31D0ULL
+cdef u64 FX_K = 0xF1357AEA2E62A9C5ULL
+
+
+cdef inline u64 load64(const unsigned char* p) noexcept:
+    cdef u64 v
+    memcpy(&v, p, 8)  # little-endian (x86, arm64)
+    return v
+
+
+cdef inline u64 load32(const unsigned char* p) noexcept:
+    cdef unsigned int v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline u64 fx_hash(const unsigned char* p, Py_ssize_t length) noexcept:
+    """rensa's token hash (`utils::calculate_hash_fast`: rustc-hash 2's FxHasher::write +
+    finish) of the bytes p[0:length]."""
+    cdef u64 s0 = FX_SEED1, s1 = FX_SEED2, a, b, t, h
+    cdef Py_ssize_t k, rounds
+    if length <= 16:
+        if length >= 8:
+            s0 ^= load64(p)
+            s1 ^= load64(p + length - 8)
+        elif length >= 4:
+            s0 ^= load32(p)
+            s1 ^= load32(p + length - 4)
+        elif length > 0:
+            s0 ^= p[0]
+            s1 ^= (<u64> p[length - 1] << 8) | p[length // 2]
+    else:
+        a, b = s0, s1
+        rounds = (length - 1) // 16
+        for k in range(rounds):
+            t = multiply_mix(a ^ load64(p + 16 * k), FX_ZERO_COLLAPSE ^ load64(p + 16 * k + 8))
+            a, b = b, t
+        s0 = a ^ load64(p + length - 16)
+        s1 = b ^ load64(p + length - 8)
+    h = (multiply_mix(s0, s1) ^ <u64> length) * FX_K
+    return (h << 26) | (h >> 38)
+
+
+def token_hash(bytes token):
+    """rensa's u64 hash of one token's UTF-8 bytes (for the tests)."""
+    return fx_hash(<const unsigned char*> token, len(token))
+
+
+def shingle_hashes(skeletons, Py_ssize_t words):
+    """rensa's hash of every `words`-word shingle of each non-empty skeleton (single spaces
+    between tokens, as `skeleton` returns them; a skeleton of no more than `words` tokens is
+    one shingle, itself), on the UTF-8 bytes, in order: (hashes uint64, row offsets uint64 of
+    len(present) + 1, present: the indices of the non-empty skeletons)."""
+    import numpy as np
+    cdef Py_ssize_t rows = len(skeletons), i, j, size, total = 0, tokens, at = 0, count, k
+    cdef Py_ssize_t shingle_start, first_end
+    cdef const unsigned char* p
+    cdef list buffers = [None] * rows
+    cdef Py_ssize_t[::1] sizes = np.zeros(rows, dtype=np.intp)
+    cdef Py_ssize_t[::1] counts = np.zeros(rows, dtype=np.intp)
+    cdef Py_ssize_t present_rows = 0
+    cdef Py_ssize_t* ends
+    for i in range(rows):
+        p = <const unsigned char*> PyUnicode_AsUTF8AndSize(skeletons[i], &size)
+        sizes[i] = size
+        if size == 0:
+            continue
+        tokens = 1
+        for j in range(size):
+            if p[j] == 32:
+                tokens += 1
+        counts[i] = tokens - (words - 1) if tokens > words else 1
+        total += counts[i]
+        present_rows += 1
+    hashes = np.empty(total, dtype=np.uint64)
+    offsets = np.zeros(present_rows + 1, dtype=np.uint64)
+    present = np.empty(present_rows, dtype=np.intp)
+    cdef u64[::1] h = hashes
+    cdef u64[::1] o = offsets
+    cdef Py_ssize_t[::1] r = present
+    cdef Py_ssize_t row = 0
+    # token end offsets of one skeleton (reused)
+    cdef Py_ssize_t capacity = 0
+    ends = NULL
+    try:
+        for i in range(rows):
+            size = sizes[i]
+            if size == 0:
+                continue
+            p = <const unsigned char*> PyUnicode_AsUTF8AndSize(skeletons[i], &size)
+            count = counts[i]
+            if count == 1:
+                h[at] = fx_hash(p, size)
+                at += 1
+            else:
+                tokens = count + words - 1
+                if tokens + 1 > capacity:
+                    capacity = 2 * (tokens + 1)
+                    free(ends)
+                    ends = <Py_ssize_t*> malloc(capacity * sizeof(Py_ssize_t))
+                    if ends == NULL:
+                        raise MemoryError()
+                k = 0
+                for j in range(size):
+                    if p[j] == 32:
+                        ends[k] = j
+                        k += 1
+                ends[k] = size
+                # shingle k: from the start of token k (after the space ending token k - 1)
+                # to the end of token k + words - 1
+                for k in range(count):
+                    shingle_start = ends[k - 1] + 1 if k > 0 else 0
+                    first_end = ends[k + words - 1]
+                    h[at] = fx_hash(p + shingle_start, first_end - shingle_start)
+                    at += 1
+            r[row] = i
+            row += 1
+            o[row] = at
+    finally:
+        free(ends)
+    return hashes, offsets, present

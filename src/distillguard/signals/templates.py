@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from itertools import chain
 
 import numpy as np
-import pyarrow as pa
 from rensa import RMinHash
 
 from distillguard.signals import _skeleton as _compiled
@@ -136,109 +135,18 @@ def _band_keys(digests: np.ndarray) -> list[list[str]]:
             for at in range(0, len(text), width)]
 
 
-# rensa's token hash (`utils::calculate_hash_fast`: rustc-hash 2's FxHasher::write + finish on
-# the token's UTF-8 bytes), reproduced in numpy so that a batch's shingles are hashed without
-# building one Python string per shingle. `tests/test_signals.py` checks it against
-# `RMinHash.hash_token_sets`.
-_FX_SEED1 = np.uint64(0x243F6A8885A308D3)
-_FX_SEED2 = np.uint64(0x13198A2E03707344)
-_FX_ZERO_COLLAPSE = np.uint64(0xA4093822299F31D0)
-_FX_K = np.uint64(0xF1357AEA2E62A9C5)
-_LOW32 = np.uint64(0xFFFFFFFF)
-_U32 = np.uint64(32)
-
-
-def _multiply_mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(x * y as 128 bits): low half XOR high half, from 32-bit limbs (numpy has no u128)."""
-    x0, x1, y0, y1 = x & _LOW32, x >> _U32, y & _LOW32, y >> _U32
-    p01, p10 = x0 * y1, x1 * y0
-    carry = ((x0 * y0 >> _U32) + (p01 & _LOW32) + (p10 & _LOW32)) >> _U32
-    high = x1 * y1 + (p01 >> _U32) + (p10 >> _U32) + carry
-    return (x * y) ^ high
-
-
-def rensa_hashes(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """rensa's u64 hash of each byte range `data[start:start + length]` (`data`: uint8, with
-    at least 8 readable bytes after every range, e.g. zero padding)."""
-    starts, lengths = starts.astype(np.int64), lengths.astype(np.int64)
-    # u64 / u32 little-endian words at every byte offset (overlapping, unaligned views).
-    u64 = np.ndarray((len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
-    u32 = np.ndarray((len(data) - 3,), dtype="<u4", buffer=data, strides=(1,))
-    n = len(starts)
-    s0 = np.full(n, _FX_SEED1, dtype=np.uint64)
-    s1 = np.full(n, _FX_SEED2, dtype=np.uint64)
-    ends = starts + lengths
-    with np.errstate(over="ignore"):
-        big = (lengths >= 8) & (lengths <= 16)
-        s0[big] ^= u64[starts[big]]
-        s1[big] ^= u64[ends[big] - 8]
-        mid = (lengths >= 4) & (lengths < 8)
-        s0[mid] ^= u32[starts[mid]].astype(np.uint64)
-        s1[mid] ^= u32[ends[mid] - 4].astype(np.uint64)
-        small = (lengths > 0) & (lengths < 4)
-        lo = data[starts[small]].astype(np.uint64)
-        s0[small] ^= lo
-        s1[small] ^= (data[ends[small] - 1].astype(np.uint64) << np.uint64(8)) | data[
-            starts[small] + lengths[small] // 2].astype(np.uint64)
-        # Longer than 16 bytes: 16-byte rounds, then the last 16 bytes.
-        long_rows = np.flatnonzero(lengths > 16)
-        if len(long_rows):
-            rounds = (lengths[long_rows] - 1) // 16
-            order = np.argsort(-rounds, kind="stable")
-            long_rows, rounds = long_rows[order], rounds[order]
-            a, b = s0[long_rows], s1[long_rows]
-            at = starts[long_rows]
-            alive = np.searchsorted(-rounds, -np.arange(1, int(rounds[0]) + 1), side="right")
-            for k, m in enumerate(alive.tolist()):
-                off = at[:m] + 16 * k
-                t = _multiply_mix(a[:m] ^ u64[off], _FX_ZERO_COLLAPSE ^ u64[off + 8])
-                a[:m], b[:m] = b[:m], t
-            tail = ends[long_rows] - 16
-            s0[long_rows] = a ^ u64[tail]
-            s1[long_rows] = b ^ u64[tail + 8]
-        compressed = _multiply_mix(s0, s1) ^ lengths.astype(np.uint64)
-        h = compressed * _FX_K
-        return (h << np.uint64(26)) | (h >> np.uint64(38))
-
-
 def lsh_keys_of_skeletons(skeletons: Sequence[str]) -> list[list[str]]:
     """`lsh_keys_batch([shingles(s) for s in skeletons])`, vectorised: a shingle of a skeleton
-    (single spaces between tokens) is one byte range of it, so shingle ranges are found on
-    the skeletons' UTF-8 buffer, hashed in numpy (`rensa_hashes`) and sketched by one rensa
-    call on the flat hash buffer; no Python string per shingle."""
+    (single spaces between tokens) is one byte range of its UTF-8 bytes, hashed there by the
+    compiled extension with rensa's own token hash (rustc-hash 2's `FxHasher` on the bytes;
+    `tests/test_signals.py` checks it against `RMinHash.hash_token_sets`), and the flat hash
+    buffer is sketched by one rensa call; no Python string per shingle."""
     if len(skeletons) < VECTOR_MIN_TEXTS:
         return lsh_keys_batch([shingles(s) for s in skeletons])
-    column = pa.array(skeletons, pa.large_string())
-    offsets = np.frombuffer(column.buffers()[1], dtype=np.int64, count=len(column) + 1)
-    raw = column.buffers()[2]
-    body = np.frombuffer(raw, dtype=np.uint8, count=int(offsets[-1])) if raw is not None \
-        else np.zeros(0, dtype=np.uint8)
-    data = np.concatenate([body, np.zeros(8, dtype=np.uint8)])
-    lengths = np.diff(offsets)
-    present = np.flatnonzero(lengths > 0)
     keys: list[list[str]] = [[] for _ in skeletons]
+    hashes, row_offsets, present = _compiled.shingle_hashes(skeletons, SHINGLE_WORDS)
     if not len(present):
         return keys
-    # Token i of the batch spans [token_start[i], token_end[i]); tokens never cross skeletons.
-    spaces = np.flatnonzero(body == 32)
-    row_starts, row_ends = offsets[present], offsets[present + 1]
-    token_start = np.sort(np.concatenate([row_starts, spaces + 1]))
-    token_end = np.sort(np.concatenate([spaces, row_ends]))
-    token_row = np.searchsorted(row_starts, token_start, side="right") - 1
-    tokens_per_row = np.bincount(token_row, minlength=len(present))
-    first_token = np.concatenate([[0], np.cumsum(tokens_per_row)[:-1]])
-    # Shingle j of a row starts at its token j and ends at token j + SHINGLE_WORDS - 1; a row
-    # with no more than SHINGLE_WORDS tokens has one shingle, the whole skeleton.
-    shingles_per_row = np.maximum(tokens_per_row - (SHINGLE_WORDS - 1), 1)
-    shingle_row = np.repeat(np.arange(len(present)), shingles_per_row)
-    row_offsets = np.zeros(len(present) + 1, dtype=np.uint64)
-    np.cumsum(shingles_per_row, out=row_offsets[1:])
-    rank = np.arange(len(shingle_row)) - row_offsets[:-1].astype(np.int64)[shingle_row]
-    first = first_token[shingle_row] + rank
-    last = np.minimum(first + SHINGLE_WORDS - 1, first_token[shingle_row]
-                      + tokens_per_row[shingle_row] - 1)
-    starts = token_start[first]
-    hashes = rensa_hashes(data, starts, token_end[last] - starts)
     matrix = RMinHash.digest_matrix_from_flat_token_hashes(hashes, row_offsets,
                                                            num_perm=NUM_PERM, seed=MINHASH_SEED)
     digests = np.fromiter(chain.from_iterable(matrix.to_rows()), dtype=np.uint32,
