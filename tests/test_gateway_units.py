@@ -187,6 +187,50 @@ def test_signals_process_answers_a_burst_in_order():
     assert asyncio.run(main()) == [controlled_signals(e) for e in exchanges]
 
 
+def test_signals_process_prewarm_keeps_answers_identical(monkeypatch):
+    """The signals process analyses the prompts of one batch of frames in one call; the
+    answers (from annotate_request itself) are those of annotate_request alone, and after the
+    prewarm annotate_request analyses nothing new (if it did, the prewarm would be wasted)."""
+    from distillguard import signals
+    from distillguard.gateway.signals_proc import SignalsProcess, batch_prewarm
+    from distillguard.signals.annotate import SignalAnnotator, default_annotator
+
+    assert batch_prewarm(lambda e: {}) is None  # only for the built-in function
+    exchanges = [{"request_id": f"r{i}", "ts": "2026-01-01T00:00:00+00:00", "account_id": "a",
+                  "model": "m", "endpoint": "chat.completions", "system": "be brief" if i % 5
+                  else None, "tools": ["calc"] if i % 7 == 0 else None,
+                  "messages": [{"role": "user", "content": text}],
+                  "params": {"n": i % 3 + 1, "logprobs": i % 2 == 0}}
+                 for i, text in enumerate(
+                     [f"Solve step by step: what is {i} * 17?" for i in range(20)]
+                     + [f"Translate to French: the {i} cats sleep." for i in range(20)]
+                     + ["", "日本語で答えてください", "grade this essay: " + "x " * 500])]
+    reference = SignalAnnotator()
+    expected = [reference.annotate_request(e) for e in exchanges]
+    prewarm = batch_prewarm(signals.annotate_request)
+    annotator = default_annotator()
+    for start in range(0, len(exchanges), 6):
+        batch = exchanges[start:start + 6]
+        prewarm(batch)
+        computed = []
+        real = annotator._analyse_uncached
+        monkeypatch.setattr(annotator, "_analyse_uncached",
+                            lambda texts, real=real, seen=computed: seen.append(texts) or real(texts))
+        assert [signals.annotate_request(e) for e in batch] == expected[start:start + 6]
+        assert computed == []
+        monkeypatch.undo()
+
+    async def main():  # and through the process, a burst at once
+        proc = SignalsProcess("distillguard.signals:annotate_request", exchanges[0])
+        await proc.start()
+        try:
+            return await asyncio.gather(*(proc.annotate(e) for e in exchanges))
+        finally:
+            await proc.close()
+
+    assert asyncio.run(main()) == expected
+
+
 def test_conditions_are_three_valued_while_signals_are_pending():
     """With the signals pending a condition is decided only when no signal could change it."""
     from distillguard.gateway.policy import PENDING, compile_condition, reads_signals

@@ -58,6 +58,7 @@ def _serve(conn, spec: str, warmup: dict) -> None:
 
     annotate = load_annotate(spec)
     annotate(warmup)  # load rule packs and the classifier before saying ready
+    prewarm = batch_prewarm(annotate)
     # What lives here is long-lived: rule packs, the classifier and the annotator's per-text
     # cache, which grows with every new prompt. Unfrozen, the collector's full passes walked
     # all of it (~90 ms each, measured with gc.callbacks under load), holding every decision
@@ -76,9 +77,19 @@ def _serve(conn, spec: str, warmup: dict) -> None:
         while data := sock.recv(1 << 20):
             buf += data
             replies = []
+            requests = []
             for body in _frames(buf):
                 try:
-                    out = dumps({"ok": annotate(loads(body))}, option=opts)
+                    requests.append(loads(body))
+                except Exception as exc:
+                    requests.append(exc)
+            if prewarm is not None and len(requests) > 1:
+                prewarm(requests)
+            for request in requests:
+                try:
+                    if isinstance(request, Exception):
+                        raise request
+                    out = dumps({"ok": annotate(request)}, option=opts)
                 except Exception as exc:  # the parent recomputes in-process and sees the error
                     out = dumps({"error": repr(exc)})
                 replies.append(pack(len(out)))
@@ -89,6 +100,36 @@ def _serve(conn, spec: str, warmup: dict) -> None:
                 if answered >= FREEZE_EVERY:
                     answered = 0
                     gc.freeze()
+
+
+def batch_prewarm(annotate) -> Any:
+    """For the built-in `annotate_request`: a function that analyses the prompts of several
+    requests in one call of the annotator (whose per-text cache `annotate_request` then hits),
+    else None.
+
+    `SignalAnnotator.analyse` has a fixed cost per call (the classifier scores a batch at once):
+    on the development machine a new GSM8K prompt cost 540 us of CPU alone and 393 us in a
+    batch of 5, the size the signals process typically receives at 500 req/s. Per-text results
+    do not depend on the batch (the batch engine relies on it; `tests/test_gateway_units.py`
+    checks answers with and without the prewarm are identical). The answers still come from
+    `annotate_request` itself, so if it ever analysed something else, the prewarm would only
+    cost time, never change an answer."""
+    from distillguard import signals
+
+    if annotate is not getattr(signals, "annotate_request", None):
+        return None
+    from distillguard.signals.annotate import default_annotator, user_text
+
+    annotator = default_annotator()
+
+    def prewarm(requests: list) -> None:
+        try:
+            texts = [user_text(r.get("messages")) for r in requests if isinstance(r, dict)]
+            annotator.analyse(texts)
+        except Exception:  # annotate_request reports it for its own request
+            pass
+
+    return prewarm
 
 
 def _frames(buf: bytearray) -> list[bytes]:
