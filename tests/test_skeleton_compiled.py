@@ -202,6 +202,25 @@ def test_shingle_hashes_are_rensas_hashes_of_the_shingles() -> None:
         [list(row) for row in expected]
 
 
+def test_compiled_band_keys_equal_the_formula() -> None:
+    rng = np.random.default_rng(5)
+    digests = rng.integers(0, 2**32, size=(templates.VECTOR_MIN_TEXTS + 3, templates.NUM_PERM),
+                           dtype=np.uint64)
+    digests[0] = 2**32 - 1
+    digests[1] = 0
+    multipliers = [pow(0x9E3779B97F4A7C15, k + 1, 1 << 64) | 1 for k in range(templates.LSH_ROWS)]
+    expected = []
+    for row in digests.tolist():
+        keys = []
+        for band in range(templates.LSH_BANDS):
+            values = row[band * templates.LSH_ROWS:(band + 1) * templates.LSH_ROWS]
+            value = sum(v * m for v, m in zip(values, multipliers, strict=True)) % (1 << 64)
+            keys.append(f"{band}:{value >> 16:012x}")
+        expected.append(keys)
+    assert templates._band_keys(digests) == expected
+    assert templates._band_keys(digests.tolist()) == expected
+
+
 def test_reference_hints_and_rewritten_masks_change_nothing() -> None:
     """The reference's batch hints and look-behind / callback forms of the masks give the
     skeletons of the original patterns (moved here from test_signals with the reference)."""

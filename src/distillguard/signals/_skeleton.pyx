@@ -769,3 +769,43 @@ def shingle_hashes(skeletons, Py_ssize_t words):
     finally:
         free(ends)
     return hashes, offsets, present
+
+
+cdef extern from "Python.h":
+    unsigned long long PyLong_AsUnsignedLongLongMask(object value) except? <unsigned long long> -1
+    object PyUnicode_DecodeASCII(const char* s, Py_ssize_t size, const char* errors)
+
+
+cdef const char* HEX_DIGITS = b"0123456789abcdef"
+
+
+def band_keys(list rows, multipliers, Py_ssize_t bands):
+    """LSH band keys (`"band:hash"`) of each MinHash digest in `rows` (lists of ints, `bands`
+    times len(multipliers) of them): per band, the 48-bit polynomial hash (uint64 wrapping)
+    sum(value[r] * multipliers[r]) >> 16, as 12 hex digits."""
+    cdef Py_ssize_t per_band = len(multipliers), b, r, k
+    cdef u64 mult[64]
+    cdef u64 acc
+    cdef char key[32]
+    cdef list row, keys, out = []
+    if per_band > 64 or bands > 10:
+        raise ValueError("at most 10 bands of at most 64 rows")
+    for r in range(per_band):
+        mult[r] = PyLong_AsUnsignedLongLongMask(int(multipliers[r]))
+    for row in rows:
+        if len(row) != bands * per_band:
+            raise ValueError(f"a digest of {len(row)} values, not {bands * per_band}")
+        keys = []
+        for b in range(bands):
+            acc = 0
+            for r in range(per_band):
+                acc += PyLong_AsUnsignedLongLongMask(row[b * per_band + r]) * mult[r]
+            acc >>= 16
+            key[0] = 48 + b
+            key[1] = 58  # ":"
+            for k in range(12):
+                key[13 - k] = HEX_DIGITS[acc & 15]
+                acc >>= 4
+            keys.append(PyUnicode_DecodeASCII(key, 14, NULL))
+        out.append(keys)
+    return out

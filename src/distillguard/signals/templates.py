@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from itertools import chain
 
 import numpy as np
 from rensa import RMinHash
@@ -104,42 +103,23 @@ def lsh_keys_batch(shingle_sets: Sequence[list[str]]) -> list[list[str]]:
         sketch = RMinHash(num_perm=NUM_PERM, seed=MINHASH_SEED)
         sketch.update(shingle_sets[i])
         digests.append(sketch.digest())
-    for i, row_keys in zip(present, _band_keys(np.asarray(digests, dtype=np.uint64)),
-                           strict=True):
+    for i, row_keys in zip(present, _band_keys(digests), strict=True):
         keys[i] = row_keys
     return keys
 
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_KEY_CHARS = 2 + 12  # "band:" + 12 hex digits of a 48-bit band hash
-_NIBBLE_SHIFTS = np.arange(44, -1, -4, dtype=np.uint64)
-
-
-def _band_keys(digests: np.ndarray) -> list[list[str]]:
-    """LSH band keys (`"band:hash"`) of each row of a (rows, NUM_PERM) matrix of MinHash
-    values."""
-    bands = digests.astype(np.uint64).reshape(len(digests), LSH_BANDS, LSH_ROWS)
-    # One 48-bit key per band: a polynomial hash of its rows (uint64 arithmetic wraps).
-    band_hash = (bands * _BAND_MULTIPLIERS).sum(axis=2, dtype=np.uint64) >> np.uint64(16)
-    if len(digests) < VECTOR_MIN_TEXTS:
-        return [[f"{band}:{value:012x}" for band, value in enumerate(row)]
-                for row in band_hash.tolist()]
-    # Every key has the same width: format them all at once as bytes, then slice one string.
-    chars = np.empty((len(digests), LSH_BANDS, _KEY_CHARS), dtype=np.uint8)
-    chars[:, :, 0] = ord("0") + np.arange(LSH_BANDS, dtype=np.uint8)
-    chars[:, :, 1] = ord(":")
-    chars[:, :, 2:] = _HEX[(band_hash[:, :, None] >> _NIBBLE_SHIFTS) & np.uint64(15)]
-    text = chars.tobytes().decode("ascii")
-    width = LSH_BANDS * _KEY_CHARS
-    return [[text[at + k: at + k + _KEY_CHARS] for k in range(0, width, _KEY_CHARS)]
-            for at in range(0, len(text), width)]
+def _band_keys(digests: list[list[int]] | np.ndarray) -> list[list[str]]:
+    """LSH band keys (`"band:hash"`) of each MinHash digest (NUM_PERM values): one 48-bit key
+    per band, a polynomial hash of its rows (uint64 arithmetic wraps), in 12 hex digits."""
+    rows = digests.tolist() if isinstance(digests, np.ndarray) else digests
+    return _compiled.band_keys(rows, _BAND_MULTIPLIERS.tolist(), LSH_BANDS)
 
 
 def lsh_keys_of_skeletons(skeletons: Sequence[str]) -> list[list[str]]:
     """`lsh_keys_batch([shingles(s) for s in skeletons])`, vectorised: a shingle of a skeleton
     (single spaces between tokens) is one byte range of its UTF-8 bytes, hashed there by the
     compiled extension with rensa's own token hash (rustc-hash 2's `FxHasher` on the bytes;
-    `tests/test_signals.py` checks it against `RMinHash.hash_token_sets`), and the flat hash
+    `tests/test_skeleton_compiled.py` checks it against `RMinHash.hash_token_sets`), and the flat hash
     buffer is sketched by one rensa call; no Python string per shingle."""
     if len(skeletons) < VECTOR_MIN_TEXTS:
         return lsh_keys_batch([shingles(s) for s in skeletons])
@@ -149,9 +129,7 @@ def lsh_keys_of_skeletons(skeletons: Sequence[str]) -> list[list[str]]:
         return keys
     matrix = RMinHash.digest_matrix_from_flat_token_hashes(hashes, row_offsets,
                                                            num_perm=NUM_PERM, seed=MINHASH_SEED)
-    digests = np.fromiter(chain.from_iterable(matrix.to_rows()), dtype=np.uint32,
-                          count=len(present) * NUM_PERM).reshape(len(present), NUM_PERM)
-    for i, row_keys in zip(present.tolist(), _band_keys(digests), strict=True):
+    for i, row_keys in zip(present.tolist(), _band_keys(matrix.to_rows()), strict=True):
         keys[i] = row_keys
     return keys
 
