@@ -22,7 +22,7 @@ else goes through `ingest_paths` unchanged, a whole segment at a time:
 * everything, if the contract or the validator's rules change (`FAST_PATH_OK` compares them
   with what the checks here were written against), until this module is updated.
 
-So the rows stored are the ones `ingest_paths` would store (`tests/test_gateway_units.py`
+So the rows stored are the ones `ingest_paths` would store (`tests/test_gateway_store_worker.py`
 ingests a variety of gateway records both ways and compares the stores), and the durability
 semantics (exactly once, replay idempotent) do not change.
 """

@@ -12,8 +12,8 @@ to `.jsonl` when rotated. The store worker (a separate process, so ingest CPU ne
 the event loop's GIL) ingests sealed segments, and any `.open` segment whose flock it can take
 (its writer died): segments of clean gateway records through `fast_ingest` (checked in Python,
 appended as Arrow), any other through `distillguard.ingest.ingest_paths` — both idempotent on
-request_id, which is what makes replay after a crash exactly-once. It opens the store only for the length of a flush,
-so `distillguard scan` can take the DuckDB writer lock between flushes.
+request_id, which is what makes replay after a crash exactly-once. It opens the store only for
+the length of a flush, so `distillguard scan` can take the DuckDB writer lock between flushes.
 """
 
 from __future__ import annotations
