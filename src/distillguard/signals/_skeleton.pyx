@@ -480,6 +480,7 @@ cdef int reserve(Buffers* b) except -1:
     cdef Py_ssize_t need = 5 * b.n + 16
     cdef u32* p
     if need > b.cap:
+        need = max(need, 2 * b.cap)
         p = <u32*> realloc(b.src, need * sizeof(u32))
         if p == NULL:
             raise MemoryError()
@@ -503,6 +504,17 @@ cdef inline void swap(Buffers* b, Py_ssize_t n) noexcept:
     b.n = n
 
 
+# The scan buffers, kept between calls (allocating ~2 x 5 n code points per call costs more
+# than the scan: page faults). The GIL is held for a whole call, which calls no Python code;
+# `_busy` makes a re-entrant call (there is none) use buffers of its own.
+cdef Buffers _kept
+_kept.src = NULL
+_kept.dst = NULL
+_kept.cap = 0
+_kept.n = 0
+cdef bint _busy = False
+
+
 def skeleton(str text):
     """The prompt with its variable data masked, lower-cased, whitespace collapsed."""
     if _head_chars < 0:
@@ -517,9 +529,17 @@ def skeleton(str text):
     cdef bint seen[128]
     cdef bint curly = False, guillemet = False, nonascii = False, ascii_out, upper, digits
     cdef unsigned char* narrow
-    b.src = NULL
-    b.dst = NULL
-    b.cap = 0
+    global _busy
+    cdef bint private = _busy
+    if private:
+        b.src = NULL
+        b.dst = NULL
+        b.cap = 0
+    else:
+        _busy = True
+        b.src = _kept.src
+        b.dst = _kept.dst
+        b.cap = _kept.cap
     b.n = length
     if length > _head_chars + _tail_chars:
         b.n = _head_chars + 1 + _tail_chars
@@ -626,8 +646,14 @@ def skeleton(str text):
             return PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, narrow, o)
         return PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, b.dst, o).lower()
     finally:
-        free(b.src)
-        free(b.dst)
+        if private:
+            free(b.src)
+            free(b.dst)
+        else:
+            _kept.src = b.src
+            _kept.dst = b.dst
+            _kept.cap = b.cap
+            _busy = False
 
 
 # -- MinHash input: rensa's hash of every word shingle of a batch of skeletons -----------------
