@@ -249,3 +249,14 @@ def test_init_rejects_bad_words() -> None:
 
     with pytest.raises(ValueError):
         _skeleton.init(["not capitalised"], 3000, 1000)
+
+
+def test_threads_share_the_scanner_safely() -> None:
+    """The scanner keeps its buffers between calls (the GIL is held for a whole call): threads
+    calling it at once get their own texts' skeletons."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [t for cases in CRAFTED.values() for t in cases] * 5
+    expected = [reference.skeleton(t) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(skeleton, texts)) == expected

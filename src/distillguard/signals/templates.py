@@ -119,8 +119,8 @@ def lsh_keys_of_skeletons(skeletons: Sequence[str]) -> list[list[str]]:
     """`lsh_keys_batch([shingles(s) for s in skeletons])`, vectorised: a shingle of a skeleton
     (single spaces between tokens) is one byte range of its UTF-8 bytes, hashed there by the
     compiled extension with rensa's own token hash (rustc-hash 2's `FxHasher` on the bytes;
-    `tests/test_skeleton_compiled.py` checks it against `RMinHash.hash_token_sets`), and the flat hash
-    buffer is sketched by one rensa call; no Python string per shingle."""
+    `tests/test_skeleton_compiled.py` checks it against `RMinHash.hash_token_sets`), and the
+    flat hash buffer is sketched by one rensa call; no Python string per shingle."""
     if len(skeletons) < VECTOR_MIN_TEXTS:
         return lsh_keys_batch([shingles(s) for s in skeletons])
     keys: list[list[str]] = [[] for _ in skeletons]
