@@ -157,11 +157,6 @@ cdef inline Py_ssize_t word_end(const u32* c, Py_ssize_t n, Py_ssize_t i) noexce
     return i
 
 
-cdef inline bint word_start(const u32* c, Py_ssize_t i) noexcept:
-    """\\b before c[i], given that c[i] is \\w."""
-    return i == 0 or not is_word(c[i - 1])
-
-
 # -- the passes ------------------------------------------------------------------------------
 # Each reads c[0:n] and writes its output to d (capacity >= 5 n + 16: no match grows by more
 # than 5x), copying the unmatched spans between matches; it returns the output length, or -1
