@@ -183,3 +183,24 @@ def test_a_second_scan_in_one_process_annotates_the_exchanges_that_arrived(con, 
     assert first.n_annotated > 0 and later.n_annotated > 0
     assert first.n_annotated + later.n_annotated == total
     assert con.execute("SELECT count(*) FROM signals").fetchone()[0] == total
+
+
+def test_campaign_ids_stay_unique_when_a_campaign_splits():
+    """A campaign named after its smallest member splits in two: the larger part keeps the id
+    (most of its accounts carried it), the part holding that member must not reuse it."""
+    import hashlib
+
+    import numpy as np
+
+    from distillguard.scoring import ClusterVerdict
+
+    names = ["a0", "a1", "a2", "a3", "a4", "a5", "a6"]
+    old = "cmp-" + hashlib.sha1(b"a0").hexdigest()[:10]
+    prior = {n: (T0, old) for n in names}
+
+    def verdict(label, idx):
+        idx = np.array(idx)
+        return ClusterVerdict(label, idx, idx, 1.0, 3.0, 3.0, 0.99, True)
+
+    ids = engine._campaign_ids([verdict(0, [0, 1, 2]), verdict(1, [3, 4, 5, 6])], names, prior)
+    assert ids[1] == old and ids[0] != old and len(set(ids.values())) == 2

@@ -256,7 +256,7 @@ def test_a_small_flagged_cluster_tied_to_two_campaigns_does_not_merge_them():
 
     vs = [verdict(0, np.arange(10)), verdict(1, np.arange(10, 20)),
           verdict(2, np.arange(20, 23))]
-    merged = engine._merge_flagged(vs, graph, label, 2.0)
+    merged = engine._merge_flagged(vs, graph, label, 0.5)
     sizes = sorted(len(v.core) for v in merged if v.flagged)
     assert sizes == [10, 13]  # the triad joined A only
     assert len(set(label[:10]) | set(label[20:])) == 1 and label[10] != label[0]
@@ -270,7 +270,7 @@ def _two_flagged_clusters_tied_by(kind: str):
     graph = AccountGraph([f"u{i}" for i in range(10)], src, dst, w, {kind: w}, {})
     vs = [scoring.ClusterVerdict(lab, idx, idx, 0.9, 5.0, 5.0, 0.95, True)
           for lab, idx in ((0, np.arange(5)), (1, np.arange(5, 10)))]
-    return engine._merge_flagged(vs, graph, label, 2.0)
+    return engine._merge_flagged(vs, graph, label, 0.5)
 
 
 def test_flagged_clusters_tied_by_control_evidence_merge():
@@ -284,3 +284,21 @@ def test_flagged_clusters_tied_only_by_shared_templates_stay_two_campaigns():
     for kind in ("template", "lsh", "system", "sync"):
         merged = _two_flagged_clusters_tied_by(kind)
         assert sorted(len(v.core) for v in merged if v.flagged) == [5, 5], kind
+
+
+def _two_card_groups(n_tied: int):
+    """Two flagged card groups of ten; `n_tied` accounts of the first have one surviving
+    address-pool edge (1.6, just above the graph's cut) into the second."""
+    label = np.r_[[0] * 10, [1] * 10].astype(np.int64)
+    src, dst = np.arange(n_tied), np.arange(10, 10 + n_tied)
+    w = np.full(n_tied, 1.6)
+    graph = AccountGraph([f"u{i:02d}" for i in range(20)], src, dst, w, {"ip": w}, {})
+    vs = [scoring.ClusterVerdict(lab, idx, idx, 0.9, 30.0, 30.0, 0.95, True)
+          for lab, idx in ((0, np.arange(10)), (1, np.arange(10, 20)))]
+    return engine._merge_flagged(vs, graph, label, 0.5)
+
+
+def test_card_groups_sharing_an_address_pool_merge_when_most_accounts_are_tied():
+    # one weak edge per account is all the pruned graph keeps of a shared address pool
+    assert [len(v.core) for v in _two_card_groups(8) if v.flagged] == [20]
+    assert sorted(len(v.core) for v in _two_card_groups(3) if v.flagged) == [10, 10]

@@ -102,6 +102,19 @@ def test_key_weight_decreases_with_sharing(weights):
     assert w[0] > w[1] > w[2] > 0
 
 
+def test_a_card_funding_many_accounts_ties_them_as_firmly_as_a_card_of_three():
+    linker = linking.Linker()
+    kinds = np.array(["payment"] * 4)
+    w = linker.key_weights(np.array([2.0, 3.0, 4.0, 25.0]), kinds)
+    assert w[0] > w[1] == w[2] == w[3]  # rarity up to three sharers, then no decay
+    # an operator's card of 25 accounts makes a clique of edges on its own; a NAT does not
+    rows = [(f"op{i:02d}", "payment", "card") for i in range(25)]
+    rows += [(f"nat{i:02d}", "ip", "10.0.0.1") for i in range(25)]
+    g = linker.link(ev_table(rows))
+    ops = {g.accounts[i] for i in np.concatenate([g.src, g.dst])}
+    assert g.n_edges == 25 * 24 // 2 and all(a.startswith("op") for a in ops)
+
+
 def test_shared_evidence_with_key_counts_gives_the_graph_of_all_evidence():
     ex, sig, acc, _ = crafted()
     con = ibis.duckdb.connect()

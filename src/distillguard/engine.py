@@ -424,7 +424,8 @@ def _detect_in(con, backend, view, until, config, seconds, progress, allow_accou
                 graph, label, behaviour.score > config.clusters.tail_threshold(behaviour)),
             signup_quantile=signup_quantiles(fp),
         )
-        verdict_list = _merge_flagged(verdict_list, graph, label, config.clusters.min_cohesion)
+        verdict_list = _merge_flagged(verdict_list, graph, label,
+                                      config.clusters.min_member_control)
         card_joined = _join_by_payment(verdict_list, ev, names, label)
     with _timed(seconds, "campaigns", progress):
         result = _campaigns(
@@ -448,11 +449,14 @@ def _arrow(expr) -> pa.Table:
 
 
 def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: np.ndarray,
-                   min_tie: float) -> list[ClusterVerdict]:
-    """Merge flagged clusters tied to each other by *control* evidence as strongly as a
-    cluster is tied inside (control weight between them per account of the smaller >=
-    `min_tie`): modularity splits one operator's accounts along its payment instruments, the
-    campaign is still one. Shared prompts, templates, system prompts and synchrony
+                   min_control: float, min_fraction: float = 0.5) -> list[ClusterVerdict]:
+    """Merge flagged clusters when most of the smaller one's core (at least `min_fraction`) is
+    tied to the larger one's core by at least `min_control` of *control* evidence per account
+    (the level that makes a core member): modularity splits one operator's accounts along its
+    payment instruments, the campaign is still one. Counted per account, not as the clusters'
+    summed weight, because the graph keeps only strong edges: a pool of addresses that every
+    account of the operator rotates through leaves about one surviving edge per account
+    between two of its card groups. Shared prompts, templates, system prompts and synchrony
     (CONTENT_KINDS) do not count here: two operators harvesting the same skill from the same
     public prompt sets share templates without sharing an owner. Each cluster attaches only to
     its most strongly tied larger partner, so a small cluster tied to two campaigns cannot
@@ -460,13 +464,25 @@ def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: n
     flagged = {v.label: v for v in verdicts if v.flagged}
     if len(flagged) < 2:
         return verdicts
-    a, b = label[graph.src], label[graph.dst]
-    between = (a != b) & np.isin(a, list(flagged)) & np.isin(b, list(flagged))
+    core_label = np.full(label.size, -1, dtype=np.int64)
+    for lab, v in flagged.items():
+        core_label[v.core] = lab
+    a, b = core_label[graph.src], core_label[graph.dst]
     control = graph.control_weight()
+    across = (a >= 0) & (b >= 0) & (a != b) & (control > 0)
+    # control weight from each core account to each other flagged core, and per cluster pair
+    to_other: dict[tuple[int, int, int], float] = {}
     ties: dict[tuple[int, int], float] = {}
-    for x, y, w in zip(a[between], b[between], control[between], strict=True):
+    for x, y, u, t, w in zip(a[across], b[across], graph.src[across], graph.dst[across],
+                             control[across], strict=True):
+        for account, own, other in ((int(u), x, y), (int(t), y, x)):
+            to_other[(own, other, account)] = to_other.get((own, other, account), 0.0) + w
         key = (min(x, y), max(x, y))
         ties[key] = ties.get(key, 0.0) + float(w)
+    tied_accounts: dict[tuple[int, int], int] = {}
+    for (own, other, _), w in to_other.items():
+        if w >= min_control:
+            tied_accounts[(own, other)] = tied_accounts.get((own, other), 0) + 1
     parent = {lab: lab for lab in flagged}
 
     def find(x: int) -> int:
@@ -478,11 +494,12 @@ def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: n
     # as strongly as a cluster is inside): a small cluster tied to two campaigns joins one of
     # them and never bridges the two into one
     size = {lab: (len(v.core), -lab) for lab, v in flagged.items()}
-    best: dict[int, tuple[float, int]] = {}
+    best: dict[int, tuple[tuple[float, float], int]] = {}
     for (x, y), w in sorted(ties.items()):
         small, big = (x, y) if size[x] < size[y] else (y, x)
-        strength = w / len(flagged[small].core)
-        if strength >= min_tie and strength > best.get(small, (0.0, -1))[0]:
+        n_core = len(flagged[small].core)
+        strength = (tied_accounts.get((small, big), 0) / n_core, w / n_core)
+        if strength[0] >= min_fraction and strength > best.get(small, ((0.0, 0.0), -1))[0]:
             best[small] = (strength, big)
     for small, (_, big) in sorted(best.items()):
         parent[find(small)] = find(big)
@@ -656,8 +673,9 @@ def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
 def _campaign_ids(
     verdicts: list[ClusterVerdict], names: list[str], prior_accounts: dict
 ) -> dict[int, str]:
-    """Stable campaign ids: reuse the earlier id most of a cluster's accounts carried, else a
-    hash of its smallest member."""
+    """Stable campaign ids: reuse the earlier id most of a cluster's accounts carried (larger
+    clusters choose first), else a hash of its smallest member; never one id twice (a split
+    campaign's smaller part may hold the member whose hash named the whole)."""
     ids: dict[int, str] = {}
     taken: set[str] = set()
     for v in sorted(verdicts, key=lambda v: -len(v.core)):
@@ -670,8 +688,11 @@ def _campaign_ids(
                 votes[prev[1]] = votes.get(prev[1], 0) + 1
         best = max(sorted(votes), key=lambda c: votes[c], default=None)
         if best is None or best in taken:
-            seed = min(names[i] for i in v.core)
-            best = "cmp-" + hashlib.sha1(seed.encode()).hexdigest()[:10]
+            seed, attempt = min(names[i] for i in v.core), 0
+            while best is None or best in taken:
+                salted = seed if attempt == 0 else f"{seed}#{attempt}"
+                best = "cmp-" + hashlib.sha1(salted.encode()).hexdigest()[:10]
+                attempt += 1
         taken.add(best)
         ids[v.label] = best
     return ids

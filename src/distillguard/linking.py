@@ -53,6 +53,13 @@ USAGE_KINDS = frozenset({"ip", "prefix", "user_agent", "template", "lsh", "syste
 #: day): they tie clusters but cannot alone make one a campaign.
 CONTENT_KINDS = frozenset({"template", "lsh", "system", "sync"})
 
+#: Kinds whose key names who pays or owns an account, not a place strangers pass through: past
+#: a handful of accounts, more accounts on one key is more suspicious, not less. Their rarity
+#: decay stops at `OWNER_DECAY_DF` sharers, so an operator's card funding 25 accounts ties each
+#: pair as firmly as a card three accounts share, instead of a quarter as firmly as a family's.
+OWNER_KINDS = frozenset({"payment"})
+OWNER_DECAY_DF = 3
+
 #: Human names of evidence kinds, for reasons.
 KIND_LABELS: dict[str, str] = {
     "payment": "payment fingerprints",
@@ -248,9 +255,11 @@ class Linker:
     seed: int = 0
 
     def key_weights(self, df: np.ndarray, kinds: np.ndarray) -> np.ndarray:
-        """Rarity weight of each key: kind weight / log2(1 + accounts sharing it)."""
+        """Rarity weight of each key: kind weight / log2(1 + accounts sharing it), with the
+        sharing of `OWNER_KINDS` keys counted up to `OWNER_DECAY_DF` only."""
         base = np.array([self.kind_weights.get(k, 0.0) for k in kinds])
-        return base / np.log2(1.0 + df)
+        owner = np.isin(kinds, list(OWNER_KINDS))
+        return base / np.log2(1.0 + np.where(owner, np.minimum(df, OWNER_DECAY_DF), df))
 
     @staticmethod
     def _hub_factor(counts: np.ndarray) -> np.ndarray:
