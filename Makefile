@@ -15,14 +15,17 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed-base: $(BUILD_INPUTS) | $(BIN)/python
+	PYTHON=$(PYTHON) bash scripts/system-deps.sh build
 	$(BIN)/pip install -q -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(BUILD_INPUTS) | $(BIN)/python
+	PYTHON=$(PYTHON) bash scripts/system-deps.sh build
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed-base
 
 $(LITELLM_VENV)/.installed: $(BUILD_INPUTS)
+	PYTHON=$(PYTHON) bash scripts/system-deps.sh build
 	$(PYTHON) -m venv $(LITELLM_VENV)
 	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
 	$(LITELLM_VENV)/bin/pip install -q -e '.[litellm]' 'litellm[proxy]==1.106.2'
@@ -45,7 +48,7 @@ bench: $(VENV)/.installed-dev
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 system-deps:
-	bash scripts/system-deps.sh
+	PYTHON=$(PYTHON) bash scripts/system-deps.sh
 
 clean:
 	rm -rf $(VENV) $(LITELLM_VENV) distillguard.duckdb out
