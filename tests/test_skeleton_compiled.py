@@ -15,6 +15,7 @@ import pytest
 import skeleton_reference as reference
 from distillguard.signals import templates
 from distillguard.signals.templates import skeleton, template_signatures, text_hash
+from test_signals import _skeleton_corpus
 
 
 def check(texts: list[str]) -> None:
@@ -224,14 +225,7 @@ def test_compiled_band_keys_equal_the_formula() -> None:
 def test_reference_hints_and_rewritten_masks_change_nothing() -> None:
     """The reference's batch hints and look-behind / callback forms of the masks give the
     skeletons of the original patterns (moved here from test_signals with the reference)."""
-    rng = random.Random(7)
-    words = ["the", "Anna", "x_1", "foo.bar()", "getValue", "42", "3rd", "'config.py'",
-             "\"quoted text\"", "https://e.x/a", "a@b.co", "<q>what</q>", "`code`", "Über",
-             "naïve", "日本語", "return_0.py:", "Let's", "it's", "O'Neil", "call()", "x.y.z",
-             "```py\nprint(1)\n```", "www.site.org", "Rate", "THE", "Theory", "\t", "\n", "é" * 9]
-    corpus = ["", " ", "a", "a b", "a b c", "a b c d", "x" * 40, "y " * 3000 + "end"]
-    corpus += [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 60)))
-               for _ in range(300)]
+    corpus = _skeleton_corpus()
     check(corpus)
     for original, rewritten in reference.ORIGINAL_PATTERNS:
         assert [re.sub(original, "<m>", t) for t in corpus] == [
