@@ -92,6 +92,35 @@ def test_cluster_needs_cohesion_control_and_behaviour():
     assert dense[2].flagged  # a FRAUDAR dense block stands in for cohesion
 
 
+def test_outlying_control_without_a_shared_card_needs_a_sign_up_cohort():
+    """Evaluation harnesses of unrelated organisations on their own cards, signed up months
+    apart from one cloud address: tied by a place, not an owner, so not flagged."""
+    s = scoring.BehaviourScorer().score(population())
+    odd = np.arange(0, 10)
+    control = np.zeros(200)
+    members, internal = background(control)
+    control[odd] = 20.0
+    members[0], internal[0] = odd, 100.0
+    no_block = np.zeros(200, dtype=bool)
+    scorer = scoring.ClusterScorer()
+    owner = np.zeros(200)
+
+    def flagged(owner, signup=None):
+        return {v.label: v for v in scorer.score(members, s, internal, control, no_block,
+                                                 signup_quantile=signup,
+                                                 member_owner=owner)}[0].flagged
+
+    assert not flagged(owner)
+    owner[odd[:6]] = 1.5  # most of the core shares cards: one payer
+    assert flagged(owner)
+    months_apart = np.linspace(0.0, 1.0, 200)
+    months_apart[odd] = np.linspace(0.05, 0.95, 10)  # spread over the population's sign-ups
+    assert not flagged(np.zeros(200), months_apart)
+    one_batch = months_apart.copy()
+    one_batch[odd] = 0.5 + np.arange(10) * 1e-4  # created within minutes of each other
+    assert flagged(np.zeros(200), one_batch)
+
+
 def test_only_the_core_of_a_mixed_cluster_is_flagged():
     s = scoring.BehaviourScorer().score(population())
     control = np.zeros(200)

@@ -423,6 +423,7 @@ def _detect_in(con, backend, view, until, config, seconds, progress, allow_accou
             member_max_control=_member_max_control(
                 graph, label, behaviour.score > config.clusters.tail_threshold(behaviour)),
             signup_quantile=signup_quantiles(fp),
+            member_owner=_member_control(graph, label, graph.owner_weight()),
         )
         verdict_list = _merge_flagged(verdict_list, graph, label,
                                       config.clusters.min_member_control)
@@ -633,10 +634,12 @@ def _member_max_control(graph: AccountGraph, label: np.ndarray,
     return out
 
 
-def _member_control(graph: AccountGraph, label: np.ndarray) -> np.ndarray:
-    """Per vertex: control-evidence weight of its edges to members of its own cluster."""
+def _member_control(graph: AccountGraph, label: np.ndarray,
+                    weight: np.ndarray | None = None) -> np.ndarray:
+    """Per vertex: control-evidence weight (or the given per-edge `weight`) of its edges to
+    members of its own cluster."""
     same = (label[graph.src] == label[graph.dst]) & (label[graph.src] >= 0)
-    w = graph.control_weight()[same]
+    w = (graph.control_weight() if weight is None else weight)[same]
     n = len(graph.accounts)
     return np.bincount(graph.src[same], weights=w, minlength=n) + np.bincount(
         graph.dst[same], weights=w, minlength=n

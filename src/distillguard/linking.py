@@ -234,6 +234,11 @@ class AccountGraph:
         parts = [v for k, v in self.by_kind.items() if k not in CONTENT_KINDS]
         return np.sum(parts, axis=0) if parts else np.zeros(self.n_edges)
 
+    def owner_weight(self) -> np.ndarray:
+        """Each edge's weight from OWNER_KINDS only (a shared payment instrument)."""
+        parts = [v for k, v in self.by_kind.items() if k in OWNER_KINDS]
+        return np.sum(parts, axis=0) if parts else np.zeros(self.n_edges)
+
     def edge_reasons(self, i: int) -> list[str]:
         """Human-readable evidence of edge `i`."""
         return [

@@ -263,6 +263,10 @@ class ClusterScorer:
       `cohort_alpha` / number of clusters, Bonferroni over the clusters tested). An operator
       provisions its accounts in batches; independent evaluation harnesses or colleagues
       sharing a cloud address pool were created months apart;
+    * owner: an outlying control weight counts only when at least `owner_fraction` of the core
+      shares a payment instrument with another member (or the core is a sign-up cohort):
+      unrelated evaluation harnesses that sign up from and call from one cloud address, on
+      their own cards and months apart, are tied by a place, not by an owner;
     * behaviour: the median core member's score must exceed the population's `tail` quantile.
     A FRAUDAR dense block covering half the cluster or half its core stands in for cohesion and
     control; the flagged core is then its members in a block.
@@ -276,6 +280,7 @@ class ClusterScorer:
     tail: float = 0.9
     cohort_alpha: float = 0.01
     cohort_fraction: float = 0.75
+    owner_fraction: float = 0.5
 
     def tail_threshold(self, behaviour: AccountScores) -> float:
         """The behaviour score at the population's `tail` quantile."""
@@ -290,11 +295,14 @@ class ClusterScorer:
         in_block: np.ndarray,
         member_max_control: np.ndarray | None = None,
         signup_quantile: np.ndarray | None = None,
+        member_owner: np.ndarray | None = None,
     ) -> list[ClusterVerdict]:
         """`member_control[i]`: control-evidence weight of vertex i's edges inside its cluster;
         `member_max_control[i]`: its strongest such edge (default: `member_control`);
         `in_block[i]`: whether vertex i is in a FRAUDAR dense block; `signup_quantile[i]`:
-        its sign-up time as a population quantile (NaN: unknown; None: no cohort test)."""
+        its sign-up time as a population quantile (NaN: unknown; None: no cohort test);
+        `member_owner[i]`: payment-instrument weight of its edges inside its cluster (None: no
+        owner test)."""
         threshold = self.tail_threshold(behaviour)
         strongest = member_control if member_max_control is None else member_max_control
         labs = list(members)
@@ -325,7 +333,9 @@ class ClusterScorer:
             cz = max(float(control_z[k]), self.control_z if cohort else 0.0)
             tie = max(min(cohesion / self.min_cohesion, cz / self.control_z), 2 * block)
             score = pct * (1.0 - np.exp(-max(tie, 0.0))) * (1.0 + block) / 2.0
-            by_control = cohesion >= self.min_cohesion and cz >= self.control_z
+            owned = (cohort or member_owner is None or not core.size
+                     or float(np.mean(member_owner[core] > 0)) >= self.owner_fraction)
+            by_control = cohesion >= self.min_cohesion and cz >= self.control_z and owned
             # the dense block is evidence about its members: at least half the core (or half
             # the cluster) in a block, and then only the core's block members are implicated
             in_core_block = core[in_block[core]]
