@@ -491,9 +491,9 @@ def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: n
             x = parent[x]
         return x
 
-    # each cluster attaches to the larger flagged cluster it is most strongly tied to (if tied
-    # as strongly as a cluster is inside): a small cluster tied to two campaigns joins one of
-    # them and never bridges the two into one
+    # each cluster attaches to the larger flagged cluster most of its core is tied to (the
+    # largest share of tied accounts, then the most weight): a small cluster tied to two
+    # campaigns joins one of them and never bridges the two into one
     size = {lab: (len(v.core), -lab) for lab, v in flagged.items()}
     best: dict[int, tuple[tuple[float, float], int]] = {}
     for (x, y), w in sorted(ties.items()):
