@@ -1,6 +1,6 @@
 """End-to-end `scan` throughput and peak memory, with the time of every stage.
 
-    .venv/bin/python benchmarks/scan.py --scenario seeds-2026 --scale 0.1      # the target run
+    .venv/bin/python benchmarks/scan.py --scenario seeds-2026 --scale 0.055    # the 10M run
     .venv/bin/python benchmarks/scan.py --scenario standard --scale 0.2        # quick check
 
 Simulates the scenario (unless the lab directory already holds it), ingests it into a fresh
