@@ -6,6 +6,8 @@ log contract.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -69,3 +71,15 @@ def create_table_sql(con: duckdb.DuckDBPyConnection, name: str, schema: pa.Schem
         for column, type_ in zip(empty.columns, empty.types, strict=True)
     )
     return f'CREATE TABLE "{name}" ({columns})'
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Everything written inside is committed together, or rolled back on any exception."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")

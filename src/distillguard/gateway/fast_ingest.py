@@ -38,7 +38,7 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 
-from distillguard import contract
+from distillguard import contract, store
 from distillguard.ingest import validate
 
 log = logging.getLogger("distillguard.gateway")
@@ -284,19 +284,12 @@ def store_clean(con, tables: list[pa.Table]) -> bool:
     columns = ", ".join(validate.ident(f.name) for f in SCHEMA)
     con.register("_dg_fast", table)
     try:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with store.transaction(con):
             stored = con.execute(
                 "SELECT count(*) FROM exchanges WHERE request_id IN "
                 "(SELECT request_id FROM _dg_fast)").fetchone()[0]
-            if stored:
-                con.execute("ROLLBACK")
-                return False
-            con.execute(f"INSERT INTO exchanges ({columns}) SELECT {columns} FROM _dg_fast")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            if not stored:
+                con.execute(f"INSERT INTO exchanges ({columns}) SELECT {columns} FROM _dg_fast")
     finally:
         con.unregister("_dg_fast")
-    return True
+    return not stored

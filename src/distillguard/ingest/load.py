@@ -21,6 +21,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from distillguard import store
 from distillguard.ingest import readers, validate
 from distillguard.ingest.readers import Batch, IngestFileError
 from distillguard.ingest.report import FileReport, IngestReport
@@ -211,13 +212,8 @@ def _load_table(
             stage = validate.json_stage(spec, types, "_dg_batch")
         sql = validate.validation_sql(spec, stage, from_json=not is_parquet)
         raw_expr, row_col = _raw_sql(is_parquet)
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with store.transaction(con):
             counts = _write(con, spec, sql, source, raw_expr, row_col, ingested_at)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     finally:
         con.unregister("_dg_batch")
         con.execute("DROP TABLE IF EXISTS _dg_valid; DROP TABLE IF EXISTS _dg_dups")
