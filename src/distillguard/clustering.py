@@ -18,7 +18,7 @@ import leidenalg
 import numpy as np
 import pyarrow as pa
 
-from distillguard.linking import AccountGraph, encode_evidence
+from distillguard.linking import AccountGraph, encode_evidence, sorted_unique
 
 
 @dataclass
@@ -86,7 +86,7 @@ def fraudar(
     if names != list(accounts):
         raise ValueError("fraudar: accounts must be sorted and unique")
     n = len(names)
-    pairs = np.unique(key_idx * n + acct)
+    pairs = sorted_unique(key_idx * n + acct)
     key_idx, acct = pairs // n, pairs % n
     df = np.bincount(key_idx)
     usable = (df[key_idx] >= 2) & (df[key_idx] <= max_df)
@@ -99,7 +99,7 @@ def fraudar(
         if not alive.any():
             break
         rows, cols, wts = acct[alive], key_idx[alive], w[alive]
-        n_nodes = np.unique(rows).size + np.unique(cols).size
+        n_nodes = sorted_unique(rows).size + sorted_unique(cols).size
         chosen, dens = _peel(rows, cols, wts, epsilon)
         if chosen.size < min_block or dens < 2.0 * wts.sum() / max(n_nodes, 1):
             break
