@@ -100,6 +100,12 @@ def test_shares_and_indicators():
     rows = [("a1", "payment", "card"), ("a2", "payment", "card"), ("a3", "payment", "other"),
             ("a1", "prefix", "203.0.113.0/24"), ("a2", "prefix", "203.0.113.0/24"),
             ("a3", "prefix", "203.0.113.0/24")]
-    inds, reasons = campaigns.indicators(ev(rows), ["a1", "a2", "a3"])
+    rows += [("b1", "payment", "card"), ("b1", "ip", "198.51.100.7"),
+             ("b2", "ip", "198.51.100.7")]  # another campaign's accounts
+    out = campaigns.indicators(ev(rows), {"a1": "C", "a2": "C", "a3": "C", "b1": "D", "b2": "D"})
+    inds, reasons = out["C"]
     assert inds == {"cidrs": ["203.0.113.0/24"], "payment_fingerprints": ["card"]}
     assert any("payment fingerprints" in r and "2 of 3 accounts" in r for r in reasons)
+    # each campaign counts its own accounts only: b1's card is not shared within D
+    assert out["D"][0] == {"ips": ["198.51.100.7"]}
+    assert out["D"][1] == ["1 shared IP addresses (the most shared one used by 2 of 2 accounts)"]

@@ -176,30 +176,45 @@ def shares(attributed: pa.Table, column: str) -> dict[str, dict[str, float]]:
 
 
 def indicators(
-    ev: pa.Table, members: list[str], *, top: int = 10
-) -> tuple[dict[str, list[str]], list[str]]:
-    """Infrastructure indicators of a campaign (keys shared by >= 2 of its accounts, most
-    shared first) and a reason per evidence kind with its counts."""
-    mine = ev.filter(pa.compute.is_in(ev["account_id"], pa.array(members, pa.string())))
-    g = mine.group_by(["kind", "key"]).aggregate([("account_id", "count_distinct")])
-    by_kind: dict[str, list[tuple[int, str]]] = {}
-    for k, key, n in zip(
-        g["kind"].to_pylist(), g["key"].to_pylist(), g["account_id_count_distinct"].to_pylist(),
-        strict=True,
+    ev: pa.Table, campaign_of: dict[str, str], *, top: int = 10
+) -> dict[str, tuple[dict[str, list[str]], list[str]]]:
+    """Per campaign (`campaign_of`: account -> campaign): its infrastructure indicators (keys
+    shared by >= 2 of its accounts, most shared first) and a reason per evidence kind with its
+    counts. One pass over the evidence for every campaign: it is tens of millions of rows."""
+    owners = pa.table(
+        {"account_id": list(campaign_of), "campaign_id": list(campaign_of.values())},
+        schema=pa.schema([("account_id", pa.string()), ("campaign_id", pa.string())]),
+    )
+    mine = ev.select(["account_id", "kind", "key"]).join(owners, "account_id")
+    g = mine.group_by(["campaign_id", "kind", "key"]).aggregate(
+        [("account_id", "count_distinct")])
+    by_campaign: dict[str, dict[str, list[tuple[int, str]]]] = {}
+    for cid, k, key, n in zip(
+        g["campaign_id"].to_pylist(), g["kind"].to_pylist(), g["key"].to_pylist(),
+        g["account_id_count_distinct"].to_pylist(), strict=True,
     ):
         if n >= 2:
-            by_kind.setdefault(k, []).append((n, key))
+            by_campaign.setdefault(cid, {}).setdefault(k, []).append((n, key))
+    n_accounts: dict[str, int] = {}
+    for cid in campaign_of.values():
+        n_accounts[cid] = n_accounts.get(cid, 0) + 1
+    return {cid: _indicators_of(by_campaign.get(cid, {}), n, top)
+            for cid, n in n_accounts.items()}
+
+
+def _indicators_of(by_kind: dict[str, list[tuple[int, str]]], n_accounts: int,
+                   top: int) -> tuple[dict[str, list[str]], list[str]]:
     out: dict[str, list[str]] = {}
     for name, kind in INDICATOR_KINDS.items():
         items = sorted(by_kind.get(kind, []), key=lambda t: (-t[0], t[1]))
         if items:
             out[name] = [key for _, key in items[:top]]
     reasons = []
-    for kind, items in sorted(by_kind.items(), key=lambda kv: -len(kv[1])):
+    for kind, items in sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         accounts_covered = max(n for n, _ in items)
         reasons.append(
             f"{len(items)} shared {KIND_LABELS.get(kind, kind)} "
-            f"(the most shared one used by {accounts_covered} of {len(members)} accounts)"
+            f"(the most shared one used by {accounts_covered} of {n_accounts} accounts)"
         )
     return out, reasons
 

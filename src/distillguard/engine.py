@@ -388,19 +388,13 @@ def _detect_in(con, backend, view, until, config, seconds, progress, allow_accou
     with _timed(seconds, "evidence", progress):
         # only keys two accounts share leave the engine (most template and LSH keys are used
         # once); the hub discount still counts every key, so the per-account counts come along
+        # in whatever order the engine returns them: every consumer numbers keys in sorted
+        # order (`linking.encode_evidence`) or sorts what it reports
         with evidence(view, accounts_t, lsh=config.lsh_evidence).cache() as all_ev:
             ev = _arrow(shared_evidence(all_ev)).cast(EVIDENCE_SCHEMA)
             counts = _arrow(key_counts(all_ev))
         cells = _arrow(activity_cells(view, bucket_minutes=config.sync_bucket_minutes))
         ev = pa.concat_tables([ev, sync_evidence(cells, min_cells=config.sync_min_cells)])
-        # a fixed row order: key numbering, sampling and Leiden then agree across engines
-        # (DuckDB sorts strings in parallel, byte order like Arrow's sort_by)
-        con.register("_dg_ev", ev)
-        try:
-            ev = con.sql("SELECT * FROM _dg_ev ORDER BY kind, key, account_id").to_arrow_table()
-        finally:
-            con.unregister("_dg_ev")
-        ev = ev.cast(EVIDENCE_SCHEMA)
     names = fp["account_id"].to_pylist()
     with _timed(seconds, "linking", progress):
         graph = config.linker.link(ev, names, counts)
@@ -816,13 +810,14 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
         schema=contract.FINDING_ACCOUNT_SCHEMA,
     )
     # campaign rows
+    campaign_indicators = camp.indicators(ev, campaign_of)
     rows = []
     for lab, cid in ids.items():
         v = by_label[lab]
         members = sorted(names[i] for i in v.core if not allowed[i])
         if not members:
             continue
-        inds, infra_reasons = camp.indicators(ev, members)
+        inds, infra_reasons = campaign_indicators[cid]
         w = window.get(cid, {})
         idx = np.array([i for i in v.core if not allowed[i]])
         rows.append({

@@ -151,9 +151,11 @@ def account_fingerprints(view: ir.Table, accounts: ir.Table) -> ir.Table:
         > NEW_MODEL_AFTER_S
     )
     v = view.join(firsts.select("model", "is_new"), "model")
+    # ordered by time alone: rows with equal times may come in any order, the gaps between
+    # consecutive times (all that is aggregated) are the same
     v = v.mutate(
         gap=v.ts.epoch_seconds()
-        - v.ts.epoch_seconds().lag().over(group_by=v.account_id, order_by=[v.ts, v.request_id])
+        - v.ts.epoch_seconds().lag().over(group_by=v.account_id, order_by=v.ts)
     )
     base = v.group_by("account_id").aggregate(
         n_exchanges=v.count(),
