@@ -131,14 +131,18 @@ def annotate_new(
     *,
     until: datetime | None = None,
     batch_rows: int = 50_000,
+    commit_rows: int = 500_000,
     progress: Progress | None = None,
 ) -> int:
     """Compute signals for stored exchanges (up to `until`) that have none yet; return count.
 
     Streams record batches (only the columns signals read: responses are most of the bytes)
     from the store through a `SignalAnnotator` that analyses each batch's new prompt texts on
-    every core, and appends each result to the `signals` table, so memory stays bounded and
-    reruns are free.
+    every core, pipelined (`annotate_stream`: the workers analyse the next batch while this
+    process writes this one), and appends each result to the `signals` table, so memory stays
+    bounded and reruns are free. Rows are committed `commit_rows` at a time: a commit per
+    batch (a WAL sync, often a checkpoint) cost more than the inserts; a stopped scan keeps
+    what was committed.
     """
     select = (
         "FROM exchanges e WHERE NOT EXISTS "
@@ -149,20 +153,29 @@ def annotate_new(
         return 0
     from distillguard.signals import SignalAnnotator
     from distillguard.signals.annotate import INPUT_COLUMNS
+    from distillguard.store import transaction
 
     columns = ", ".join(f"e.{name}" for name in INPUT_COLUMNS)
     reader = con.cursor().execute(f"SELECT {columns} {select}").fetch_record_batch(batch_rows)
     annotator = SignalAnnotator(workers=os.cpu_count() or 1)
+    tables = annotator.annotate_stream(reader)
     done = 0
     try:
-        for batch in reader:
-            annotated = contract.conform(annotator.annotate(batch), contract.SIGNAL_SCHEMA)
-            # an explicit relation: Ibis turns DuckDB's lookup of Python variables by name off
-            # on the connections it wraps, so it fails from the second scan of a process on
-            con.from_arrow(annotated).insert_into("signals")
-            done += batch.num_rows
-            if progress:
-                progress("signals", done, total)
+        while True:
+            with transaction(con):
+                start = done
+                for annotated in tables:
+                    # an explicit relation: Ibis turns DuckDB's lookup of Python variables by
+                    # name off on the connections it wraps, so it fails from the second scan
+                    con.from_arrow(contract.conform(annotated, contract.SIGNAL_SCHEMA)
+                                   ).insert_into("signals")
+                    done += annotated.num_rows
+                    if progress:
+                        progress("signals", done, total)
+                    if done - start >= commit_rows:
+                        break
+                else:
+                    break
     finally:
         annotator.close()
     return done
