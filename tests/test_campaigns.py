@@ -60,8 +60,10 @@ def test_attribution_separates_a_mixed_accounts_honest_traffic():
     ac = pa.table({"account_id": ["atk", "pool"], "campaign_id": ["C", "C"]})
     sigs = pa.table({"campaign_id": ["C", "C"], "kind": ["template", "lsh"],
                      "key": ["A1", "b-A2"]})
+    bands = con.create_table("b", view.select(["request_id", "account_id", "ts",
+                                               "template_lsh"]))
     out = campaigns.attribute(con.create_table("v", view), con.create_table("ac", ac),
-                              con.create_table("s", sigs)).to_pyarrow().to_pylist()
+                              con.create_table("s", sigs), bands).to_pyarrow().to_pylist()
     by_account: dict[str, set[str]] = {}
     for r in out:
         by_account.setdefault(r["account_id"], set()).add(r["request_id"])

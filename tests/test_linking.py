@@ -66,8 +66,10 @@ def test_edges_keep_their_evidence_counts():
 def test_evidence_kinds_from_crafted_traffic():
     ex, sig, acc, _ = crafted()
     con = ibis.duckdb.connect()
-    view = fingerprints.exchange_view(con.create_table("e", ex), con.create_table("s", sig))
-    ev = linking.evidence(view, con.create_table("a", acc)).to_pyarrow()
+    s = con.create_table("s", sig)
+    view = fingerprints.exchange_view(con.create_table("e", ex), s)
+    ev = linking.evidence(view, con.create_table("a", acc),
+                          bands=fingerprints.band_view(s)).to_pyarrow()
     kinds = set(ev["kind"].to_pylist())
     assert {"ip", "prefix", "user_agent", "template", "lsh", "system", "payment",
             "email_domain", "signup_hour"} <= kinds
@@ -118,8 +120,9 @@ def test_a_card_funding_many_accounts_ties_them_as_firmly_as_a_card_of_three():
 def test_shared_evidence_with_key_counts_gives_the_graph_of_all_evidence():
     ex, sig, acc, _ = crafted()
     con = ibis.duckdb.connect()
-    view = fingerprints.exchange_view(con.create_table("e", ex), con.create_table("s", sig))
-    full = linking.evidence(view, con.create_table("a", acc))
+    s = con.create_table("s", sig)
+    view = fingerprints.exchange_view(con.create_table("e", ex), s)
+    full = linking.evidence(view, con.create_table("a", acc), bands=fingerprints.band_view(s))
     every = full.to_pyarrow().cast(linking.EVIDENCE_SCHEMA)
     shared = linking.shared_evidence(full).to_pyarrow().cast(linking.EVIDENCE_SCHEMA)
     assert shared.num_rows < every.num_rows  # keys used by one account stay behind

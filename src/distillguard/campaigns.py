@@ -66,12 +66,14 @@ def attribute(
     view: ir.Table,
     account_campaigns: ir.Table,
     signatures: ir.Table,
+    bands: ir.Table,
     *,
     dedicated_share: float = 0.6,
 ) -> ir.Table:
     """Per-exchange attribution: (request_id, campaign_id, account_id, ts, model, capability).
 
-    `account_campaigns` has (account_id, campaign_id); `signatures` (campaign_id, kind, key).
+    `account_campaigns` has (account_id, campaign_id); `signatures` (campaign_id, kind, key);
+    `bands` each exchange's LSH band keys (`fingerprints.band_view`).
     An exchange matches when its template signature or one of its LSH bands is a signature of
     its account's campaign, or when it carries a distillation signal (chain-of-thought,
     reconstruction, rubric, safe rewrite, extraction parameters, classifier score >= 0.5), or
@@ -87,9 +89,10 @@ def attribute(
         tmpl, (v.campaign_id == tmpl.campaign_id) & (v.template_sig == tmpl.t_key)
     ).drop("campaign_id_right", "t_key")
     lsh_keys = signatures.filter(signatures.kind == "lsh").select("campaign_id", l_key="key")
-    bands = v.select("request_id", "campaign_id", l_key=v.template_lsh.unnest())
+    b = bands.select("request_id", "account_id", l_key=bands.template_lsh.unnest())
+    b = b.join(account_campaigns.view(), "account_id")  # a second use of the table
     band_hits = (
-        bands.join(lsh_keys, ["campaign_id", "l_key"])
+        b.join(lsh_keys, [b.campaign_id == lsh_keys.campaign_id, b.l_key == lsh_keys.l_key])
         .select("request_id")
         .distinct()
         .mutate(l_hit=ibis.literal(1))

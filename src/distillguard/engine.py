@@ -35,7 +35,12 @@ import pyarrow.parquet as pq
 from distillguard import campaigns as camp
 from distillguard import contract
 from distillguard.clustering import fraudar, leiden_clusters
-from distillguard.fingerprints import account_fingerprints, exchange_view, model_first_seen
+from distillguard.fingerprints import (
+    account_fingerprints,
+    band_view,
+    exchange_view,
+    model_first_seen,
+)
 from distillguard.linking import (
     EVIDENCE_SCHEMA,
     AccountGraph,
@@ -375,19 +380,21 @@ def replay(
 
 def _detect(con, backend, until, config, seconds, progress, allow_accounts, allow_orgs, verdicts):
     # every later stage reads the exchanges joined to their signals (fingerprints, evidence,
-    # activity cells, attribution): join them once, in the backend, not once per aggregate
+    # activity cells, attribution): join them once, in the backend, not once per aggregate;
+    # the LSH bands, read by evidence and attribution only, come from the signals alone
     with _timed(seconds, "fingerprints", progress):
         view = exchange_view(backend.table("exchanges"), backend.table("signals"),
                              until=until).cache()
+    bands = band_view(backend.table("signals"), until=until)
     try:
-        return _detect_in(con, backend, view, until, config, seconds, progress,
+        return _detect_in(con, backend, view, bands, until, config, seconds, progress,
                           allow_accounts, allow_orgs, verdicts)
     finally:
         view.release()
 
 
-def _detect_in(con, backend, view, until, config, seconds, progress, allow_accounts, allow_orgs,
-               verdicts):
+def _detect_in(con, backend, view, bands, until, config, seconds, progress, allow_accounts,
+               allow_orgs, verdicts):
     accounts_t = backend.table("accounts")
     with _timed(seconds, "fingerprints", progress):
         # one account order for every in-process stage (code-point order, as Python sorts)
@@ -403,7 +410,8 @@ def _detect_in(con, backend, view, until, config, seconds, progress, allow_accou
         # once); the hub discount still counts every key, so the per-account counts come along
         # in whatever order the engine returns them: every consumer numbers keys in sorted
         # order (`linking.encode_evidence`) or sorts what it reports
-        with evidence(view, accounts_t, lsh=config.lsh_evidence).cache() as all_ev:
+        with evidence(view, accounts_t,
+                      bands=bands if config.lsh_evidence else None).cache() as all_ev:
             ev = _arrow(shared_evidence(all_ev)).cast(EVIDENCE_SCHEMA)
             counts = _arrow(key_counts(all_ev))
         cells = _arrow(activity_cells(view, bucket_minutes=config.sync_bucket_minutes))
@@ -437,7 +445,7 @@ def _detect_in(con, backend, view, until, config, seconds, progress, allow_accou
         card_joined = _join_by_payment(verdict_list, ev, names, label)
     with _timed(seconds, "campaigns", progress):
         result = _campaigns(
-            con, backend, view, fp, ev, graph, label, block, behaviour, verdict_list, firsts,
+            con, backend, view, bands, fp, ev, graph, label, block, behaviour, verdict_list, firsts,
             now, config, allow_accounts, allow_orgs, card_joined,
         )
     acc, cmp_, exc, allow_listed = result
@@ -741,7 +749,7 @@ def _account_graph_reasons(
     return out
 
 
-def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: AccountScores,
+def _campaigns(con, backend, view, bands, fp, ev, graph, label, block, behaviour: AccountScores,
                verdict_list, firsts, now, config, allow_accounts, allow_orgs, card_joined=None):
     names = fp["account_id"].to_pylist()
     orgs = fp["org_id"].to_pylist()
@@ -772,7 +780,7 @@ def _campaigns(con, backend, view, fp, ev, graph, label, block, behaviour: Accou
     sigs = camp.campaign_signatures(ev, campaign_of)
     if ac.num_rows:
         attributed = _arrow(camp.attribute(view, backend.memtable(ac), backend.memtable(sigs),
-                                           dedicated_share=config.dedicated_share))
+                                           bands, dedicated_share=config.dedicated_share))
     else:
         attributed = pa.table({
             "request_id": pa.array([], pa.string()), "campaign_id": pa.array([], pa.string()),

@@ -24,7 +24,6 @@ SIGNAL_COLUMNS = (
     "capability",
     "extraction_params",
     "template_sig",
-    "template_lsh",
     "system_hash",
     "distill_score",
 )
@@ -110,6 +109,17 @@ def exchange_view(
         output_tokens=joined.output_tokens,
         prefix=ip_prefix(joined.ip),
     )
+
+
+def band_view(signals: ir.Table, *, until: datetime | None = None) -> ir.Table:
+    """(request_id, account_id, ts, template_lsh) of the signals up to `until`, read from the
+    signals table alone. The LSH bands are the widest signal (eight strings per exchange) and
+    only evidence and attribution read them: kept out of the cached exchange view, that view
+    fits in DuckDB's memory limit at 10M exchanges instead of spilling to disk."""
+    s = signals
+    if until is not None:
+        s = s.filter(s.ts <= ibis.literal(until))
+    return s.select("request_id", "account_id", "ts", "template_lsh")
 
 
 def _entropy(view: ir.Table, column: str) -> ir.Table:

@@ -87,25 +87,29 @@ EVIDENCE_SCHEMA = pa.schema(
 )
 
 
-def evidence(view: ir.Table, accounts: ir.Table, *, lsh: bool = True) -> ir.Table:
-    """Every (account, kind, key) used, with first use time and count: see EVIDENCE_SCHEMA."""
+def evidence(view: ir.Table, accounts: ir.Table, *, bands: ir.Table | None = None) -> ir.Table:
+    """Every (account, kind, key) used, with first use time and count: see EVIDENCE_SCHEMA.
+    `bands` (`fingerprints.band_view`) adds the LSH band keys; without it there are none."""
 
-    def per_exchange(kind: str, key: ir.Value) -> ir.Table:
-        t = view.select("account_id", "ts", key=key.cast("string"))
+    def per_exchange(kind: str, table: ir.Table, key: ir.Value) -> ir.Table:
+        # nullable types throughout: the view and the bands come from different tables, and
+        # a union needs one schema
+        t = table.select(account_id=_nullable(table.account_id), ts=_nullable(table.ts),
+                         key=key.cast("string"))
         t = t.filter(t.key.notnull() & (t.key != ""))
         return t.group_by(["account_id", "key"]).aggregate(first_ts=t.ts.min(), n=t.count()).mutate(
             kind=ibis.literal(kind)
         )
 
     parts = [
-        per_exchange("ip", view.ip),
-        per_exchange("prefix", view.prefix),
-        per_exchange("user_agent", view.user_agent),
-        per_exchange("template", view.template_sig),
-        per_exchange("system", view.system_hash),
+        per_exchange("ip", view, view.ip),
+        per_exchange("prefix", view, view.prefix),
+        per_exchange("user_agent", view, view.user_agent),
+        per_exchange("template", view, view.template_sig),
+        per_exchange("system", view, view.system_hash),
     ]
-    if lsh:
-        parts.append(per_exchange("lsh", view.template_lsh.unnest()))
+    if bands is not None:
+        parts.append(per_exchange("lsh", bands, bands.template_lsh.unnest()))
     first_use = view.group_by("account_id").aggregate(first_ts=view.ts.min())
     acc = accounts.join(first_use, "account_id")
     for kind, key in (
@@ -122,6 +126,10 @@ def evidence(view: ir.Table, accounts: ir.Table, *, lsh: bool = True) -> ir.Tabl
         )
     cols = ["account_id", "kind", "key", "first_ts", "n"]
     return ibis.union(*[p.select(*cols) for p in parts], distinct=False)
+
+
+def _nullable(column: ir.Value) -> ir.Value:
+    return column.cast(column.type().copy(nullable=True))
 
 
 def shared_evidence(ev: ir.Table) -> ir.Table:
