@@ -3,9 +3,11 @@
 Durability guarantee (docs/gateway.md, "Durability"): every exchange record is appended to the
 current segment with one `write()` on an O_APPEND descriptor BEFORE the response to the client
 completes. Once `write()` returns the bytes are in the kernel's page cache, so a killed gateway
-(`kill -9`, OOM kill, crash) loses nothing. With `fsync: batch` (default) a background thread
-fsyncs the segment every `fsync_interval_ms`, so a power loss or kernel crash can lose at most
-that window; `fsync: always` fsyncs each record before the response (slow); `off` never does.
+(`kill -9`, OOM kill, crash) loses nothing. With `fsync: batch` (default) a child process
+(`wal_sync.py`) fsyncs the open segment every `fsync_interval_ms`, so a power loss or kernel
+crash can lose at most that window (a thread did it before; its 200 wake-ups a second took the
+event loop's GIL, and the background thread now does it only while that process is not
+running); `fsync: always` fsyncs each record before the response (slow); `off` never does.
 
 Segments: `<dir>/seg-<time>-<pid>-<n>.open` while written (held under an exclusive flock), renamed
 to `.jsonl` when rotated. The store worker (a separate process, so ingest CPU never competes with
@@ -24,6 +26,9 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -35,6 +40,47 @@ log = logging.getLogger("distillguard.gateway")
 
 SNAPSHOT_NAME = "enforcement.json"
 FINAL_FLUSH_PATIENCE_S = 20.0  # StoreWorker.stop waits 30 s
+#: How often the background thread looks at rotation and at the fsync process when that
+#: process does the fsyncs (otherwise it wakes every `fsync_interval_ms`).
+IDLE_CHECK_S = 0.25
+
+
+class SyncProcess:
+    """The child process that fsyncs the open segment (`wal_sync.py`), fed descriptors."""
+
+    def __init__(self, interval_s: float):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", str(Path(__file__).with_name("wal_sync.py")),
+                 str(theirs.fileno()), repr(interval_s)],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        ours.setblocking(False)  # never wait on the event loop: a full socket = process lost
+        self.sock = ours
+        self.failed = False
+
+    def alive(self) -> bool:
+        return not self.failed and self.process.poll() is None
+
+    def watch(self, fd: int) -> None:
+        """Hand over the segment now written to (from now on `alive()` is False if that
+        failed, and the log's own thread fsyncs)."""
+        if self.failed:
+            return
+        try:
+            socket.send_fds(self.sock, [b"w"], [fd])
+        except OSError:
+            self.failed = True
+            log.error("wal fsync process lost; the gateway fsyncs segments itself from now on")
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """EOF makes it fsync once more and exit; wait for that."""
+        self.sock.close()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class WriteAheadLog:
@@ -59,6 +105,13 @@ class WriteAheadLog:
         self._dirty = False
         self._closed = False
         self._retired: list[int] = []  # sealed segments' descriptors awaiting fsync + close
+        self._wake = threading.Event()
+        self._sync: SyncProcess | None = None
+        if fsync == "batch":
+            try:
+                self._sync = SyncProcess(self.interval)
+            except OSError:
+                log.exception("cannot start the wal fsync process; fsyncing in a thread")
         self._open_segment()
         self._thread = threading.Thread(target=self._background, name="wal-sync", daemon=True)
         self._thread.start()
@@ -74,6 +127,8 @@ class WriteAheadLog:
     def _open_segment(self, segment: tuple[int, Path] | None = None) -> None:
         self._fd, self._path = segment or self._create_segment()
         self._seg_records, self._seg_opened = 0, time.monotonic()
+        if self._sync is not None:
+            self._sync.watch(self._fd)
 
     def _seal(self) -> None:
         """Mark the current segment ready for the store worker (call with the lock held).
@@ -117,14 +172,21 @@ class WriteAheadLog:
             os.close(fd)  # releases the flock of a retired segment
 
     def _background(self) -> None:
-        """Batched fsync and age-based rotation, off the request path and outside the lock."""
+        """Age-based rotation off the request path and outside the lock, and the batched
+        fsync when the fsync process is not running."""
         while not self._closed:
-            time.sleep(self.interval)
+            sync_here = self.fsync == "batch" and (self._sync is None or not self._sync.alive())
+            if sync_here:
+                pause = self.interval
+            else:
+                age = time.monotonic() - self._seg_opened
+                pause = min(IDLE_CHECK_S, max(self.max_age - age, self.interval))
+            self._wake.wait(pause)
             dup = None
             with self._lock:
                 if self._closed or self._fd is None:
                     continue
-                if self._dirty and self.fsync == "batch":
+                if self._dirty and sync_here:
                     dup = os.dup(self._fd)  # fsync a duplicate: rotation may close the original
                     self._dirty = False
                 rotate = bool(self._seg_records) and \
@@ -160,8 +222,11 @@ class WriteAheadLog:
             self._seal()
             self._closed = True
             retired, self._retired = self._retired, []
+        self._wake.set()
         self._thread.join(timeout=1.0)
         self._sync_and_close(retired, retired)
+        if self._sync is not None:
+            self._sync.close()
 
     def pending_segments(self) -> int:
         return sum(1 for p in self.dir.iterdir() if p.suffix in (".open", ".jsonl"))
