@@ -12,6 +12,9 @@ capability and model shares, release pivots, infrastructure indicators and reaso
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 import duckdb
@@ -34,32 +37,57 @@ INDICATOR_KINDS = {
 }
 
 
-def campaign_signatures(ev: pa.Table, campaign_of: dict[str, str], *, purity: float = 0.5) -> pa.Table:
-    """(campaign_id, kind, key) for template / LSH keys shared by >= 2 accounts of a campaign,
-    where the campaign's accounts are at least `purity` of all accounts using the key."""
-    owners = pa.table(
+_names = itertools.count()
+
+
+@contextmanager
+def _sql(con: duckdb.DuckDBPyConnection | None, **tables: pa.Table) -> Iterator[tuple]:
+    """A DuckDB connection with the Arrow `tables` registered under fresh names (yielded with
+    it, in order). `con`, when given, is the scan's store connection: its memory limit and
+    spill directory then bound these queries too (a fresh in-memory connection may take most
+    of the machine's memory on tens of millions of evidence rows)."""
+    db = con if con is not None else duckdb.connect()
+    names = [f"_dg_{name}_{next(_names)}" for name in tables]
+    for name, table in zip(names, tables.values(), strict=True):
+        db.register(name, table)
+    try:
+        yield (db, *names)
+    finally:
+        for name in names:
+            db.unregister(name)
+        if con is None:
+            db.close()
+
+
+def _owners(campaign_of: dict[str, str]) -> pa.Table:
+    return pa.table(
         {"account_id": list(campaign_of), "campaign_id": list(campaign_of.values())},
         schema=pa.schema([("account_id", pa.string()), ("campaign_id", pa.string())]),
     )
-    db = duckdb.connect()
-    db.register("ev", ev)
-    db.register("owners", owners)
-    return db.execute(
-        """
-        WITH sig AS (
-          SELECT DISTINCT e.kind, e.key, e.account_id, o.campaign_id
-          FROM ev e LEFT JOIN owners o USING (account_id)
-          WHERE e.kind IN ('template', 'lsh')),
-        users AS (SELECT kind, key, count(*) AS n_users FROM sig GROUP BY ALL)
-        SELECT s.campaign_id, s.kind, s.key
-        FROM sig s JOIN users u USING (kind, key)
-        WHERE s.campaign_id IS NOT NULL
-        GROUP BY s.campaign_id, s.kind, s.key, u.n_users
-        HAVING count(*) >= 2 AND count(*) >= ? * u.n_users
-        ORDER BY ALL
-        """,
-        [purity],
-    ).to_arrow_table()
+
+
+def campaign_signatures(ev: pa.Table, campaign_of: dict[str, str], *, purity: float = 0.5,
+                        con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+    """(campaign_id, kind, key) for template / LSH keys shared by >= 2 accounts of a campaign,
+    where the campaign's accounts are at least `purity` of all accounts using the key.
+    `con`: the connection to run on (see `_sql`)."""
+    with _sql(con, ev=ev, owners=_owners(campaign_of)) as (db, ev_t, owners_t):
+        return db.execute(
+            f"""
+            WITH sig AS (
+              SELECT DISTINCT e.kind, e.key, e.account_id, o.campaign_id
+              FROM {ev_t} e LEFT JOIN {owners_t} o USING (account_id)
+              WHERE e.kind IN ('template', 'lsh')),
+            users AS (SELECT kind, key, count(*) AS n_users FROM sig GROUP BY ALL)
+            SELECT s.campaign_id, s.kind, s.key
+            FROM sig s JOIN users u USING (kind, key)
+            WHERE s.campaign_id IS NOT NULL
+            GROUP BY s.campaign_id, s.kind, s.key, u.n_users
+            HAVING count(*) >= 2 AND count(*) >= ? * u.n_users
+            ORDER BY ALL
+            """,
+            [purity],
+        ).to_arrow_table()
 
 
 def attribute(
@@ -120,7 +148,7 @@ def attribute(
 
 def pivots(
     attributed: pa.Table, model_first_seen: dict[str, datetime], *, min_share: float = 0.3,
-    window_hours: int = 6,
+    window_hours: int = 6, con: duckdb.DuckDBPyConnection | None = None,
 ) -> dict[str, list[dict]]:
     """Release pivots per campaign: a model that appeared during the log (first seen more than
     NEW_MODEL_AFTER_S after it starts) and reached `min_share` of the campaign's traffic in a
@@ -135,25 +163,24 @@ def pivots(
     }
     if not new_models:
         return {}
-    db = duckdb.connect()
-    db.register("attributed", attributed.select(["campaign_id", "model", "ts"]))
-    rows = db.execute(
-        f"""
-        WITH w AS (
-          SELECT campaign_id, model,
-                 time_bucket(INTERVAL '{int(window_hours)} hours', ts) AS win, count(*) AS n
-          FROM attributed GROUP BY ALL),
-        tot AS (SELECT campaign_id, win, sum(n) AS total FROM w GROUP BY ALL),
-        hit AS (
-          SELECT w.campaign_id, w.model, w.win, w.n / tot.total AS share,
-                 row_number() OVER (PARTITION BY w.campaign_id, w.model ORDER BY w.win) AS k
-          FROM w JOIN tot USING (campaign_id, win)
-          WHERE w.n >= ? * tot.total)
-        SELECT campaign_id, model, win + INTERVAL '{int(window_hours)} hours', share
-        FROM hit WHERE k = 1 ORDER BY ALL
-        """,
-        [min_share],
-    ).fetchall()
+    with _sql(con, attributed=attributed.select(["campaign_id", "model", "ts"])) as (db, att):
+        rows = db.execute(
+            f"""
+            WITH w AS (
+              SELECT campaign_id, model,
+                     time_bucket(INTERVAL '{int(window_hours)} hours', ts) AS win, count(*) AS n
+              FROM {att} GROUP BY ALL),
+            tot AS (SELECT campaign_id, win, sum(n) AS total FROM w GROUP BY ALL),
+            hit AS (
+              SELECT w.campaign_id, w.model, w.win, w.n / tot.total AS share,
+                     row_number() OVER (PARTITION BY w.campaign_id, w.model ORDER BY w.win) AS k
+              FROM w JOIN tot USING (campaign_id, win)
+              WHERE w.n >= ? * tot.total)
+            SELECT campaign_id, model, win + INTERVAL '{int(window_hours)} hours', share
+            FROM hit WHERE k = 1 ORDER BY ALL
+            """,
+            [min_share],
+        ).fetchall()
     out: dict[str, list[dict]] = {}
     for campaign_id, model, reached, share in rows:
         if model in new_models:
@@ -179,46 +206,59 @@ def shares(attributed: pa.Table, column: str) -> dict[str, dict[str, float]]:
 
 
 def indicators(
-    ev: pa.Table, campaign_of: dict[str, str], *, top: int = 10
+    ev: pa.Table, campaign_of: dict[str, str], *, top: int = 10,
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> dict[str, tuple[dict[str, list[str]], list[str]]]:
     """Per campaign (`campaign_of`: account -> campaign): its infrastructure indicators (keys
     shared by >= 2 of its accounts, most shared first) and a reason per evidence kind with its
-    counts. One pass over the evidence for every campaign: it is tens of millions of rows."""
-    owners = pa.table(
-        {"account_id": list(campaign_of), "campaign_id": list(campaign_of.values())},
-        schema=pa.schema([("account_id", pa.string()), ("campaign_id", pa.string())]),
-    )
-    mine = ev.select(["account_id", "kind", "key"]).join(owners, "account_id")
-    g = mine.group_by(["campaign_id", "kind", "key"]).aggregate(
-        [("account_id", "count_distinct")])
-    by_campaign: dict[str, dict[str, list[tuple[int, str]]]] = {}
-    for cid, k, key, n in zip(
-        g["campaign_id"].to_pylist(), g["kind"].to_pylist(), g["key"].to_pylist(),
-        g["account_id_count_distinct"].to_pylist(), strict=True,
-    ):
-        if n >= 2:
-            by_campaign.setdefault(cid, {}).setdefault(k, []).append((n, key))
+    counts. One query for every campaign (the evidence is tens of millions of rows); only the
+    per-kind counts and the top keys leave it. `con`: the connection to run on (see `_sql`)."""
+    kinds = ", ".join(f"'{k}'" for k in INDICATOR_KINDS.values())
+    with _sql(con, ev=ev.select(["account_id", "kind", "key"]),
+              owners=_owners(campaign_of)) as (db, ev_t, owners_t):
+        rows = db.execute(
+            f"""
+            WITH shared AS (
+              SELECT o.campaign_id, e.kind, e.key, count(DISTINCT e.account_id) AS n
+              FROM {ev_t} e JOIN {owners_t} o USING (account_id)
+              GROUP BY ALL HAVING count(DISTINCT e.account_id) >= 2)
+            SELECT campaign_id, kind, NULL AS key, count(*) AS n_keys, max(n) AS n
+            FROM shared GROUP BY ALL
+            UNION ALL
+            SELECT campaign_id, kind, key, NULL, n FROM shared
+            WHERE kind IN ({kinds})
+            QUALIFY row_number() OVER (PARTITION BY campaign_id, kind
+                                       ORDER BY n DESC, key) <= ?
+            """,
+            [top],
+        ).fetchall()
+    per_kind: dict[str, dict[str, tuple[int, int]]] = {}
+    top_keys: dict[str, dict[str, list[tuple[int, str]]]] = {}
+    for cid, kind, key, n_keys, n in rows:
+        if key is None:
+            per_kind.setdefault(cid, {})[kind] = (n_keys, n)
+        else:
+            top_keys.setdefault(cid, {}).setdefault(kind, []).append((n, key))
     n_accounts: dict[str, int] = {}
     for cid in campaign_of.values():
         n_accounts[cid] = n_accounts.get(cid, 0) + 1
-    return {cid: _indicators_of(by_campaign.get(cid, {}), n, top)
+    return {cid: _indicators_of(per_kind.get(cid, {}), top_keys.get(cid, {}), n)
             for cid, n in n_accounts.items()}
 
 
-def _indicators_of(by_kind: dict[str, list[tuple[int, str]]], n_accounts: int,
-                   top: int) -> tuple[dict[str, list[str]], list[str]]:
+def _indicators_of(per_kind: dict[str, tuple[int, int]],
+                   top_keys: dict[str, list[tuple[int, str]]],
+                   n_accounts: int) -> tuple[dict[str, list[str]], list[str]]:
     out: dict[str, list[str]] = {}
     for name, kind in INDICATOR_KINDS.items():
-        items = sorted(by_kind.get(kind, []), key=lambda t: (-t[0], t[1]))
+        items = sorted(top_keys.get(kind, []), key=lambda t: (-t[0], t[1]))
         if items:
-            out[name] = [key for _, key in items[:top]]
-    reasons = []
-    for kind, items in sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        accounts_covered = max(n for n, _ in items)
-        reasons.append(
-            f"{len(items)} shared {KIND_LABELS.get(kind, kind)} "
-            f"(the most shared one used by {accounts_covered} of {n_accounts} accounts)"
-        )
+            out[name] = [key for _, key in items]
+    reasons = [
+        f"{n_keys} shared {KIND_LABELS.get(kind, kind)} "
+        f"(the most shared one used by {most} of {n_accounts} accounts)"
+        for kind, (n_keys, most) in sorted(per_kind.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    ]
     return out, reasons
 
 

@@ -777,7 +777,7 @@ def _campaigns(con, backend, view, bands, fp, ev, graph, label, block, behaviour
     # per-exchange attribution
     ac = pa.table({"account_id": list(campaign_of), "campaign_id": list(campaign_of.values())},
                   schema=pa.schema([("account_id", pa.string()), ("campaign_id", pa.string())]))
-    sigs = camp.campaign_signatures(ev, campaign_of)
+    sigs = camp.campaign_signatures(ev, campaign_of, con=con)
     if ac.num_rows:
         attributed = _arrow(camp.attribute(view, backend.memtable(ac), backend.memtable(sigs),
                                            bands, dedicated_share=config.dedicated_share))
@@ -791,7 +791,7 @@ def _campaigns(con, backend, view, bands, fp, ev, graph, label, block, behaviour
     models = camp.shares(attributed, "model")
     first_seen = {r["model"]: r["model_first_ts"] for r in firsts.to_pylist()}
     campaign_ffa = {cid: _earliest(prior_campaigns.get(cid), now) for cid in ids.values()}
-    pivots = camp.pivots(attributed, first_seen)
+    pivots = camp.pivots(attributed, first_seen, con=con)
     win = attributed.group_by("campaign_id").aggregate(
         [("ts", "min"), ("ts", "max"), ("request_id", "count")]
     )
@@ -831,7 +831,7 @@ def _campaigns(con, backend, view, bands, fp, ev, graph, label, block, behaviour
         schema=contract.FINDING_ACCOUNT_SCHEMA,
     )
     # campaign rows
-    campaign_indicators = camp.indicators(ev, campaign_of)
+    campaign_indicators = camp.indicators(ev, campaign_of, con=con)
     rows = []
     for lab, cid in ids.items():
         v = by_label[lab]
