@@ -110,7 +110,10 @@ def _table_column(table: pa.Table, name: str) -> pa.Array | None:
     if name not in table.column_names:
         return None
     column = table[name]
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):
+        # combine_chunks copies even a single chunk (the messages of a batch: 100+ MB)
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
 
 
 def user_text_column(messages: pa.Array) -> pa.Array:
@@ -397,17 +400,21 @@ class SignalAnnotator:
         """The SIGNAL_SCHEMA table of a batch from the signals of its distinct texts."""
         num_rows = table.num_rows
 
-        def per_text(values: list, type_: pa.DataType) -> pa.Array:
+        def per_text(values: Sequence, type_: pa.DataType) -> pa.Array:
             return pc.take(pa.array(values, type_), indices)
 
+        # one transposition of the distinct texts' signals into a sequence per field
+        fields = TextSignals(*zip(*distinct, strict=True)) if distinct \
+            else TextSignals(*([()] * len(TextSignals._fields)))
         columns: dict[str, pa.Array] = {
             name: _table_column(table, name).cast(contract.SIGNAL_SCHEMA.field(name).type)
             for name in ("request_id", "account_id", "ts", "model")
         }
         columns["prompt_chars"] = pc.utf8_length(texts).cast(pa.int64())
+        flags = list(zip(*fields.flags, strict=True)) or [()] * len(BOOLEAN_SIGNALS)
         for k, name in enumerate(BOOLEAN_SIGNALS):
-            columns[name] = per_text([s.flags[k] for s in distinct], pa.bool_())
-        text_capability = per_text([s.capability for s in distinct], pa.string())
+            columns[name] = per_text(flags[k], pa.bool_())
+        text_capability = per_text(fields.capability, pa.string())
         # Capability depends on (prompt capability, tool names) only: resolved per distinct pair.
         pairs = pc.dictionary_encode(pc.binary_join_element_wise(
             text_capability, self._tools_text(table), "\x1f"))
@@ -415,15 +422,12 @@ class SignalAnnotator:
                     for pair in pairs.dictionary.to_pylist()]
         columns["capability"] = pc.take(pa.array(resolved, pa.string()), pairs.indices)
         columns["extraction_params"] = extraction_mask(_table_column(table, "params"), num_rows)
-        columns["template_sig"] = per_text([s.template_sig for s in distinct], pa.string())
-        columns["template_lsh"] = per_text(
-            [list(s.template_lsh) for s in distinct], pa.list_(pa.string())
-        )
+        columns["template_sig"] = per_text(fields.template_sig, pa.string())
+        columns["template_lsh"] = per_text(fields.template_lsh, pa.list_(pa.string()))
         columns["system_hash"] = self._system_hashes(_table_column(table, "system"), num_rows)
-        columns["language"] = per_text([s.language for s in distinct], pa.string())
-        columns["distill_score"] = per_text([s.distill_score for s in distinct], pa.float64())
-        columns["rule_hits"] = per_text([list(s.rule_hits) for s in distinct],
-                                        pa.list_(pa.string()))
+        columns["language"] = per_text(fields.language, pa.string())
+        columns["distill_score"] = per_text(fields.distill_score, pa.float64())
+        columns["rule_hits"] = per_text(fields.rule_hits, pa.list_(pa.string()))
         return pa.Table.from_pydict(
             {f.name: columns[f.name] for f in contract.SIGNAL_SCHEMA},
             schema=contract.SIGNAL_SCHEMA,
