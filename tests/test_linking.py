@@ -163,3 +163,27 @@ def test_keys_with_the_same_members_are_sampled_once_with_their_summed_weight():
                                               np.array([0.25, 0.5]), 64, tokens)
     assert np.allclose(value, 0.75 + 2j)  # weight 0.25 + 0.5, two shared keys
     assert np.unique(lo * 100 + hi).size == lo.size
+
+
+def test_products_in_key_batches_give_the_graph_of_one_product():
+    rng = np.random.default_rng(3)
+    rows = []
+    for k in range(400):  # keys of 2-90 accounts: sparse products and sampled rings both
+        size = int(rng.integers(2, 90))
+        for a in rng.choice(300, size=size, replace=False):
+            rows.append((f"a{a:03d}", "template" if k % 2 else "ip", f"k{k}"))
+    ev = ev_table(rows)
+    one = linking.Linker(min_edge_weight=0.2).link(ev)
+    batched = linking.Linker(min_edge_weight=0.2, product_batch=50).link(ev)
+    assert len(linking._key_batches(np.full(400, 40), 50)) > 300  # one or two keys a batch
+    assert one.n_edges > 1000
+    assert np.array_equal(one.src, batched.src) and np.array_equal(one.dst, batched.dst)
+    assert np.allclose(one.weight, batched.weight)
+    for kind in one.shared:
+        assert np.array_equal(one.shared[kind], batched.shared[kind])
+
+
+def test_key_batches_cover_every_costly_key_once():
+    cost = np.array([0, 0, 5, 5, 0, 20, 1, 1, 0])
+    assert linking._key_batches(cost, 10) == [(2, 5), (5, 6), (6, 8)]
+    assert linking._key_batches(np.zeros(3), 4) == []

@@ -265,6 +265,8 @@ class Linker:
     sample_above: int = 64
     min_edge_weight: float = 1.5
     kind_cap: float = 3.0
+    #: keys per sparse product: batches of about this many account pairs (sum of df^2)
+    product_batch: int = 1 << 22
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(KIND_WEIGHTS))
     seed: int = 0
 
@@ -362,23 +364,31 @@ class Linker:
         # one complex matrix carries both sums: real part the key weights, imaginary the count
         small = keys & (df <= self.sample_above)
         rows = small[key_idx]
-        # accounts x keys incidence; A @ diag(kw + i) @ A.T sums every pair's keys
-        a = sparse.csr_matrix(
+        # accounts x keys incidence; A @ diag(kw + i) @ A.T sums every pair's keys. Computed
+        # for a batch of key columns at a time: the product holds both triangles and its
+        # temporaries, ~150 bytes per pair, which for the LSH bands of a 10M-exchange scan
+        # would be most of the machine's memory at once
+        a = sparse.csc_matrix(
             (np.ones(int(rows.sum())), (acct[rows], key_idx[rows])), shape=(n, df.size)
         )
-        pairs = sparse.triu(a @ sparse.diags(kw + 1j) @ a.T, k=1, format="csr")
+        products = (
+            sparse.triu(a[:, lo:hi] @ sparse.diags(kw[lo:hi] + 1j) @ a[:, lo:hi].T, k=1,
+                        format="csr")
+            for lo, hi in _key_batches(np.where(small, df * df, 0), self.product_batch)
+        )
+        parts = [products, [sparse.csr_matrix((n, n), dtype=complex)]]
         big = np.flatnonzero(keys & (df > self.sample_above))
         if big.size:
             members = acct[np.isin(key_idx, big)]
-            chunks = (sparse.csr_matrix((v, (lo, hi)), shape=(n, n)) for lo, hi, v in
-                      _sampled_pairs(members, df[big], kw[big], self.sample_above, tokens))
-            pairs = _sum_matrices(itertools.chain([pairs], chunks))
+            parts.append(sparse.csr_matrix((v, (lo, hi)), shape=(n, n)) for lo, hi, v in
+                         _sampled_pairs(members, df[big], kw[big], self.sample_above, tokens))
+        pairs = _sum_matrices(itertools.chain(*parts))
         return pairs.real, pairs.imag
 
 
 def _sampled_pairs(
     members: np.ndarray, sizes: np.ndarray, kw: np.ndarray, sample_above: int,
-    tokens: np.ndarray, chunk_rows: int = 1 << 24,
+    tokens: np.ndarray, chunk_rows: int = 1 << 22,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Sampled pairs of big keys (`members`: their accounts, key after key, `sizes` each).
 
@@ -429,6 +439,19 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     index, inverse or counts are asked for) took 17 s on 7.5 million int64s here, a sort 0.2 s."""
     s = np.sort(values)
     return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+
+
+def _key_batches(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Ranges [lo, hi) of consecutive keys whose summed `cost` stays about `budget` (one key
+    over it gets a range of its own); keys of zero cost at either end are left out."""
+    used = np.flatnonzero(cost)
+    if used.size == 0:
+        return []
+    first, last = int(used[0]), int(used[-1]) + 1
+    cum = np.cumsum(cost[first:last])
+    cuts = np.searchsorted(cum, np.arange(budget, int(cum[-1]), budget), side="right")
+    bounds = np.unique(np.concatenate([[0], cuts, [last - first]])) + first
+    return [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
 
 
 def _sum_matrices(matrices: Iterable):
