@@ -178,6 +178,8 @@ class WriteAheadLog:
             sync_here = self.fsync == "batch" and (self._sync is None or not self._sync.alive())
             if sync_here:
                 pause = self.interval
+            elif not self._seg_records:  # nothing to rotate yet
+                pause = IDLE_CHECK_S
             else:
                 age = time.monotonic() - self._seg_opened
                 pause = min(IDLE_CHECK_S, max(self.max_age - age, self.interval))
