@@ -11,8 +11,10 @@ measured back to back. Every request carries a prompt the run has not sent befor
 questions, then the same with a variant number), so the gateway computes request signals for
 every one of them instead of answering from its signal cache.
 "server CPU" is the server process's own; the gateway's child processes (request signals, store
-worker) are reported next to it, so the whole cost is on the line, and "loadgen" is this
-process's CPU per request.
+worker, WAL fsync) are reported next to it, so the whole cost is on the line, and "loadgen" is
+this process's CPU per request. "waited for a CPU" is the time the server's event-loop thread
+was runnable but not running (schedstat), per request: on a shared machine it says how much of
+the latency the other jobs took.
 Optionally the LiteLLM proxy (in its own virtualenv) is measured the same way as a peer.
 
     .venv/bin/python benchmarks/gateway.py                       # 200, 500, 1000 req/s, 5 s each
@@ -231,6 +233,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_delay_seconds(pid: int) -> float:
+    """Time the process's main thread (the event loop) spent runnable but waiting for a CPU
+    (Linux schedstat): on a shared machine, how much of the latency is the neighbours'."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def descendants(pid: int) -> list[int]:
     """Child processes of `pid` (of all its threads), recursively (Linux /proc)."""
     out = []
@@ -294,13 +302,15 @@ def gateway_added_mean_ms(url: str) -> tuple[float, int, str]:
 def measure(name: str, url: str, key: str, pid: int, rate: int, seconds: float, stream: bool,
             texts: Prompts) -> dict:
     """One open-loop run against one target, with the CPU its server (and children) used."""
-    before = cpu_seconds(pid)
+    before, waited = cpu_seconds(pid), run_delay_seconds(pid)
     kids_before = children_cpu_seconds(pid)
     result = asyncio.run(run_load(url, key, rate, seconds, stream, texts))
     used = cpu_seconds(pid) - before
+    waited = run_delay_seconds(pid) - waited
     kids_used = sum(v - kids_before.get(k, 0.0) for k, v in children_cpu_seconds(pid).items())
     n = max(1, result["n"])
     result.update(name=name, cpu_ms=used / n * 1000, children_cpu_ms=kids_used / n * 1000,
+                  cpu_wait_ms=waited / n * 1000,
                   p50=pct(result["lat"], .5), p99=pct(result["lat"], .99),
                   ttfb50=pct(result["ttfb"], .5), load=os.getloadavg()[0])
     return result
@@ -312,7 +322,7 @@ def line(mode: str, rate: int, r: dict, direct: dict | None, label: str = "") ->
            f"server CPU {r['cpu_ms']:.2f} ms/req")
     if r["children_cpu_ms"] >= 0.005:
         out += f" (+{r['children_cpu_ms']:.2f} in child processes)"
-    out += f"  loadgen {r['loadgen_cpu_ms']:.2f}"
+    out += f"  loadgen {r['loadgen_cpu_ms']:.2f}  waited for a CPU {r['cpu_wait_ms']:.2f} ms/req"
     if mode == "stream":
         out += f"  ttfb p50 {r['ttfb50']:6.2f} ms"
     if direct is not None:
@@ -326,7 +336,7 @@ def line(mode: str, rate: int, r: dict, direct: dict | None, label: str = "") ->
 def median_run(runs: list[dict]) -> dict:
     """Per-field medians over repeated runs of one target (the name and errors of the first)."""
     keys = ("throughput", "p50", "p99", "ttfb50", "cpu_ms", "children_cpu_ms", "loadgen_cpu_ms",
-            "load", "ok", "n")
+            "cpu_wait_ms", "load", "ok", "n")
     med = {k: statistics.median(r[k] for r in runs) for k in keys}
     errors: dict[str, int] = {}
     for r in runs:
