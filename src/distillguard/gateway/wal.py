@@ -179,7 +179,7 @@ class WriteAheadLog:
             if sync_here:
                 pause = self.interval
             elif not self._seg_records:  # nothing to rotate yet
-                pause = IDLE_CHECK_S
+                pause = min(IDLE_CHECK_S, self.max_age)
             else:
                 age = time.monotonic() - self._seg_opened
                 pause = min(IDLE_CHECK_S, max(self.max_age - age, self.interval))
