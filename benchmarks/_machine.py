@@ -6,6 +6,7 @@ import os
 import platform
 import resource
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,3 +44,39 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3) -> tuple[float, l
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
+
+
+def rss_mib() -> float:
+    """Current resident memory of this process, in MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class StagePeaks:
+    """Peak resident memory per stage, sampled every `interval` seconds on a thread; `stage`
+    is the progress callback's first argument (the stage now running)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.stage = "start"
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss_mib())
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self.stage = stage
+        self.peaks[stage] = max(self.peaks.get(stage, 0.0), rss_mib())  # short stages too
+
+    def __enter__(self) -> StagePeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -8,7 +8,8 @@ store, then times `engine.scan` from a store with no signals cached (so signals 
 end-to-end figure). With `--repeats N` > 1 the signal cache is cleared between runs and the
 median is reported. With `--cached-signals` the signal cache is kept (the first run fills
 it), so the figure is the stages after signals alone. Prints exchanges/s, CPU seconds, time per
-stage (the slowest stage is marked) and the process's peak resident memory.
+stage (the slowest stage is marked) with the peak resident memory seen during it (sampled
+every 0.1 s), and the process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._machine import machine_summary, peak_rss_mib  # noqa: E402
+from benchmarks._machine import StagePeaks, machine_summary, peak_rss_mib  # noqa: E402
 from distillguard import engine, store  # noqa: E402
 
 
@@ -64,13 +65,14 @@ def main() -> None:
             con.execute("DELETE FROM signals")
             con.execute("CHECKPOINT")
         t, cpu = time.perf_counter(), time.process_time()
-        findings = engine.scan(con, engine=args.engine)
+        with StagePeaks() as peaks:
+            findings = engine.scan(con, engine=args.engine, progress=peaks.progress)
         walls.append(time.perf_counter() - t)
         cpus.append(time.process_time() - cpu)
-        runs.append(findings)
+        runs.append((findings, peaks.peaks))
         con.close()
     wall = statistics.median(walls)
-    f = runs[walls.index(wall)] if wall in walls else runs[-1]
+    f, stage_peaks = runs[walls.index(wall)] if wall in walls else runs[-1]
     n = f.n_exchanges
     print(f"scenario {args.scenario} scale {args.scale} seed {args.seed}, engine {args.engine}")
     print(f"exchanges scanned: {n:,}; accounts: {f.accounts.num_rows:,}; "
@@ -84,7 +86,8 @@ def main() -> None:
     slowest = max(f.seconds, key=f.seconds.get)
     for stage, sec in f.seconds.items():
         mark = "  <- slowest" if stage == slowest else ""
-        print(f"  {stage:<13} {sec:8.1f} s  {100 * sec / wall:5.1f}%{mark}")
+        print(f"  {stage:<13} {sec:8.1f} s  {100 * sec / wall:5.1f}%  "
+              f"peak RSS {stage_peaks.get(stage, 0):7,.0f} MiB{mark}")
     print(f"peak RSS: {peak_rss_mib():,.0f} MiB")
     con = store.connect(db, read_only=True)
     print(store_size(con, db))
