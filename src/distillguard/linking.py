@@ -365,9 +365,9 @@ class Linker:
         small = keys & (df <= self.sample_above)
         rows = small[key_idx]
         # accounts x keys incidence; A @ diag(kw + i) @ A.T sums every pair's keys. Computed
-        # for a batch of key columns at a time: the product holds both triangles and its
-        # temporaries, ~150 bytes per pair, which for the LSH bands of a 10M-exchange scan
-        # would be most of the machine's memory at once
+        # for a batch of key columns at a time, so the product's temporaries (both triangles,
+        # then the upper one) stay bounded however many pairs one kind has (the LSH bands of a
+        # 10M-exchange scan: 105M)
         a = sparse.csc_matrix(
             (np.ones(int(rows.sum())), (acct[rows], key_idx[rows])), shape=(n, df.size)
         )
