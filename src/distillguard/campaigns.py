@@ -13,6 +13,7 @@ capability and model shares, release pivots, infrastructure indicators and reaso
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -59,7 +60,8 @@ def _sql(con: duckdb.DuckDBPyConnection | None, **tables: pa.Table) -> Iterator[
             db.close()
 
 
-def _owners(campaign_of: dict[str, str]) -> pa.Table:
+def owners_table(campaign_of: dict[str, str]) -> pa.Table:
+    """(account_id, campaign_id) rows of an account -> campaign mapping."""
     return pa.table(
         {"account_id": list(campaign_of), "campaign_id": list(campaign_of.values())},
         schema=pa.schema([("account_id", pa.string()), ("campaign_id", pa.string())]),
@@ -71,7 +73,7 @@ def campaign_signatures(ev: pa.Table, campaign_of: dict[str, str], *, purity: fl
     """(campaign_id, kind, key) for template / LSH keys shared by >= 2 accounts of a campaign,
     where the campaign's accounts are at least `purity` of all accounts using the key.
     `con`: the connection to run on (see `_sql`)."""
-    with _sql(con, ev=ev, owners=_owners(campaign_of)) as (db, ev_t, owners_t):
+    with _sql(con, ev=ev, owners=owners_table(campaign_of)) as (db, ev_t, owners_t):
         return db.execute(
             f"""
             WITH sig AS (
@@ -215,7 +217,7 @@ def indicators(
     per-kind counts and the top keys leave it. `con`: the connection to run on (see `_sql`)."""
     kinds = ", ".join(f"'{k}'" for k in INDICATOR_KINDS.values())
     with _sql(con, ev=ev.select(["account_id", "kind", "key"]),
-              owners=_owners(campaign_of)) as (db, ev_t, owners_t):
+              owners=owners_table(campaign_of)) as (db, ev_t, owners_t):
         rows = db.execute(
             f"""
             WITH shared AS (
@@ -239,9 +241,7 @@ def indicators(
             per_kind.setdefault(cid, {})[kind] = (n_keys, n)
         else:
             top_keys.setdefault(cid, {}).setdefault(kind, []).append((n, key))
-    n_accounts: dict[str, int] = {}
-    for cid in campaign_of.values():
-        n_accounts[cid] = n_accounts.get(cid, 0) + 1
+    n_accounts = Counter(campaign_of.values())
     return {cid: _indicators_of(per_kind.get(cid, {}), top_keys.get(cid, {}), n)
             for cid, n in n_accounts.items()}
 

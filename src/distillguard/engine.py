@@ -53,6 +53,7 @@ from distillguard.linking import (
 from distillguard.linking import synchrony_evidence as sync_evidence
 from distillguard.reports import to_plain
 from distillguard.scoring import AccountScores, BehaviourScorer, ClusterScorer, ClusterVerdict
+from distillguard.store import transaction
 
 ENGINES = ("duckdb", "spark")
 STAGES = ("signals", "fingerprints", "evidence", "linking", "clustering", "scoring", "campaigns")
@@ -158,7 +159,6 @@ def annotate_new(
         return 0
     from distillguard.signals import SignalAnnotator
     from distillguard.signals.annotate import INPUT_COLUMNS
-    from distillguard.store import transaction
 
     columns = ", ".join(f"e.{name}" for name in INPUT_COLUMNS)
     reader = con.cursor().execute(f"SELECT {columns} {select}").fetch_record_batch(batch_rows)
@@ -775,8 +775,7 @@ def _campaigns(con, backend, view, bands, fp, ev, graph, label, block, behaviour
         cluster_score[v.members] = v.score
     score = 0.5 * behaviour.percentile + 0.5 * cluster_score + flagged.astype(float)
     # per-exchange attribution
-    ac = pa.table({"account_id": list(campaign_of), "campaign_id": list(campaign_of.values())},
-                  schema=pa.schema([("account_id", pa.string()), ("campaign_id", pa.string())]))
+    ac = camp.owners_table(campaign_of)
     sigs = camp.campaign_signatures(ev, campaign_of, con=con)
     if ac.num_rows:
         attributed = _arrow(camp.attribute(view, backend.memtable(ac), backend.memtable(sigs),
@@ -913,8 +912,7 @@ def _campaign_reasons(v: ClusterVerdict, idx, behaviour: AccountScores, infra_re
 
 def _store_findings(con: duckdb.DuckDBPyConnection, findings: Findings) -> None:
     """Replace the store's finding tables with this scan's findings (one transaction)."""
-    con.execute("BEGIN")
-    try:
+    with transaction(con):
         for name, table in (
             ("finding_accounts", findings.accounts),
             ("finding_campaigns", findings.campaigns),
@@ -924,10 +922,6 @@ def _store_findings(con: duckdb.DuckDBPyConnection, findings: Findings) -> None:
             con.execute(f"DELETE FROM {name}")
             con.execute(f"INSERT INTO {name} SELECT * FROM _findings")
             con.unregister("_findings")
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
 
 
 def parse_until(text: str | None) -> datetime | None:
