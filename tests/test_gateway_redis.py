@@ -178,3 +178,26 @@ def test_lua_signal_half_matches_local_state(redis_server):
             await shared.close()
 
     asyncio.run(run())
+
+
+def test_operator_list_changes_reach_a_replica_after_redis_lost_its_data(redis_server):
+    """After Redis restarts empty, the list may go through as many changes as before; a
+    replica must still see that it changed (a change counter would read the same)."""
+
+    async def run() -> None:
+        a = RedisState(redis_server.url, timeout_s=1.0)
+        b = RedisState(redis_server.url, timeout_s=1.0)
+        try:
+            await a.client.flushdb()
+            await a.set_manual("acct-x", "challenge")
+            await a.set_manual("acct-y", "block")
+            assert await b.refresh_manual() == {"acct-x": "challenge", "acct-y": "block"}
+            await a.client.flushdb()  # a restart without persistence
+            await a.set_manual("acct-x", None)
+            await a.set_manual("acct-y", None)
+            assert await b.refresh_manual() == {}
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(run())

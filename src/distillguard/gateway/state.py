@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -389,7 +390,9 @@ class RedisState:
         self.url = url
         self.prefix = prefix
         self.manual_key = f"{prefix}:enf:manual"  # operator list: account -> action
-        self.manual_version_key = f"{prefix}:enf:ver"  # bumped on every change
+        # a fresh random token on every change: a counter restarts when Redis loses its data,
+        # and a replica holding the old count would take the new list for the one it has
+        self.manual_version_key = f"{prefix}:enf:ver"
         self.fail_closed = fail_closed
         self.client = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
@@ -404,7 +407,7 @@ class RedisState:
         self.outages = 0
         self.resyncs = 0
         self.manual: dict[str, str] = {}
-        self._manual_version: int | None = None
+        self._manual_version: bytes | None = None
         self.on_health_change: list = []  # callbacks(healthy: bool)
 
     @property
@@ -509,7 +512,7 @@ class RedisState:
                     pipe.hdel(self.manual_key, account_id)
                 else:
                     pipe.hset(self.manual_key, account_id, action)
-                pipe.incr(self.manual_version_key)
+                pipe.set(self.manual_version_key, _new_version())
                 await pipe.execute()
         except Exception as exc:
             self._mark_down(exc)
@@ -523,7 +526,6 @@ class RedisState:
             if version is None and self.manual:
                 await self._push_manual()  # Redis lost it (restart without persistence)
                 return self.manual
-            version = int(version or 0)
             if version != self._manual_version:
                 raw = await self.client.hgetall(self.manual_key)
                 self.manual = {k.decode(): v.decode() for k, v in raw.items()}
@@ -537,7 +539,7 @@ class RedisState:
             pipe.delete(self.manual_key)
             if self.manual:
                 pipe.hset(self.manual_key, mapping=self.manual)
-            pipe.incr(self.manual_version_key)
+            pipe.set(self.manual_version_key, _new_version())
             await pipe.execute()
 
     async def try_recover(self, window_s: float) -> bool:
@@ -545,6 +547,9 @@ class RedisState:
         if self.healthy:
             return True
         try:
+            # connections idle since before the outage point at the old server: dropped, so
+            # the first calls after the switch back do not fail on them and undo it
+            await self.client.connection_pool.disconnect(inuse_connections=False)
             await self.client.ping()
             await self._resync(window_s)
         except Exception as exc:
@@ -622,6 +627,10 @@ def load_snapshot(path) -> dict | None:
             return orjson.loads(fh.read())
     except (OSError, orjson.JSONDecodeError):
         return None
+
+
+def _new_version() -> str:
+    return uuid.uuid4().hex
 
 
 async def refresh_loop(interval_s: float, fn) -> None:
