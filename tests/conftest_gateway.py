@@ -16,6 +16,7 @@ import httpx
 import orjson
 import yaml
 
+import proc_guard
 from distillguard.gateway.app import create_app, fast_path
 from distillguard.gateway.config import config_from_dict, hash_key
 from upstream_stub import ThreadedServer, free_port
@@ -108,8 +109,8 @@ def wal_records(wal_dir: Path) -> list[dict]:
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
@@ -117,58 +118,93 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     raise AssertionError("condition not met in time")
 
 
+def _address_in_use(text: str) -> bool:
+    text = text.lower()
+    return "address already in use" in text or "errno 98" in text
+
+
 class GatewayProcess:
-    """`distillguard gateway` as a real subprocess (durability and multi-replica tests)."""
+    """`distillguard gateway` as a real subprocess (durability and multi-replica tests).
+
+    Output goes to `log_path`. A failed `start` leaves no process behind; `stop` (also the
+    context manager's exit) always terminates and reaps it. If the free port picked in
+    `__init__` is taken by someone else before the gateway binds it, `start` retries on
+    another one, so read `port`/`url` after `start`."""
+
+    START_ATTEMPTS = 3
 
     def __init__(self, config: dict, tmp: Path, name: str = "gw"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = config
         self.config_path = tmp / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(
-            {**config, "listen": {"host": "127.0.0.1", "port": self.port},
-             "auth": {"admin_token_env": "DG_TEST_ADMIN", "decide_token_env": "DG_TEST_DECIDE",
-                      **config.get("auth", {})}}))
         self.log_path = tmp / f"{name}.log"
         self.proc: subprocess.Popen | None = None
+        self._ever_ready = False
+        self.ready_after_s: float | None = None  # how long the last start took
+        self._use_port(free_port())
 
-    def start(self, timeout: float = 60.0, *, new_session: bool = False) -> GatewayProcess:
-        """Start and wait for /readyz; `new_session` puts it (and its children) in a process
-        group of its own, to signal the whole group like a service manager."""
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path.write_text(yaml.safe_dump(
+            {**self.config, "listen": {"host": "127.0.0.1", "port": self.port},
+             "auth": {"admin_token_env": "DG_TEST_ADMIN", "decide_token_env": "DG_TEST_DECIDE",
+                      **self.config.get("auth", {})}}))
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start(self, timeout: float = 120.0, *, new_session: bool = False) -> GatewayProcess:
+        """Start and wait (up to `timeout` s in all) for /readyz; `new_session` puts it (and
+        its children) in a process group of its own, to signal the whole group like a
+        service manager. The wait returns as soon as it is ready: ~12 s at load average 2.7
+        on the 2-core machine, ~40 s at 4 (a CPU hog and a scan), hence the 120 s default."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"gateway {self.url} is already running (pid {self.proc.pid})")
         env = {**os.environ, "DG_TEST_ADMIN": ADMIN, "DG_TEST_DECIDE": DECIDE,
                "PYTHONPATH": str(REPO / "tests")}
-        self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop/kill)
-        self.proc = subprocess.Popen(
-            [str(Path(PYTHON).parent / "distillguard"), "gateway", "-c", str(self.config_path),
-             "--log-level", "info"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-            start_new_session=new_session)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-3000:]}")
+        deadline = time.monotonic() + timeout
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+                log_start = log.tell()
+                self.proc = proc_guard.spawn(
+                    [str(Path(PYTHON).parent / "distillguard"), "gateway", "-c",
+                     str(self.config_path), "--log-level", "info"],
+                    log, env=env, cwd=REPO, new_session=new_session)
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway did not become ready: {self.log_path.read_text()[-3000:]}")
+                self.ready_after_s = proc_guard.wait_ready(
+                    self.proc, self._ready, what=f"gateway {self.url}", log_path=self.log_path,
+                    log_start=log_start, timeout=max(deadline - time.monotonic(), 0.1),
+                    term_timeout=15.0)
+            except proc_guard.StartError:
+                # Lost the race for the port (picked free, taken before the bind): next one.
+                if (attempt < self.START_ATTEMPTS and not self._ever_ready
+                        and _address_in_use(proc_guard.log_tail(self.log_path, log_start))
+                        and time.monotonic() < deadline):
+                    self._use_port(free_port())
+                    continue
+                raise
+            self._ever_ready = True
+            return self
+        raise AssertionError("unreachable")
+
+    def __enter__(self) -> GatewayProcess:
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def kill9(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
-        self._log.close()
+        proc_guard.forget(self.proc)
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if hasattr(self, "_log") and not self._log.closed:
-            self._log.close()
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM (the graceful drain and final flush), wait up to `timeout` s, then
+        SIGKILL; always waits for the process."""
+        proc_guard.reap(self.proc, term_timeout=timeout)
 
     def admin(self, method: str, path: str, **kw) -> httpx.Response:
         return httpx.request(method, self.url + path,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -241,38 +242,80 @@ async def app(scope, receive, send) -> None:
     await _send_json(send, 404, {"error": {"message": f"no route {path}", "type": "not_found"}})
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free right now, never one this process handed out before (two
+    servers started in a row must not both get the port the kernel just freed)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
+def _listening_socket(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class ThreadedServer:
-    """Run an ASGI app with uvicorn in a background thread of this process (tests)."""
+    """Run an ASGI app with uvicorn in a background thread of this process (tests).
+
+    The listening socket is bound here, before the thread starts, and handed to uvicorn: the
+    port cannot be taken by someone else between picking it and serving on it."""
+
+    START_TIMEOUT_S = 60.0
 
     def __init__(self, asgi_app, port: int | None = None, **uvicorn_options):
         import uvicorn
 
         self.app = asgi_app
-        self.port = port or free_port()
+        self.sock = _listening_socket(port or 0)
+        self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(
             asgi_app, host="127.0.0.1", port=self.port, log_level="warning", loop="asyncio",
             http="h11", lifespan="on", **uvicorn_options))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn's exit on a failed start-up (logged)
+            self.server.run(sockets=[self.sock])
 
     def __enter__(self) -> ThreadedServer:
         self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.01)
+        deadline = time.monotonic() + self.START_TIMEOUT_S
+        try:
+            while not self.server.started:
+                if not self.thread.is_alive():
+                    raise RuntimeError(f"test server on port {self.port} exited during start-up"
+                                       " (its error is in the log above)")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"test server on port {self.port} did not start in "
+                                       f"{self.START_TIMEOUT_S:.0f} s")
+                time.sleep(0.01)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+        if self.thread.is_alive():  # connections that will not finish: stop waiting on them
+            self.server.force_exit = True
+            self.thread.join(timeout=10)
+        self.sock.close()
 
 
 def main() -> None:
