@@ -125,7 +125,7 @@ def wait_ready(proc: subprocess.Popen, ready: Callable[[], bool], *, what: str,
             if ready():
                 return time.monotonic() - t0
             if time.monotonic() >= deadline:
-                raise StartError(f"{what} (pid {proc.pid}) not ready after {timeout:.0f} s "
+                raise StartError(f"{what} (pid {proc.pid}) not ready after {timeout:.1f} s "
                                  f"(killed); its output ends:\n"
                                  f"{log_tail(log_path, log_start)}")
             time.sleep(interval)
