@@ -15,9 +15,7 @@ T0 = datetime(2026, 2, 2, tzinfo=UTC)
 def ev(rows):
     return pa.table(
         {"account_id": [r[0] for r in rows], "kind": [r[1] for r in rows],
-         "key": [r[2] for r in rows],
-         "first_ts": pa.array([T0] * len(rows), pa.timestamp("ms", tz="UTC")),
-         "n": [1] * len(rows)},
+         "key": [r[2] for r in rows]},
         schema=linking.EVIDENCE_SCHEMA,
     )
 

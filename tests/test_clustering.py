@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import numpy as np
 import pyarrow as pa
 
@@ -44,12 +42,9 @@ def test_empty_graph_has_no_clusters():
 
 
 def ev(rows):
-    ts = datetime(2026, 1, 1, tzinfo=UTC)
     return pa.table(
         {"account_id": [r[0] for r in rows], "kind": [r[1] for r in rows],
-         "key": [r[2] for r in rows], "first_ts": pa.array([ts] * len(rows),
-                                                           pa.timestamp("ms", tz="UTC")),
-         "n": [1] * len(rows)},
+         "key": [r[2] for r in rows]},
         schema=linking.EVIDENCE_SCHEMA,
     )
 

@@ -107,8 +107,7 @@ def test_core_members_must_be_tied_to_the_tail_not_to_ordinary_neighbours():
 def test_dense_blocks_use_control_evidence_only():
     ev = pa.table({
         "account_id": ["a", "b", "a", "b"], "kind": ["template", "lsh", "payment", "ip"],
-        "key": ["t", "l", "p", "i"],
-        "first_ts": pa.nulls(4, pa.timestamp("ms", tz="UTC")), "n": [1, 1, 1, 1]})
+        "key": ["t", "l", "p", "i"]})
     kinds = set(engine._control_evidence(ev)["kind"].to_pylist())
     assert kinds == {"payment", "ip"}
 
@@ -196,8 +195,7 @@ def test_accounts_paying_with_a_campaign_card_join_it_with_a_reason():
         "kind": ["payment"] * 8,
         # card A: three core members and one quiet fleet account; card B: one core member and
         # two others (the card mostly pays for someone else); card C: nobody flagged
-        "key": ["A", "A", "A", "A", "B", "B", "B", "C"],
-        "first_ts": pa.nulls(8, pa.timestamp("ms", tz="UTC")), "n": [1] * 8})
+        "key": ["A", "A", "A", "A", "B", "B", "B", "C"]})
     label = np.array([0, 0, 0, 5, 0, -1, -1, 3], dtype=np.int64)
     v = scoring.ClusterVerdict(0, np.array([0, 1, 2, 4]), np.array([0, 1, 2, 4]), 0.9, 5.0,
                                5.0, 0.95, True)

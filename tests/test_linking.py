@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import ibis
 import numpy as np
 import pyarrow as pa
@@ -12,8 +10,6 @@ import pytest
 from distillguard import fingerprints, linking
 from test_engine_crafted import crafted
 
-TS = datetime(2026, 1, 5, tzinfo=UTC)
-
 
 def ev_table(rows: list[tuple[str, str, str]]) -> pa.Table:
     return pa.table(
@@ -21,8 +17,6 @@ def ev_table(rows: list[tuple[str, str, str]]) -> pa.Table:
             "account_id": [r[0] for r in rows],
             "kind": [r[1] for r in rows],
             "key": [r[2] for r in rows],
-            "first_ts": pa.array([TS] * len(rows), pa.timestamp("ms", tz="UTC")),
-            "n": [1] * len(rows),
         },
         schema=linking.EVIDENCE_SCHEMA,
     )
@@ -175,7 +169,7 @@ def test_products_in_key_batches_give_the_graph_of_one_product():
     ev = ev_table(rows)
     one = linking.Linker(min_edge_weight=0.2).link(ev)
     batched = linking.Linker(min_edge_weight=0.2, product_batch=50).link(ev)
-    assert len(linking._key_batches(np.full(400, 40), 50)) > 300  # one or two keys a batch
+    assert len(linking._batches(np.full(400, 40), 50)) > 300  # one or two keys a batch
     assert one.n_edges > 1000
     assert np.array_equal(one.src, batched.src) and np.array_equal(one.dst, batched.dst)
     assert np.allclose(one.weight, batched.weight)
@@ -185,5 +179,81 @@ def test_products_in_key_batches_give_the_graph_of_one_product():
 
 def test_key_batches_cover_every_costly_key_once():
     cost = np.array([0, 0, 5, 5, 0, 20, 1, 1, 0])
-    assert linking._key_batches(cost, 10) == [(2, 5), (5, 6), (6, 8)]
-    assert linking._key_batches(np.zeros(3), 4) == []
+    assert linking._batches(cost, 10) == [(2, 5), (5, 6), (6, 8)]
+    assert linking._batches(np.zeros(3), 4) == []
+
+
+def test_values_at_the_edges_are_those_of_the_whole_kind_matrix():
+    """The second pass (each kind's weight and count at the strong edges alone) reads the same
+    values as the first pass's matrix of every pair, sampled big keys included."""
+    rng = np.random.default_rng(11)
+    rows = []
+    for k in range(300):  # keys of 2-150 accounts: small keys and sampled rings
+        for a in rng.choice(400, size=int(rng.integers(2, 150)), replace=False):
+            rows.append((f"a{a:03d}", "template", f"k{k}"))
+    linker = linking.Linker(sample_above=40, product_batch=500)
+    names, acct, key_idx, kinds = linking.encode_evidence(ev_table(rows))
+    pair = linking.sorted_unique(key_idx * len(names) + acct)
+    key_idx, acct = pair // len(names), pair % len(names)
+    df = np.bincount(key_idx)
+    kw = linker.key_weights(df.astype(float), kinds)
+    tokens = np.random.default_rng(0).integers(0, 2**63, size=len(names), dtype=np.uint64)
+    args = (acct, key_idx, df, kw, df >= 2, len(names), tokens)
+    whole = linker._kind_pairs(*args).tocoo()
+    assert whole.nnz > 20_000 and (df > 40).sum() > 50
+    at = linker._kind_pairs(*args, at=(whole.row.astype(np.int64), whole.col.astype(np.int64)))
+    assert np.allclose(at.real, whole.data, rtol=1e-12, atol=0)
+    # counts: whole numbers, one at least wherever a pair shares anything; small keys exact
+    assert np.array_equal(at.imag, np.rint(at.imag)) and (at.imag >= 1).all()
+    small = (df >= 2) & (df <= 40)
+    members = [set(acct[key_idx == k]) for k in np.flatnonzero(small)]
+    i, j = int(whole.row[0]), int(whole.col[0])
+    assert at.imag[0] >= sum(1 for m in members if i in m and j in m)
+
+
+def test_the_graph_matches_a_pair_by_pair_reference():
+    """Rarity weights, hub discount, per-kind cap and the edge cut, recomputed pair by pair."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for kind in ("ip", "template", "payment", "lsh"):
+        for k in range(60):
+            for a in rng.choice(50, size=int(rng.integers(2, 8)), replace=False):
+                rows.append((f"a{a:02d}", kind, f"{kind}{k}"))
+    ev = ev_table(rows)
+    linker = linking.Linker(min_edge_weight=1.0)
+    g = linker.link(ev)
+    names = g.accounts
+    members: dict[tuple[str, str], set[int]] = {}
+    for a, kind, key in rows:
+        members.setdefault((kind, key), set()).add(names.index(a))
+    per_kind_keys = {k: np.zeros(len(names)) for k in linking.KIND_WEIGHTS}
+    for (kind, _key), m in members.items():
+        for i in m:
+            per_kind_keys[kind][i] += 1
+    expected: dict[tuple[int, int], dict[str, float]] = {}
+    n_shared: dict[tuple[int, int, str], int] = {}
+    for (kind, _key), m in members.items():
+        w = linker.key_weights(np.array([float(len(m))]), np.array([kind]))[0]
+        for i in m:
+            for j in m:
+                if i < j:
+                    e = expected.setdefault((i, j), {})
+                    e[kind] = e.get(kind, 0.0) + w
+                    n_shared[i, j, kind] = n_shared.get((i, j, kind), 0) + 1
+    kept = {}
+    for (i, j), by in expected.items():
+        capped = {}
+        for kind, w in by.items():
+            if kind in linking.USAGE_KINDS:
+                hub = linker._hub_factor(per_kind_keys[kind])
+                w /= np.sqrt(hub[i] * hub[j])
+            capped[kind] = min(w, linker.kind_cap)
+        if sum(capped.values()) >= linker.min_edge_weight:
+            kept[(i, j)] = capped
+    got = {(int(s), int(d)): e for e, (s, d) in enumerate(zip(g.src, g.dst, strict=True))}
+    assert set(got) == set(kept) and len(kept) > 30
+    for pair, e in got.items():
+        for kind in linking.KIND_WEIGHTS:
+            assert g.by_kind[kind][e] == pytest.approx(kept[pair].get(kind, 0.0), rel=1e-12)
+            assert g.shared[kind][e] == n_shared.get((*pair, kind), 0)
+        assert g.weight[e] == pytest.approx(sum(kept[pair].values()), rel=1e-12)

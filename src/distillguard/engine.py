@@ -14,6 +14,7 @@ scenario day by day (`scan --until day1`, `--until day2`, ...) yields true detec
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -410,12 +411,13 @@ def _detect_in(con, backend, view, bands, until, config, seconds, progress, allo
         # once); the hub discount still counts every key, so the per-account counts come along
         # in whatever order the engine returns them: every consumer numbers keys in sorted
         # order (`linking.encode_evidence`) or sorts what it reports
+        cells = _arrow(activity_cells(view, bucket_minutes=config.sync_bucket_minutes))
+        sync = sync_evidence(cells, min_cells=config.sync_min_cells)
         with evidence(view, accounts_t,
                       bands=bands if config.lsh_evidence else None).cache() as all_ev:
-            ev = _arrow(shared_evidence(all_ev)).cast(EVIDENCE_SCHEMA)
+            shared = shared_evidence(all_ev).to_pyarrow_batches()
+            ev = _dictionary_encoded(itertools.chain(shared, sync.to_batches()))
             counts = _arrow(key_counts(all_ev))
-        cells = _arrow(activity_cells(view, bucket_minutes=config.sync_bucket_minutes))
-        ev = pa.concat_tables([ev, sync_evidence(cells, min_cells=config.sync_min_cells)])
     names = fp["account_id"].to_pylist()
     with _timed(seconds, "linking", progress):
         graph = config.linker.link(ev, names, counts)
@@ -462,6 +464,19 @@ def _arrow(expr) -> pa.Table:
             col = col.cast(contract.UTC_TS)
         cols.append(col)
     return pa.Table.from_arrays(cols, names=t.column_names)
+
+
+def _dictionary_encoded(batches: Iterable[pa.RecordBatch]) -> pa.Table:
+    """Evidence rows (EVIDENCE_SCHEMA) with every column dictionary-encoded, one dictionary per
+    column, encoded as the batches arrive: the shared evidence of a 10M-exchange scan is 47M
+    rows over 58K accounts and 3.2M keys, 2.3 GB as plain strings, and it stays in memory
+    until the campaigns are written."""
+    schema = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type))
+                        for f in EVIDENCE_SCHEMA])
+    parts = [pa.table({f.name: pc.dictionary_encode(b.cast(EVIDENCE_SCHEMA)[f.name])
+                       for f in EVIDENCE_SCHEMA}, schema=schema) for b in batches]
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    return pa.table({c: table[c].combine_chunks() for c in table.column_names}, schema=schema)
 
 
 def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: np.ndarray,

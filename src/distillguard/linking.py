@@ -5,8 +5,7 @@ Two halves:
 * `evidence(view, accounts)` (Ibis, runs on DuckDB or Spark) lists every (account, kind, key)
   an account used: addresses, /24 or /48 prefixes, user agents, template signatures and their
   LSH bands, system prompts, payment fingerprints, e-mail domains, sign-up address and sign-up
-  hour. Each row keeps when the account first used the key, so a replay can ask "what was known
-  at time T".
+  hour. A replay to time T scans the exchanges up to T, so the evidence is what was known then.
 * `link(evidence_table)` (in-process, NumPy) turns shared keys into weighted account pairs.
   A key shared by `df` accounts contributes `KIND_WEIGHTS[kind] / log2(1 + df)` to every pair
   that shares it (Adamic-Adar style: a university NAT or a popular agent's system prompt is
@@ -81,25 +80,20 @@ EVIDENCE_SCHEMA = pa.schema(
         ("account_id", pa.string()),
         ("kind", pa.string()),
         ("key", pa.string()),
-        ("first_ts", pa.timestamp("ms", tz="UTC")),
-        ("n", pa.int64()),
     ]
 )
 
 
 def evidence(view: ir.Table, accounts: ir.Table, *, bands: ir.Table | None = None) -> ir.Table:
-    """Every (account, kind, key) used, with first use time and count: see EVIDENCE_SCHEMA.
+    """Every distinct (account, kind, key) used: see EVIDENCE_SCHEMA.
     `bands` (`fingerprints.band_view`) adds the LSH band keys; without it there are none."""
 
     def per_exchange(kind: str, table: ir.Table, key: ir.Value) -> ir.Table:
         # nullable types throughout: the view and the bands come from different tables, and
         # a union needs one schema
-        t = table.select(account_id=_nullable(table.account_id), ts=_nullable(table.ts),
-                         key=key.cast("string"))
+        t = table.select(account_id=_nullable(table.account_id), key=key.cast("string"))
         t = t.filter(t.key.notnull() & (t.key != ""))
-        return t.group_by(["account_id", "key"]).aggregate(first_ts=t.ts.min(), n=t.count()).mutate(
-            kind=ibis.literal(kind)
-        )
+        return t.distinct().mutate(kind=ibis.literal(kind))
 
     parts = [
         per_exchange("ip", view, view.ip),
@@ -110,21 +104,17 @@ def evidence(view: ir.Table, accounts: ir.Table, *, bands: ir.Table | None = Non
     ]
     if bands is not None:
         parts.append(per_exchange("lsh", bands, bands.template_lsh.unnest()))
-    first_use = view.group_by("account_id").aggregate(first_ts=view.ts.min())
-    acc = accounts.join(first_use, "account_id")
+    # sign-up attributes of the accounts active in the view only
+    acc = accounts.semi_join(view.select("account_id").distinct(), "account_id")
     for kind, key in (
         ("payment", acc.payment_fingerprint),
         ("email_domain", acc.email_domain),
         ("signup_ip", acc.signup_ip),
         ("signup_hour", acc.created_at.truncate("h").cast("string")),
     ):
-        t = acc.select("account_id", "first_ts", key=key.cast("string"))
-        parts.append(
-            t.filter(t.key.notnull() & (t.key != "")).mutate(
-                kind=ibis.literal(kind), n=ibis.literal(1, "int64")
-            )
-        )
-    cols = ["account_id", "kind", "key", "first_ts", "n"]
+        t = acc.select("account_id", key=key.cast("string"))
+        parts.append(t.filter(t.key.notnull() & (t.key != "")).mutate(kind=ibis.literal(kind)))
+    cols = ["account_id", "kind", "key"]
     return ibis.union(*[p.select(*cols) for p in parts], distinct=False)
 
 
@@ -168,7 +158,7 @@ def synchrony_evidence(
     LSH, so candidate pairs come from bucket collisions rather than an all-pairs comparison;
     each candidate pair is then confirmed by its exact Jaccard similarity (>= `threshold`).
     Confirmed pairs are joined into groups (union-find) and emitted as `sync` evidence keys
-    (EVIDENCE_SCHEMA; first_ts is left null: the group only exists once both are active).
+    (EVIDENCE_SCHEMA).
     """
     from rensa import RMinHash, RMinHashLSH
 
@@ -211,8 +201,6 @@ def synchrony_evidence(
             "account_id": pa.array([r[0] for r in rows], pa.string()),
             "kind": pa.array(["sync"] * len(rows), pa.string()),
             "key": pa.array([r[1] for r in rows], pa.string()),
-            "first_ts": pa.nulls(len(rows), pa.timestamp("ms", tz="UTC")),
-            "n": pa.array([len(per_account[r[0]]) for r in rows], pa.int64()),
         },
         schema=EVIDENCE_SCHEMA,
     )
@@ -302,7 +290,10 @@ class Linker:
         Pairs are never listed one row per shared key: per kind, keys of up to `sample_above`
         accounts go through a sparse product (accounts x keys) @ (keys x accounts), which sums
         every pair's evidence in place, and bigger keys add their sampled pairs
-        (`_sampled_pairs`) to the same sparse matrix; only the strong edges leave.
+        (`_sampled_pairs`) to the same sparse matrix. Two passes keep one kind's pairs in
+        memory at a time (the LSH bands of a 10M-exchange scan make 105M): the first adds each
+        kind's capped weights to a running total, whose strong entries are the edges; the
+        second computes each kind's weight and shared-key count at those edges alone.
         """
         from scipy import sparse
 
@@ -318,32 +309,40 @@ class Linker:
         # random 64-bit tokens per account: member-set hashes and the sampling order
         tokens = np.random.default_rng(self.seed).integers(0, 2**63, size=n, dtype=np.uint64)
         kinds = sorted(self.kind_weights)
-        weight_m, count_m = {}, {}
-        for kname in kinds:
-            of_kind = uniq_kind == kname
-            w, c = self._kind_pairs(acct, key_idx, df, kw, usable & of_kind, n, tokens)
-            if kname in USAGE_KINDS:
-                if counts is not None:
-                    per_account = counts.get(kname, np.zeros(n))
-                else:
-                    per_account = np.bincount(acct[of_kind[key_idx]], minlength=n).astype(float)
-                hub = self._hub_factor(per_account)
+        keys_of = {k: usable & (uniq_kind == k) for k in kinds}
+        hub = {}
+        for kname in sorted(USAGE_KINDS & set(kinds)):
+            if counts is not None:
+                per_account = counts.get(kname, np.zeros(n))
+            else:
+                per_account = np.bincount(acct[(uniq_kind == kname)[key_idx]],
+                                          minlength=n).astype(float)
+            hub[kname] = self._hub_factor(per_account)
+        total = sparse.csr_matrix((n, n))
+        for kname in kinds:  # summed in kind order, like `weight` below
+            w = self._kind_pairs(acct, key_idx, df, kw, keys_of[kname], n, tokens)
+            if kname in hub:
                 rows = np.repeat(np.arange(n), np.diff(w.indptr))
-                w.data /= np.sqrt(hub[rows] * hub[w.indices])
+                w.data /= np.sqrt(hub[kname][rows] * hub[kname][w.indices])
             # many keys of one kind (e.g. every LSH band of one shared prompt) are one piece of
             # evidence, not many: each kind's total is capped, so strong edges need several
             # independent kinds
             np.minimum(w.data, self.kind_cap, out=w.data)
-            weight_m[kname], count_m[kname] = w, c
-        total = sparse.csr_matrix((n, n))
-        for kname in kinds:  # summed in kind order, like `weight` below
-            total = total + weight_m[kname]
+            total = total + w
+            del w
         total = total.tocoo()
         strong = total.data >= self.min_edge_weight
         src, dst = total.row[strong].astype(np.int64), total.col[strong].astype(np.int64)
-        by_kind = {k: _values_at(m, src, dst) for k, m in weight_m.items()}
-        shared = {k: np.rint(_values_at(m, src, dst)).astype(np.int64)
-                  for k, m in count_m.items()}
+        del total
+        by_kind, shared = {}, {}
+        for kname in kinds:
+            pairs = self._kind_pairs(acct, key_idx, df, kw, keys_of[kname], n, tokens,
+                                     at=(src, dst))
+            w = pairs.real
+            if kname in hub:
+                w /= np.sqrt(hub[kname][src] * hub[kname][dst])
+            by_kind[kname] = np.minimum(w, self.kind_cap)
+            shared[kname] = np.rint(pairs.imag).astype(np.int64)
         weight = np.sum(list(by_kind.values()), axis=0)
         return AccountGraph(names, src, dst, weight, by_kind, shared)
 
@@ -356,34 +355,73 @@ class Linker:
         keys: np.ndarray,
         n: int,
         tokens: np.ndarray,
+        at: tuple[np.ndarray, np.ndarray] | None = None,
     ):
-        """Summed key weight and number of shared keys of every pair sharing a usable key of
-        one kind (`keys`: mask over keys), as two upper-triangular CSR matrices."""
+        """Summed key weight of every pair sharing a usable key of one kind (`keys`: mask over
+        keys), as an upper-triangular CSR matrix; or, with `at=(src, dst)` (src < dst), at
+        those pairs alone, as a complex array: weight + 1j * number of shared keys."""
         from scipy import sparse
 
-        # one complex matrix carries both sums: real part the key weights, imaginary the count
         small = keys & (df <= self.sample_above)
         rows = small[key_idx]
-        # accounts x keys incidence; A @ diag(kw + i) @ A.T sums every pair's keys. Computed
-        # for a batch of key columns at a time, so the product's temporaries (both triangles,
-        # then the upper one) stay bounded however many pairs one kind has (the LSH bands of a
-        # 10M-exchange scan: 105M)
-        a = sparse.csc_matrix(
-            (np.ones(int(rows.sum())), (acct[rows], key_idx[rows])), shape=(n, df.size)
-        )
-        products = (
-            sparse.triu(a[:, lo:hi] @ sparse.diags(kw[lo:hi] + 1j) @ a[:, lo:hi].T, k=1,
-                        format="csr")
-            for lo, hi in _key_batches(np.where(small, df * df, 0), self.product_batch)
-        )
-        parts = [products, [sparse.csr_matrix((n, n), dtype=complex)]]
+        # accounts x keys incidence: A @ diag(kw) @ A.T sums every pair's keys
+        incidence = sparse.csr_matrix if at is not None else sparse.csc_matrix
+        a = incidence((np.ones(int(rows.sum())), (acct[rows], key_idx[rows])), shape=(n, df.size))
         big = np.flatnonzero(keys & (df > self.sample_above))
-        if big.size:
-            members = acct[np.isin(key_idx, big)]
-            parts.append(sparse.csr_matrix((v, (lo, hi)), shape=(n, n)) for lo, hi, v in
-                         _sampled_pairs(members, df[big], kw[big], self.sample_above, tokens))
-        pairs = _sum_matrices(itertools.chain(*parts))
-        return pairs.real, pairs.imag
+        sampled = _sampled_pairs(acct[np.isin(key_idx, big)], df[big], kw[big],
+                                 self.sample_above, tokens) if big.size else iter(())
+        if at is not None:
+            return _pairs_at(a, kw + 1j, sampled, *at, n, self.product_batch)
+        # computed for a batch of key columns at a time, so the product's temporaries (both
+        # triangles, then the upper one) stay bounded however many pairs one kind has
+        products = (
+            sparse.triu(a[:, lo:hi] @ sparse.diags(kw[lo:hi]) @ a[:, lo:hi].T, k=1, format="csr")
+            for lo, hi in _batches(np.where(small, df * df, 0), self.product_batch)
+        )
+        sampled_m = (sparse.csr_matrix((v.real, (lo, hi)), shape=(n, n)) for lo, hi, v in sampled)
+        return _sum_matrices(itertools.chain(products, [sparse.csr_matrix((n, n))], sampled_m))
+
+
+def _pairs_at(a, value: np.ndarray, sampled: Iterable, src: np.ndarray, dst: np.ndarray,
+              n: int, budget: int) -> np.ndarray:
+    """`Linker._kind_pairs` at the pairs (src, dst) alone (sorted by src, as a CSR matrix lists
+    them). Small keys: the product restricted to the rows of the pairs' first ends, a batch of
+    rows at a time (about `budget` products; at most the cost of the full product, whereas two
+    rows per pair would read a hub's long row once per pair), each pair read off its row.
+    Sampled pairs of big keys: looked up among the wanted ones."""
+
+    out = np.zeros(src.size, dtype=complex)
+    right = a.T.tocsr().astype(complex)  # keys x accounts, weighted
+    right.data *= np.repeat(value, np.diff(right.indptr))
+    firsts = sorted_unique(src)
+    cost = a @ np.diff(right.indptr).astype(float)  # per account: the products its row makes
+    for lo, hi in _batches(cost[firsts], budget):
+        rows = firsts[lo:hi]
+        e0, e1 = np.searchsorted(src, rows[0], "left"), np.searchsorted(src, rows[-1], "right")
+        m = (a[rows] @ right).tocsr()
+        out[e0:e1] = np.asarray(m[np.searchsorted(rows, src[e0:e1]), dst[e0:e1]]).ravel()
+    # a bit table of the wanted pairs' hashes (under 1% false hits) before the exact lookup
+    bits = 1 << max(16, int(np.ceil(np.log2(64 * max(1, src.size)))))
+    wanted = src * n + dst
+    table = np.zeros(bits, dtype=bool)
+    table[_slot(wanted, bits)] = True
+    wanted = pa.array(wanted)
+    for lo, hi, v in sampled:
+        code = lo * n + hi
+        maybe = np.flatnonzero(table[_slot(code, bits)])
+        at = pc.index_in(pa.array(code[maybe]), value_set=wanted)
+        at = at.fill_null(-1).to_numpy(zero_copy_only=False)
+        hit = at >= 0
+        out += np.bincount(at[hit], weights=v[maybe][hit].real, minlength=src.size)
+        out += 1j * np.bincount(at[hit], weights=v[maybe][hit].imag, minlength=src.size)
+    return out
+
+
+def _slot(code: np.ndarray, bits: int) -> np.ndarray:
+    """Multiplicative (Fibonacci) hash of non-negative int64 codes into [0, bits), bits a power
+    of two."""
+    mixed = code.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return (mixed >> np.uint64(64 - int(bits).bit_length() + 1)).astype(np.int64)
 
 
 def _sampled_pairs(
@@ -425,8 +463,14 @@ def _sampled_pairs(
     for h in range(1, int(hops.max()) + 2):
         if pending >= chunk_rows or (h > hops.max() and pending):
             at, hop = np.concatenate(ats), np.concatenate(hop_list)
-            a, b = ring[at], ring[base[at] + (pos[at] + hop) % m[of_set[at]]]
-            yield np.minimum(a, b), np.maximum(a, b), value[of_set[at]]
+            of = of_set[at]
+            # the partner `hop` places further round the ring: at + hop, less the set's size
+            # when that passes the ring's end (hop < m, so once at most; no division)
+            size = m[of]
+            ahead = at + hop
+            ahead -= np.where(pos[at] + hop >= size, size, 0)
+            a, b = ring[at], ring[ahead]
+            yield np.minimum(a, b), np.maximum(a, b), value[of]
             ats, hop_list, pending = [], [], 0
         more = np.flatnonzero(hops_at >= h)
         ats.append(more)
@@ -441,9 +485,10 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
 
 
-def _key_batches(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Ranges [lo, hi) of consecutive keys whose summed `cost` stays about `budget` (one key
-    over it gets a range of its own); keys of zero cost at either end are left out."""
+def _batches(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Ranges [lo, hi) of consecutive items (keys, pairs) whose summed `cost` stays about
+    `budget` (one item over it gets a range of its own); items of zero cost at either end are
+    left out."""
     used = np.flatnonzero(cost)
     if used.size == 0:
         return []
@@ -478,11 +523,6 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _values_at(m, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Entries (src[i], dst[i]) of a sparse matrix as a flat array."""
-    return np.asarray(m[src, dst]).ravel() if src.size else np.zeros(0)
-
-
 def _keys_per_account(key_counts: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
     """Per kind, the number of distinct keys each account (index into `names`) used."""
     idx = pc.index_in(key_counts["account_id"], value_set=pa.array(names, pa.string()))
@@ -501,23 +541,39 @@ def encode_evidence(
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised encoding of an evidence table: (sorted account names, account index per row,
     key index per row, kind name per key). Rows of accounts not in `accounts` are dropped.
-    Keys are numbered in sorted (kind, key) order, so rows may come in any order."""
+    Columns may be plain or dictionary-encoded strings. Keys are numbered in sorted (kind, key)
+    order, so rows may come in any order: the graph, its sampling and Leiden then do not depend
+    on how an engine returned the evidence."""
     if accounts is None:
         accounts = pc.unique(ev["account_id"]).to_pylist()
     names = sorted(set(accounts))
     acct = pc.index_in(ev["account_id"], value_set=pa.array(names, pa.string()))
     acct = acct.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     keep = acct >= 0
-    full = pc.binary_join_element_wise(ev["kind"], ev["key"], "\x1f")
-    enc = pc.dictionary_encode(full).combine_chunks()
-    # keys numbered in sorted (kind, key) order, whatever order the rows came in: the graph,
-    # its sampling and Leiden then do not depend on how an engine returned the evidence
-    order = pc.array_sort_indices(enc.dictionary).to_numpy()
+    # (rank of the kind, rank of the key) in one int64, numbered in sorted order; no string
+    # per row is built (the 47M rows of a 10M-exchange scan would take gigabytes)
+    kind_values, kind_of_row = _dictionary(ev["kind"])
+    key_values, key_of_row = _dictionary(ev["key"])
+    kind_rank, key_rank = _sorted_rank(kind_values), _sorted_rank(key_values)
+    code = kind_rank[kind_of_row] * len(key_values) + key_rank[key_of_row]
+    del kind_of_row, key_of_row
+    combos = np.sort(pc.unique(pa.array(code)).to_numpy())
+    key_idx = pc.index_in(pa.array(code), value_set=pa.array(combos)).to_numpy().astype(np.int64)
+    sorted_kinds = np.asarray(kind_values.to_pylist(), dtype=object)[np.argsort(kind_rank)]
+    return names, acct[keep], key_idx[keep], sorted_kinds[combos // len(key_values)]
+
+
+def _dictionary(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """(distinct values, each row's index into them) of a plain or dictionary column."""
+    enc = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()  # one dictionary for all chunks
+    return enc.dictionary, enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _sorted_rank(values: pa.Array) -> np.ndarray:
+    """Each value's position in sorted (code-point) order."""
+    order = pc.array_sort_indices(values).to_numpy()
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(order.size)
-    key_idx = rank[enc.indices.to_numpy(zero_copy_only=False)]
-    kinds = pc.dictionary_encode(ev["kind"]).combine_chunks()
-    kind_names = np.asarray(kinds.dictionary.to_pylist(), dtype=object)
-    kind_code = np.zeros(order.size, dtype=np.int64)
-    kind_code[key_idx] = kinds.indices.to_numpy(zero_copy_only=False)
-    return names, acct[keep], key_idx[keep], kind_names[kind_code]
+    return rank
