@@ -389,7 +389,6 @@ def _pairs_at(a, value: np.ndarray, sampled: Iterable, src: np.ndarray, dst: np.
     rows at a time (about `budget` products; at most the cost of the full product, whereas two
     rows per pair would read a hub's long row once per pair), each pair read off its row.
     Sampled pairs of big keys: looked up among the wanted ones."""
-
     out = np.zeros(src.size, dtype=complex)
     right = a.T.tocsr().astype(complex)  # keys x accounts, weighted
     right.data *= np.repeat(value, np.diff(right.indptr))
