@@ -204,3 +204,32 @@ def test_campaign_ids_stay_unique_when_a_campaign_splits():
 
     ids = engine._campaign_ids([verdict(0, [0, 1, 2]), verdict(1, [3, 4, 5, 6])], names, prior)
     assert ids[1] == old and ids[0] != old and len(set(ids.values())) == 2
+
+
+def test_duckdb_gives_its_memory_to_the_graph_stages_and_gets_it_back(con, world, monkeypatch):
+    """Linking and clustering run under `duckdb_graph_memory_limit` (DuckDB spills its buffers
+    meanwhile); the scan's own limit is back for the campaigns and the caller's after it."""
+    seen = {}
+
+    def setting() -> str:
+        return con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+
+    link, attribute = engine.Linker.link, engine.camp.attribute
+
+    def spy_link(self, *a, **k):
+        seen["linking"] = setting()
+        return link(self, *a, **k)
+
+    def spy_attribute(*a, **k):
+        seen["campaigns"] = setting()
+        return attribute(*a, **k)
+
+    monkeypatch.setattr(engine.Linker, "link", spy_link)
+    monkeypatch.setattr(engine.camp, "attribute", spy_attribute)
+    con.execute("SET memory_limit = '2GiB'")  # DuckDB prints limits rounded down
+    before = setting()
+    config = engine.ScanConfig(duckdb_memory_limit="1GB", duckdb_graph_memory_limit="64MB")
+    f = engine.scan(con, config=config)
+    assert f.campaigns.num_rows == 1
+    assert seen["linking"] == "61.0 MiB" and seen["campaigns"].startswith("953.")  # 64 MB, 1 GB
+    assert setting() == before

@@ -78,6 +78,10 @@ class ScanConfig:
     #: DuckDB's memory limit during the scan (it spills to its temp directory beyond it);
     #: None leaves the connection's own setting
     duckdb_memory_limit: str | None = "3GB"
+    #: DuckDB's memory limit while the graph stages run in-process (linking, clustering): it
+    #: evicts its buffers (the cached view) to its spill files and gives the memory back to
+    #: them; the campaigns stage reads them back. None keeps `duckdb_memory_limit`
+    duckdb_graph_memory_limit: str | None = "256MB"
 
 
 @dataclass
@@ -314,17 +318,33 @@ def scan(
 
 
 @contextmanager
-def _memory_limit(con: duckdb.DuckDBPyConnection, limit: str | None) -> Iterator[None]:
-    """DuckDB's memory_limit set to `limit` for the block, then restored."""
+def _memory_limit(con: duckdb.DuckDBPyConnection, limit: str | None,
+                  best_effort: bool = False) -> Iterator[None]:
+    """DuckDB's memory_limit set to `limit` for the block, then restored. With `best_effort`,
+    a limit DuckDB cannot meet (it cannot spill what it holds, e.g. without a temp directory)
+    leaves the setting as it was."""
     if limit is None:
         yield
         return
     before = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
-    con.execute(f"SET memory_limit = '{limit}'")
+    try:
+        con.execute(f"SET memory_limit = '{limit}'")
+    except duckdb.Error:
+        if not best_effort:
+            raise
+        yield
+        return
     try:
         yield
     finally:
         con.execute(f"SET memory_limit = '{before}'")
+
+
+def _file_backed(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the connection's current database is a file (it spills beside it)."""
+    row = con.execute("SELECT path FROM duckdb_databases() "
+                      "WHERE database_name = current_database()").fetchone()
+    return bool(row and row[0])
 
 
 def _scan(con, until, engine, allow_accounts, allow_orgs, verdicts, progress, config) -> Findings:
@@ -419,13 +439,18 @@ def _detect_in(con, backend, view, bands, until, config, seconds, progress, allo
             ev = _dictionary_encoded(itertools.chain(shared, sync.to_batches()))
             counts = _arrow(key_counts(all_ev))
     names = fp["account_id"].to_pylist()
-    with _timed(seconds, "linking", progress):
-        graph = config.linker.link(ev, names, counts)
-    with _timed(seconds, "clustering", progress):
-        label = leiden_clusters(graph, resolution=config.resolution, min_size=config.clusters.min_size)
-        # dense blocks of *control* evidence: shared prompts, system prompts and synchrony tie
-        # honest strangers by the thousand and would make one block of the whole population
-        block, _density = fraudar(_control_evidence(ev), names, max_df=config.linker.max_group)
+    # an in-memory store would spill to `.tmp` in the working directory: it keeps its memory
+    graph_limit = config.duckdb_graph_memory_limit if _file_backed(con) else None
+    with _memory_limit(con, graph_limit, best_effort=True):
+        with _timed(seconds, "linking", progress):
+            graph = config.linker.link(ev, names, counts)
+        with _timed(seconds, "clustering", progress):
+            label = leiden_clusters(graph, resolution=config.resolution,
+                                    min_size=config.clusters.min_size)
+            # dense blocks of *control* evidence: shared prompts, system prompts and synchrony
+            # tie honest strangers by the thousand and would make one block of everyone
+            block, _density = fraudar(_control_evidence(ev), names,
+                                      max_df=config.linker.max_group)
     with _timed(seconds, "scoring", progress):
         scorer = BehaviourScorer()
         if verdicts:
