@@ -118,11 +118,6 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     raise AssertionError("condition not met in time")
 
 
-def _address_in_use(text: str) -> bool:
-    text = text.lower()
-    return "address already in use" in text or "errno 98" in text
-
-
 class GatewayProcess:
     """`distillguard gateway` as a real subprocess (durability and multi-replica tests).
 
@@ -181,7 +176,7 @@ class GatewayProcess:
             except proc_guard.StartError:
                 # Lost the race for the port (picked free, taken before the bind): next one.
                 if (attempt < self.START_ATTEMPTS and not self._ever_ready
-                        and _address_in_use(proc_guard.log_tail(self.log_path, log_start))
+                        and proc_guard.lost_port_race(self.log_path, log_start)
                         and time.monotonic() < deadline):
                     self._use_port(free_port())
                     continue

@@ -104,6 +104,13 @@ def log_tail(path: Path | str, start: int = 0, limit: int = TAIL_BYTES) -> str:
     return text or "(no output)"
 
 
+def lost_port_race(path: Path | str, start: int = 0) -> bool:
+    """Whether the log (from offset `start`) says the child could not bind its port: the
+    free port picked for it was taken before it bound (uvicorn and redis-server words)."""
+    text = log_tail(path, start).lower()
+    return "address already in use" in text or "errno 98" in text
+
+
 def wait_ready(proc: subprocess.Popen, ready: Callable[[], bool], *, what: str,
                log_path: Path | str, log_start: int = 0, timeout: float = 60.0,
                interval: float = 0.1, term_timeout: float = 5.0) -> float:

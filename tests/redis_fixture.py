@@ -70,8 +70,7 @@ class RedisServer:
                                       timeout=max(deadline - time.monotonic(), 0.5),
                                       interval=0.05)
             except proc_guard.StartError:
-                busy = "address already in use" in proc_guard.log_tail(
-                    self.log_path, log_start).lower()
+                busy = proc_guard.lost_port_race(self.log_path, log_start)
                 if not busy or time.monotonic() >= deadline:
                     raise
                 if self._ever_started:
