@@ -79,8 +79,8 @@ class ScanConfig:
     #: None leaves the connection's own setting
     duckdb_memory_limit: str | None = "3GB"
     #: DuckDB's memory limit while the graph stages run in-process (linking, clustering): it
-    #: evicts its buffers (the cached view) to its spill files and gives the memory back to
-    #: them; the campaigns stage reads them back. None keeps `duckdb_memory_limit`
+    #: spills its buffers (the cached view), so the graph has that memory, and the campaigns
+    #: stage reads them back. File-backed stores only. None keeps `duckdb_memory_limit`
     duckdb_graph_memory_limit: str | None = "256MB"
 
 

@@ -554,10 +554,10 @@ def encode_evidence(
     kind_values, kind_of_row = _dictionary(ev["kind"])
     key_values, key_of_row = _dictionary(ev["key"])
     kind_rank, key_rank = _sorted_rank(kind_values), _sorted_rank(key_values)
-    code = kind_rank[kind_of_row] * len(key_values) + key_rank[key_of_row]
+    code = pa.array(kind_rank[kind_of_row] * len(key_values) + key_rank[key_of_row])
     del kind_of_row, key_of_row
-    combos = np.sort(pc.unique(pa.array(code)).to_numpy())
-    key_idx = pc.index_in(pa.array(code), value_set=pa.array(combos)).to_numpy().astype(np.int64)
+    combos = np.sort(pc.unique(code).to_numpy())
+    key_idx = pc.index_in(code, value_set=pa.array(combos)).to_numpy().astype(np.int64)
     sorted_kinds = np.asarray(kind_values.to_pylist(), dtype=object)[np.argsort(kind_rank)]
     return names, acct[keep], key_idx[keep], sorted_kinds[combos // len(key_values)]
 
