@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import igraph as ig
+import leidenalg
 import numpy as np
 import pyarrow as pa
 
@@ -39,6 +41,24 @@ def test_leiden_is_deterministic():
 def test_empty_graph_has_no_clusters():
     g = linking.AccountGraph(["a", "b"], np.zeros(0, int), np.zeros(0, int), np.zeros(0))
     assert (clustering.leiden_clusters(g) == -1).all()
+
+
+def test_leiden_per_component_keeps_the_whole_graph_objective():
+    """A small component is clustered at the resolution of the whole graph: beside a heavy
+    component, two triangles joined by one edge are one community (the whole graph's weight
+    makes the configuration model's penalty small), as leidenalg on the whole graph finds.
+    Alone at resolution 1, leidenalg splits them, so an unscaled per-component run fails."""
+    names = [f"h{i:02d}" for i in range(40)] + [f"t{i}" for i in range(6)]
+    heavy = [(i, j, 10.0) for i in range(40) for j in range(i + 1, 40)]  # a 40-clique
+    triangles = [(0, 1), (1, 2), (0, 2), (3, 4), (4, 5), (3, 5), (2, 3)]
+    edges = heavy + [(40 + a, 40 + b, 1.0) for a, b in triangles]
+    src, dst, w = (np.array(col) for col in zip(*edges, strict=True))
+    label = clustering.leiden_clusters(linking.AccountGraph(names, src, dst, w))
+    assert len(set(label[40:])) == 1 and label[40] >= 0 and label[40] != label[0]
+    alone = leidenalg.find_partition(ig.Graph(n=6, edges=triangles),
+                                     leidenalg.RBConfigurationVertexPartition,
+                                     weights=[1.0] * len(triangles), seed=0, n_iterations=-1)
+    assert len(alone) == 2
 
 
 def ev(rows):

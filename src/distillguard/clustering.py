@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import igraph as ig
@@ -46,28 +47,62 @@ def leiden_clusters(
 ) -> np.ndarray:
     """Leiden community label per vertex; communities smaller than `min_size` get -1.
 
-    Labels are renumbered by (descending size, smallest member) so they are stable across
-    engines and runs.
+    Leiden runs on each connected component of at least `min_size` vertices on its own
+    (`_component_graphs`): its communities never span components, and the RB configuration
+    objective is a sum over components once each component's resolution is scaled by its share
+    of the total edge weight, so this optimises the same objective as one run on the whole
+    graph. It is much faster: leidenalg's time grows with the vertex count of the graph it is
+    given, and most of an account graph is isolated vertices and small groups (a synthetic
+    graph of 58K vertices in 28K components: 19 s whole, 3 s per component). Components
+    smaller than `min_size` cannot hold a community that is kept, so they are skipped. Labels
+    are renumbered by (descending size, smallest member) so they are stable across engines and
+    runs.
     """
     n = len(graph.accounts)
     label = np.full(n, -1, dtype=np.int64)
     if graph.n_edges == 0:
         return label
-    g = ig.Graph(n=n, edges=np.column_stack([graph.src, graph.dst]).tolist(), directed=False)
-    g.es["weight"] = graph.weight.tolist()
-    part = leidenalg.find_partition(
-        g,
-        leidenalg.RBConfigurationVertexPartition,
-        weights="weight",
-        resolution_parameter=resolution,
-        seed=seed,
-        n_iterations=-1,
-    )
-    groups = [sorted(c) for c in part if len(c) >= min_size]
+    total = float(graph.weight.sum())
+    groups = []
+    for vertices, g in _component_graphs(graph, min_size):
+        part = leidenalg.find_partition(
+            g,
+            leidenalg.RBConfigurationVertexPartition,
+            weights="weight",
+            resolution_parameter=resolution * float(np.sum(g.es["weight"])) / total,
+            seed=seed,
+            n_iterations=-1,
+        )
+        groups.extend(np.sort(vertices[c]) for c in part if len(c) >= min_size)
     groups.sort(key=lambda c: (-len(c), c[0]))
     for lab, members in enumerate(groups):
         label[members] = lab
     return label
+
+
+def _component_graphs(
+    graph: AccountGraph, min_size: int
+) -> Iterator[tuple[np.ndarray, ig.Graph]]:
+    """(sorted vertex ids, igraph graph on them) of every connected component with at least
+    `min_size` vertices, in order of its smallest vertex."""
+    n = len(graph.accounts)
+    whole = ig.Graph(n=n, edges=np.column_stack([graph.src, graph.dst]), directed=False)
+    comp = np.asarray(whole.connected_components().membership, dtype=np.int64)
+    sizes = np.bincount(comp)
+    by_comp = np.argsort(comp, kind="stable")  # vertices grouped by component, ascending
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    local = np.empty(n, dtype=np.int64)
+    local[by_comp] = np.arange(n) - starts[comp[by_comp]]
+    edge_comp = comp[graph.src]
+    edge_order = np.argsort(edge_comp, kind="stable")
+    edge_starts = np.concatenate([[0], np.cumsum(np.bincount(edge_comp, minlength=sizes.size))])
+    for c in np.flatnonzero(sizes >= min_size):
+        vertices = by_comp[starts[c]:starts[c + 1]]
+        edges = edge_order[edge_starts[c]:edge_starts[c + 1]]
+        g = ig.Graph(n=vertices.size, edges=np.column_stack(
+            [local[graph.src[edges]], local[graph.dst[edges]]]), directed=False)
+        g.es["weight"] = graph.weight[edges].tolist()
+        yield vertices, g
 
 
 def fraudar(
@@ -86,7 +121,7 @@ def fraudar(
     if names != list(accounts):
         raise ValueError("fraudar: accounts must be sorted and unique")
     n = len(names)
-    pairs = sorted_unique(key_idx * n + acct)
+    pairs = sorted_unique(key_idx.astype(np.int64) * n + acct)
     key_idx, acct = pairs // n, pairs % n
     df = np.bincount(key_idx)
     usable = (df[key_idx] >= 2) & (df[key_idx] <= max_df)
