@@ -3,7 +3,10 @@ path stores, and hands it everything it does not accept as clean."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -12,7 +15,7 @@ import distillguard.ingest
 from distillguard import store
 from distillguard.gateway import fast_ingest
 from distillguard.gateway.exchange import ResponseAccumulator, iso, request_fields
-from distillguard.gateway.wal import flush_once
+from distillguard.gateway.wal import StoreWorker, flush_once
 from distillguard.ingest import ingest_paths
 
 TS = 1_764_600_000.0
@@ -253,3 +256,26 @@ def test_replayed_segments_are_stored_once(tmp_path, monkeypatch):
     assert again[0] == first[0]
     assert [(q[2], q[3]) for q in again[1]] == [
         ("duplicate", "request_id already stored with different content")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no autogroup scheduling")
+def test_store_worker_in_its_own_session_runs_at_low_priority(tmp_path):
+    """In a session of its own the worker is its own autogroup, where its niceness alone
+    would weigh nothing against the gateway's session: the group's niceness is lowered too."""
+    (tmp_path / "wal").mkdir()
+    worker = StoreWorker(tmp_path / "wal", tmp_path / "store.duckdb", 0.2, 60.0,
+                         own_session=True)
+    worker.start()
+    try:
+        pid = worker.process.pid
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            group = Path(f"/proc/{pid}/autogroup").read_text()
+            if group.split()[-1] == "19":
+                break
+            time.sleep(0.1)
+        assert group.split()[-1] == "19", group
+        assert os.getsid(pid) == pid
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    finally:
+        worker.stop()

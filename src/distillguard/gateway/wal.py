@@ -400,6 +400,11 @@ def run_store_worker(directory: str, db_path: str, interval_s: float, parent_pid
     # worker falls behind and segments wait on disk (`pending_segments` in /admin/state).
     with contextlib.suppress(OSError):
         os.nice(10)
+    if own_session:
+        # its own session is its own autogroup, where niceness only ranks its own threads:
+        # the group's niceness is what the kernel weighs against the gateway's session
+        with contextlib.suppress(OSError):
+            Path("/proc/self/autogroup").write_text("19\n")
     pyarrow.set_cpu_count(1)
     pyarrow.set_io_thread_count(1)
     last_snapshot = 0.0
