@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -233,3 +234,28 @@ def test_duckdb_gives_its_memory_to_the_graph_stages_and_gets_it_back(con, world
     assert f.campaigns.num_rows == 1
     assert seen["linking"] == "61.0 MiB" and seen["campaigns"].startswith("953.")  # 64 MB, 1 GB
     assert setting() == before
+
+
+def test_a_full_disk_is_reported_clearly(db_path, monkeypatch):
+    """DuckDB's spill failing on a full disk: a one-line error saying where it spilled and
+    what is kept, no traceback; other I/O errors are not relabelled."""
+    con = store.connect(db_path)
+    load_crafted(con)
+    con.close()
+
+    def failing(message):
+        def raise_io_error(*args, **kwargs):
+            raise duckdb.IOException(message)
+        return raise_io_error
+
+    monkeypatch.setattr(engine, "_scan", failing(
+        'IO Error: Could not write file "x.tmp/duckdb_temp_block": No space left on device'))
+    res = CliRunner().invoke(app, ["scan", "--db", str(db_path)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1 and "disk filled up" in text and "signals computed so far" in text
+    assert "Traceback" not in res.output
+    monkeypatch.setattr(engine, "_scan", failing("IO Error: permission denied"))
+    con = store.connect(db_path)
+    with pytest.raises(duckdb.IOException, match="permission denied"):
+        engine.scan(con)
+    con.close()

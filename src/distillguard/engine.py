@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -309,12 +310,35 @@ def scan(
     if until is not None and until.tzinfo is None:
         raise ValueError("until needs a time zone (e.g. 2026-01-05T00:00:00Z)")
     config = config or ScanConfig()
-    with _memory_limit(con, config.duckdb_memory_limit):
-        findings = _scan(con, until, engine, allow_accounts, allow_orgs, verdicts, progress,
-                         config)
+    try:
+        with _memory_limit(con, config.duckdb_memory_limit):
+            findings = _scan(con, until, engine, allow_accounts, allow_orgs, verdicts,
+                             progress, config)
+    except duckdb.IOException as exc:
+        if "No space left on device" not in str(exc):
+            raise
+        raise DiskFullError(_disk_full_message(con)) from exc
     if out is not None:
         findings.write(out)
     return findings
+
+
+class DiskFullError(OSError):
+    """The disk DuckDB spills to filled up during a scan (its message says where and what is
+    kept)."""
+
+
+def _disk_full_message(con: duckdb.DuckDBPyConnection) -> str:
+    try:
+        temp = con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+    except duckdb.Error:
+        temp = None
+    where = Path(temp) if temp else Path.cwd()
+    probe = where if where.exists() else where.parent
+    free = shutil.disk_usage(probe).free / 2**30 if probe.exists() else float("nan")
+    return (f"the disk filled up while DuckDB spilled to {where} ({free:.1f} GiB free now): "
+            "no findings were written; the signals computed so far are kept in the store, "
+            "so a rerun after freeing space starts from there")
 
 
 @contextmanager

@@ -99,7 +99,7 @@ def scan_command(
     first_flagged_at and pivot times are what a provider scanning every 6 h would have seen.
     """
     from distillguard import store
-    from distillguard.engine import STAGES, parse_until, replay, scan
+    from distillguard.engine import STAGES, DiskFullError, parse_until, replay, scan
     from distillguard.reports import campaign_summary_table
 
     if not Path(db).exists():
@@ -135,7 +135,7 @@ def scan_command(
                 findings = scan(con, until=until_ts, **args)
             else:
                 findings = replay(con, every=step, until=until_ts, start=from_ts, **args)
-        except ValueError as exc:
+        except (ValueError, DiskFullError) as exc:
             raise fail(str(exc)) from None
         finally:
             con.close()
