@@ -301,7 +301,9 @@ class Linker:
         n = len(names)
         # distinct (account, key) pairs only, ordered by key then account
         pair = sorted_unique(key_idx.astype(np.int64) * n + acct)
-        key_idx, acct = pair // n, pair % n
+        # int32 from here: both stay in memory through both passes (47M rows at 10M exchanges)
+        key_idx, acct = (pair // n).astype(np.int32), (pair % n).astype(np.int32)
+        del pair
         df = np.bincount(key_idx, minlength=uniq_kind.size)
         kw = self.key_weights(df.astype(float), uniq_kind)
         usable = (df >= 2) & (df <= self.max_group) & (kw > 0)
@@ -406,7 +408,7 @@ def _pairs_at(a, value: np.ndarray, sampled: Iterable, src: np.ndarray, dst: np.
     table[_slot(wanted, bits)] = True
     wanted = pa.array(wanted)
     for lo, hi, v in sampled:
-        code = lo * n + hi
+        code = lo.astype(np.int64) * n + hi
         maybe = np.flatnonzero(table[_slot(code, bits)])
         at = pc.index_in(pa.array(code[maybe]), value_set=wanted)
         at = at.fill_null(-1).to_numpy(zero_copy_only=False)
@@ -539,15 +541,15 @@ def encode_evidence(
     ev: pa.Table, accounts: Iterable[str] | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised encoding of an evidence table: (sorted account names, account index per row,
-    key index per row, kind name per key). Rows of accounts not in `accounts` are dropped.
-    Columns may be plain or dictionary-encoded strings. Keys are numbered in sorted (kind, key)
-    order, so rows may come in any order: the graph, its sampling and Leiden then do not depend
-    on how an engine returned the evidence."""
+    key index per row, kind name per key); the indices are int32. Rows of accounts not in
+    `accounts` are dropped. Columns may be plain or dictionary-encoded strings. Keys are
+    numbered in sorted (kind, key) order, so rows may come in any order: the graph, its
+    sampling and Leiden then do not depend on how an engine returned the evidence."""
     if accounts is None:
         accounts = pc.unique(ev["account_id"]).to_pylist()
     names = sorted(set(accounts))
     acct = pc.index_in(ev["account_id"], value_set=pa.array(names, pa.string()))
-    acct = acct.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    acct = acct.fill_null(-1).to_numpy(zero_copy_only=False)
     keep = acct >= 0
     # (rank of the kind, rank of the key) in one int64, numbered in sorted order; no string
     # per row is built (the 47M rows of a 10M-exchange scan would take gigabytes)
@@ -557,7 +559,7 @@ def encode_evidence(
     code = pa.array(kind_rank[kind_of_row] * len(key_values) + key_rank[key_of_row])
     del kind_of_row, key_of_row
     combos = np.sort(pc.unique(code).to_numpy())
-    key_idx = pc.index_in(code, value_set=pa.array(combos)).to_numpy().astype(np.int64)
+    key_idx = pc.index_in(code, value_set=pa.array(combos)).to_numpy()
     sorted_kinds = np.asarray(kind_values.to_pylist(), dtype=object)[np.argsort(kind_rank)]
     return names, acct[keep], key_idx[keep], sorted_kinds[combos // len(key_values)]
 
@@ -567,7 +569,7 @@ def _dictionary(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarra
     enc = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
     if isinstance(enc, pa.ChunkedArray):
         enc = enc.combine_chunks()  # one dictionary for all chunks
-    return enc.dictionary, enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return enc.dictionary, enc.indices.to_numpy(zero_copy_only=False)
 
 
 def _sorted_rank(values: pa.Array) -> np.ndarray:
