@@ -19,7 +19,12 @@ import leidenalg
 import numpy as np
 import pyarrow as pa
 
-from distillguard.linking import AccountGraph, encode_evidence, sorted_unique
+from distillguard.linking import (
+    AccountGraph,
+    distinct_pairs,
+    encode_evidence,
+    sorted_unique,
+)
 
 
 @dataclass
@@ -122,8 +127,7 @@ def fraudar(
     if names != list(accounts):
         raise ValueError("fraudar: accounts must be sorted and unique")
     n = len(names)
-    pairs = sorted_unique(key_idx.astype(np.int64) * n + acct)
-    key_idx, acct = pairs // n, pairs % n
+    key_idx, acct = distinct_pairs(key_idx, acct, n)
     df = np.bincount(key_idx)
     usable = (df[key_idx] >= 2) & (df[key_idx] <= max_df)
     key_idx, acct = key_idx[usable], acct[usable]

@@ -299,11 +299,7 @@ class Linker:
 
         names, acct, key_idx, uniq_kind = encode_evidence(ev, accounts)
         n = len(names)
-        # distinct (account, key) pairs only, ordered by key then account
-        pair = sorted_unique(key_idx.astype(np.int64) * n + acct)
-        # int32 from here: both stay in memory through both passes (47M rows at 10M exchanges)
-        key_idx, acct = (pair // n).astype(np.int32), (pair % n).astype(np.int32)
-        del pair
+        key_idx, acct = distinct_pairs(key_idx, acct, n)
         df = np.bincount(key_idx, minlength=uniq_kind.size)
         kw = self.key_weights(df.astype(float), uniq_kind)
         usable = (df >= 2) & (df <= self.max_group) & (kw > 0)
@@ -484,6 +480,17 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     index, inverse or counts are asked for) took 17 s on 7.5 million int64s here, a sort 0.2 s."""
     s = np.sort(values)
     return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+
+
+def distinct_pairs(
+    key_idx: np.ndarray, acct: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (key, account) pairs of `encode_evidence`'s rows, ordered by key then
+    account, as int32 arrays (both stay in memory while a graph is built: 47M rows at 10M
+    exchanges); `n` is the number of accounts. The pairs are coded in int64, which key * n
+    would overflow in int32."""
+    pair = sorted_unique(key_idx.astype(np.int64) * n + acct)
+    return (pair // n).astype(np.int32), (pair % n).astype(np.int32)
 
 
 def _batches(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
