@@ -41,7 +41,7 @@ def _rows(rng: np.random.Generator) -> tuple[list[dict], list[dict], list[dict],
         })
         signals.append({
             "request_id": rid, "account_id": account, "ts": ts, "model": model,
-            "prompt_chars": 60, "cot": cot, "reasoning_reconstruction": False,
+            "prompt_chars": 60, "depth": 1, "cot": cot, "reasoning_reconstruction": False,
             "rubric": False, "safe_rewrite": False, "capability": capability,
             "extraction_params": False, "template_sig": template, "template_lsh": [template[:6]],
             "system_hash": system, "language": "en", "distill_score": 0.8 if cot else 0.2,

@@ -139,7 +139,7 @@ def test_release_reaction_share_counts_the_first_day_of_a_new_model():
                                 "params": {}, "input_tokens": 10, "output_tokens": 10,
                                 "status": 200} for r in rows], schema=contract.EXCHANGE_SCHEMA)
     sig = pa.Table.from_pylist([{"request_id": r["request_id"], "account_id": r["account_id"],
-                                 "ts": r["ts"], "model": r["model"], "cot": False,
+                                 "ts": r["ts"], "model": r["model"], "depth": 0, "cot": False,
                                  "capability": "chat", "template_sig": "t", "template_lsh": [],
                                  "distill_score": 0.1} for r in rows],
                                schema=contract.SIGNAL_SCHEMA)

@@ -44,6 +44,17 @@ def test_volume_and_shares_match_the_traffic(fp):
     assert fp["atk0003"]["unique_template_share"] <= 12 / n + 1e-9
 
 
+def test_the_view_reads_depth_from_the_signals_not_the_messages():
+    """The messages hold every prompt's text: reading them for their length made the cached
+    view of a 20M-exchange scan take 170 s instead of 26 s."""
+    ex, sig, _, _ = crafted()
+    con = ibis.duckdb.connect()
+    view = fingerprints.exchange_view(con.create_table("exchanges", ex),
+                                      con.create_table("signals", sig))
+    assert "messages" not in ibis.to_sql(view, dialect="duckdb")
+    assert set(view.depth.to_pyarrow().to_pylist()) == {1}
+
+
 def test_agentic_users_are_single_capability_and_attackers_broad(fp):
     assert fp["dev0001"]["n_capabilities"] == 1
     assert fp["atk0001"]["n_capabilities"] >= 3
@@ -57,7 +68,7 @@ def test_hour_entropy_zero_for_one_hour_and_new_model_share():
         rows.append({"request_id": f"r{k}", "ts": ts, "account_id": "a", "model": model,
                      "ip": "2001:db8:aa:1::1", "messages": [{"role": "user", "content": "x"}]})
         sigs.append({"request_id": f"r{k}", "account_id": "a", "ts": ts, "model": model,
-                     "template_sig": "t", "capability": "general_chat"})
+                     "depth": 1, "template_sig": "t", "capability": "general_chat"})
     con = ibis.duckdb.connect()
     view = fingerprints.exchange_view(
         con.create_table("e", pa.Table.from_pylist(rows, schema=contract.EXCHANGE_SCHEMA)),

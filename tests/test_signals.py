@@ -263,6 +263,8 @@ def test_output_conforms_to_the_signal_schema() -> None:
     assert contract.conform(out, contract.SIGNAL_SCHEMA).equals(out)
     assert set(out["capability"].to_pylist()) <= set(contract.CAPABILITIES)
     assert out["prompt_chars"].to_pylist()[8] == len("first\nsecond")
+    assert out["depth"].to_pylist() == [
+        None if r.get("messages") is None else len(r["messages"]) for r in MIXED]
 
 
 def test_record_batches_and_sliced_chunked_tables_keep_row_order() -> None:

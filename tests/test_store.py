@@ -87,3 +87,23 @@ def test_duplicates_still_skipped_with_input_order(con, tmp_path):
     assert (report.stored, report.duplicates) == (40, 5)
     stored = [r[0] for r in con.execute("SELECT request_id FROM exchanges").fetchall()]
     assert stored == [r["request_id"] for r in rows]
+
+
+def test_a_stale_signals_table_is_recreated_and_the_exchanges_kept(tmp_path):
+    """Signals are a cache of what a scan recomputes: a store whose signals table an older
+    version wrote (a column fewer) gets a fresh one, and the next scan fills it."""
+    db = tmp_path / "old.duckdb"
+    con = store.connect(db)
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist(_sessions(2)), path)
+    ingest_paths(con, path, kind="exchanges")
+    con.execute("DROP TABLE signals")
+    con.execute("CREATE TABLE signals (request_id VARCHAR, account_id VARCHAR)")
+    con.execute("INSERT INTO signals VALUES ('r-000000', 'acct-0')")
+    con.close()
+    con = store.connect(db)
+    columns = [r[0] for r in con.execute("DESCRIBE signals").fetchall()]
+    assert columns == contract.SIGNAL_SCHEMA.names
+    assert con.execute("SELECT count(*) FROM signals").fetchone() == (0,)
+    assert con.execute("SELECT count(*) FROM exchanges").fetchone() == (2,)
+    con.close()

@@ -143,6 +143,7 @@ SIGNAL_SCHEMA = pa.schema(
         pa.field("ts", UTC_TS, nullable=False),
         pa.field("model", pa.string(), nullable=False),
         pa.field("prompt_chars", pa.int64()),  # length of the user turns
+        pa.field("depth", pa.int64()),  # messages in the request, every role (null if none)
         pa.field("cot", pa.bool_()),  # elicits step-by-step reasoning
         pa.field("reasoning_reconstruction", pa.bool_()),  # reasoning behind a finished answer
         pa.field("rubric", pa.bool_()),  # grading / preference / reward-model task

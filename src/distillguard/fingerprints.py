@@ -26,6 +26,7 @@ SIGNAL_COLUMNS = (
     "template_sig",
     "system_hash",
     "distill_score",
+    "depth",
 )
 
 #: A model first seen this long after the log starts counts as released inside the window.
@@ -103,7 +104,6 @@ def exchange_view(
         day=joined.ts.truncate("D"),
         hour=joined.ts.hour(),
         weekday=joined.ts.day_of_week.index(),
-        depth=joined.messages.length(),
         temperature=joined.params.temperature,
         input_tokens=joined.input_tokens,
         output_tokens=joined.output_tokens,

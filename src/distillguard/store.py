@@ -6,6 +6,7 @@ log contract.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,8 @@ import duckdb
 import pyarrow as pa
 
 from distillguard import contract
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DB = Path("distillguard.duckdb")
 
@@ -53,9 +56,25 @@ def connect(path: str | Path = DEFAULT_DB, *, read_only: bool = False) -> duckdb
     return con
 
 
+#: Tables that only cache what a scan recomputes: one whose columns no longer match its schema
+#: (a store written by an older version) is emptied and created again rather than migrated.
+DERIVED_TABLES = frozenset({"signals"})
+
+
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Create any missing contract table, typed from its Arrow schema."""
+    """Create any missing contract table, typed from its Arrow schema; recreate a stale
+    DERIVED_TABLES table."""
     existing = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    for name in sorted(DERIVED_TABLES & existing):
+        columns = [row[0] for row in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = ? "
+            "AND database_name = current_database() "
+            "ORDER BY column_index", [name]).fetchall()]
+        if columns != TABLES[name].names:
+            log.warning("table %s was written by another version of distillguard (columns "
+                        "differ): emptied, the next scan computes it again", name)
+            con.execute(f'DROP TABLE "{name}"')
+            existing.discard(name)
     for name, schema in TABLES.items():
         if name not in existing:
             con.execute(create_table_sql(con, name, schema))

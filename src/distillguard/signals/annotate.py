@@ -411,6 +411,9 @@ class SignalAnnotator:
             for name in ("request_id", "account_id", "ts", "model")
         }
         columns["prompt_chars"] = pc.utf8_length(texts).cast(pa.int64())
+        # here, where `messages` is read anyway: the exchange view would otherwise read every
+        # message's text from the store for its length (at 20M exchanges, 140 of the view's 170 s)
+        columns["depth"] = pc.list_value_length(_table_column(table, "messages")).cast(pa.int64())
         flags = list(zip(*fields.flags, strict=True)) or [()] * len(BOOLEAN_SIGNALS)
         for k, name in enumerate(BOOLEAN_SIGNALS):
             columns[name] = per_text(flags[k], pa.bool_())
@@ -458,7 +461,8 @@ class SignalAnnotator:
     # -- one live request ------------------------------------------------------------------
     def annotate_request(self, exchange: Mapping[str, Any]) -> dict[str, Any]:
         """Signals of one exchange given as a contract-shaped dict (keys of SIGNAL_SCHEMA)."""
-        text = user_text(exchange.get("messages"))
+        messages = exchange.get("messages")
+        text = user_text(messages)
         signals = self.analyse([text])[0]
         tools_text = tools_text_of(exchange)
         system = exchange.get("system")
@@ -468,6 +472,7 @@ class SignalAnnotator:
             "ts": exchange.get("ts"),
             "model": exchange.get("model"),
             "prompt_chars": len(text),
+            "depth": len(messages) if isinstance(messages, list) else None,
             "cot": signals.flags[0],
             "reasoning_reconstruction": signals.flags[1],
             "rubric": signals.flags[2],
