@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import ibis
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
 
 from distillguard import campaigns, linking
 
@@ -28,6 +31,51 @@ def test_signatures_need_two_campaign_users_and_a_campaign_majority():
     rows += [("a1", "ip", "10.0.0.1"), ("a2", "ip", "10.0.0.1")]  # not a text kind
     sigs = campaigns.campaign_signatures(ev(rows), {"a1": "C", "a2": "C"})
     assert sigs.to_pylist() == [{"campaign_id": "C", "kind": "template", "key": "t-attack"}]
+
+
+def _signatures_by_sql(evidence: pa.Table, campaign_of: dict[str, str],
+                       purity: float = 0.5) -> pa.Table:
+    """The SQL the numpy `campaign_signatures` replaced (a DISTINCT / GROUP BY over the
+    strings), kept as its reference."""
+    import duckdb
+
+    owners = campaigns.owners_table(campaign_of)  # noqa: F841 (read by DuckDB by name)
+    plain = evidence.cast(linking.EVIDENCE_SCHEMA)  # noqa: F841
+    return duckdb.sql(
+        """
+        WITH sig AS (
+          SELECT DISTINCT e.kind, e.key, e.account_id, o.campaign_id
+          FROM plain e LEFT JOIN owners o USING (account_id)
+          WHERE e.kind IN ('template', 'lsh')),
+        users AS (SELECT kind, key, count(*) AS n_users FROM sig GROUP BY ALL)
+        SELECT s.campaign_id, s.kind, s.key
+        FROM sig s JOIN users u USING (kind, key)
+        WHERE s.campaign_id IS NOT NULL
+        GROUP BY s.campaign_id, s.kind, s.key, u.n_users
+        HAVING count(*) >= 2 AND count(*) >= $purity * u.n_users
+        ORDER BY ALL
+        """, params={"purity": purity}).to_arrow_table()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_signatures_are_those_of_the_sql_they_replaced(seed):
+    """Random evidence (repeated rows, keys of several kinds, campaigns and honest users mixed
+    on the same keys), plain and dictionary-encoded, at two purities."""
+    rng = np.random.default_rng(seed)
+    n = 4_000
+    rows = list(zip([f"a{i}" for i in rng.integers(0, 300, n)],
+                    rng.choice(["template", "lsh", "ip", "payment"], n).tolist(),
+                    [f"k{i}" for i in rng.integers(0, 150, n)], strict=True))
+    campaign_of = {f"a{i}": f"C{i % 7}" for i in range(0, 300, 2)}
+    plain = ev(rows)
+    encoded = pa.table({c: pc.dictionary_encode(plain[c]) for c in plain.column_names})
+    for purity in (0.5, 0.2):
+        want = _signatures_by_sql(plain, campaign_of, purity)
+        assert want.num_rows > 0
+        for table in (plain, encoded):
+            got = campaigns.campaign_signatures(table, campaign_of, purity=purity)
+            assert got.equals(want)
+    assert campaigns.campaign_signatures(ev([]), campaign_of).num_rows == 0
 
 
 def view_table():

@@ -21,11 +21,15 @@ from datetime import datetime
 import duckdb
 import ibis
 import ibis.expr.types as ir
+import numpy as np
 import pyarrow as pa
 
 from distillguard import contract
 from distillguard.fingerprints import NEW_MODEL_AFTER_S
-from distillguard.linking import KIND_LABELS
+from distillguard.linking import KIND_LABELS, dictionary_codes, sorted_unique
+
+#: Evidence kinds whose keys are prompt texts: what a campaign's own exchanges carry.
+SIGNATURE_KINDS = ("template", "lsh")
 
 #: Infrastructure evidence kinds reported as indicators (indicator name -> evidence kind).
 INDICATOR_KINDS = {
@@ -68,28 +72,40 @@ def owners_table(campaign_of: dict[str, str]) -> pa.Table:
     )
 
 
-def campaign_signatures(ev: pa.Table, campaign_of: dict[str, str], *, purity: float = 0.5,
-                        con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+def campaign_signatures(ev: pa.Table, campaign_of: dict[str, str], *,
+                        purity: float = 0.5) -> pa.Table:
     """(campaign_id, kind, key) for template / LSH keys shared by >= 2 accounts of a campaign,
-    where the campaign's accounts are at least `purity` of all accounts using the key.
-    `con`: the connection to run on (see `_sql`)."""
-    with _sql(con, ev=ev, owners=owners_table(campaign_of)) as (db, ev_t, owners_t):
-        return db.execute(
-            f"""
-            WITH sig AS (
-              SELECT DISTINCT e.kind, e.key, e.account_id, o.campaign_id
-              FROM {ev_t} e LEFT JOIN {owners_t} o USING (account_id)
-              WHERE e.kind IN ('template', 'lsh')),
-            users AS (SELECT kind, key, count(*) AS n_users FROM sig GROUP BY ALL)
-            SELECT s.campaign_id, s.kind, s.key
-            FROM sig s JOIN users u USING (kind, key)
-            WHERE s.campaign_id IS NOT NULL
-            GROUP BY s.campaign_id, s.kind, s.key, u.n_users
-            HAVING count(*) >= 2 AND count(*) >= ? * u.n_users
-            ORDER BY ALL
-            """,
-            [purity],
-        ).to_arrow_table()
+    where the campaign's accounts are at least `purity` of all accounts using the key; sorted.
+
+    On the evidence's integer codes (its columns may be dictionary-encoded, as the scan's
+    are): the same rows as a SQL DISTINCT / GROUP BY over the strings, which took 80 s of a
+    20M-exchange scan on its 94M evidence rows."""
+    kinds, kind_of = dictionary_codes(ev["kind"])
+    keys, key_of = dictionary_codes(ev["key"])
+    accounts, account_of = dictionary_codes(ev["account_id"])
+    text = np.flatnonzero(np.isin(kinds.to_numpy(zero_copy_only=False), SIGNATURE_KINDS))
+    rows = np.flatnonzero(np.isin(kind_of, text))
+    names = sorted(set(campaign_of.values()))
+    number = {name: i for i, name in enumerate(names)}
+    campaign = np.array([number.get(campaign_of.get(a), -1) for a in accounts.to_pylist()],
+                        dtype=np.int64)
+    n_keys, n_accounts = max(len(keys), 1), max(len(accounts), 1)
+    # distinct (kind, key, account), ordered by (kind, key)
+    pair = sorted_unique((kind_of[rows].astype(np.int64) * n_keys + key_of[rows]) * n_accounts
+                         + account_of[rows])
+    kind_key, users = np.unique(pair // n_accounts, return_counts=True)
+    key_rank = np.repeat(np.arange(kind_key.size), users)
+    of = campaign[pair % n_accounts]
+    mine = of >= 0
+    code, count = np.unique(key_rank[mine] * max(len(names), 1) + of[mine], return_counts=True)
+    rank, which = np.divmod(code, max(len(names), 1))
+    keep = (count >= 2) & (count >= purity * users[rank])
+    chosen = kind_key[rank[keep]]
+    return pa.table({
+        "campaign_id": pa.array(names, pa.string()).take(pa.array(which[keep])),
+        "kind": kinds.cast(pa.string()).take(pa.array(chosen // n_keys)),
+        "key": keys.cast(pa.string()).take(pa.array(chosen % n_keys)),
+    }).sort_by([("campaign_id", "ascending"), ("kind", "ascending"), ("key", "ascending")])
 
 
 def attribute(

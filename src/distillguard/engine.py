@@ -840,7 +840,7 @@ def _campaigns(con, backend, view, bands, fp, ev, graph, label, block, behaviour
     score = 0.5 * behaviour.percentile + 0.5 * cluster_score + flagged.astype(float)
     # per-exchange attribution
     ac = camp.owners_table(campaign_of)
-    sigs = camp.campaign_signatures(ev, campaign_of, con=con)
+    sigs = camp.campaign_signatures(ev, campaign_of)
     if ac.num_rows:
         attributed = _arrow(camp.attribute(view, backend.memtable(ac), backend.memtable(sigs),
                                            bands, dedicated_share=config.dedicated_share))

@@ -560,8 +560,8 @@ def encode_evidence(
     keep = acct >= 0
     # (rank of the kind, rank of the key) in one int64, numbered in sorted order; no string
     # per row is built (the 47M rows of a 10M-exchange scan would take gigabytes)
-    kind_values, kind_of_row = _dictionary(ev["kind"])
-    key_values, key_of_row = _dictionary(ev["key"])
+    kind_values, kind_of_row = dictionary_codes(ev["kind"])
+    key_values, key_of_row = dictionary_codes(ev["key"])
     kind_rank, key_rank = _sorted_rank(kind_values), _sorted_rank(key_values)
     code = pa.array(kind_rank[kind_of_row] * len(key_values) + key_rank[key_of_row])
     del kind_of_row, key_of_row
@@ -571,7 +571,7 @@ def encode_evidence(
     return names, acct[keep], key_idx[keep], sorted_kinds[combos // len(key_values)]
 
 
-def _dictionary(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
+def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
     """(distinct values, each row's index into them) of a plain or dictionary column."""
     enc = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
     if isinstance(enc, pa.ChunkedArray):
