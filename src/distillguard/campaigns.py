@@ -23,10 +23,11 @@ import ibis
 import ibis.expr.types as ir
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from distillguard import contract
 from distillguard.fingerprints import NEW_MODEL_AFTER_S
-from distillguard.linking import KIND_LABELS, dictionary_codes, sorted_unique
+from distillguard.linking import KIND_LABELS, dictionary_codes, distinct_pairs
 
 #: Evidence kinds whose keys are prompt texts: what a campaign's own exchanges carry.
 SIGNATURE_KINDS = ("template", "lsh")
@@ -85,26 +86,30 @@ def campaign_signatures(ev: pa.Table, campaign_of: dict[str, str], *,
     accounts, account_of = dictionary_codes(ev["account_id"])
     text = np.flatnonzero(np.isin(kinds.to_numpy(zero_copy_only=False), SIGNATURE_KINDS))
     rows = np.flatnonzero(np.isin(kind_of, text))
-    names = sorted(set(campaign_of.values()))
-    number = {name: i for i, name in enumerate(names)}
-    campaign = np.array([number.get(campaign_of.get(a), -1) for a in accounts.to_pylist()],
-                        dtype=np.int64)
-    n_keys, n_accounts = max(len(keys), 1), max(len(accounts), 1)
-    # distinct (kind, key, account), ordered by (kind, key)
-    pair = sorted_unique((kind_of[rows].astype(np.int64) * n_keys + key_of[rows]) * n_accounts
-                         + account_of[rows])
-    kind_key, users = np.unique(pair // n_accounts, return_counts=True)
-    key_rank = np.repeat(np.arange(kind_key.size), users)
-    of = campaign[pair % n_accounts]
+    # (kind, key) as one code below len(SIGNATURE_KINDS) x keys: distinct (code, account) pairs
+    n_keys = len(keys)
+    code = np.searchsorted(text, kind_of[rows]).astype(np.int64) * n_keys + key_of[rows]
+    kind_key, account = distinct_pairs(code, account_of[rows], len(accounts))
+    uniq, users = np.unique(kind_key, return_counts=True)
+    key_rank = np.repeat(np.arange(uniq.size), users)
+    # each evidence account's campaign number (-1: none), vectorised
+    names = pa.array(sorted(set(campaign_of.values())), pa.string())
+    owners = owners_table(campaign_of)
+    number = pc.index_in(owners["campaign_id"], value_set=names)
+    of_account = pc.index_in(accounts.cast(pa.string()), value_set=owners["account_id"])
+    campaign = pc.fill_null(pc.take(number, of_account), -1).to_numpy(zero_copy_only=False)
+    of = campaign[account]
     mine = of >= 0
-    code, count = np.unique(key_rank[mine] * max(len(names), 1) + of[mine], return_counts=True)
-    rank, which = np.divmod(code, max(len(names), 1))
+    n_names = max(len(names), 1)
+    pair, count = np.unique(key_rank[mine].astype(np.int64) * n_names + of[mine],
+                            return_counts=True)
+    rank, which = np.divmod(pair, n_names)
     keep = (count >= 2) & (count >= purity * users[rank])
-    chosen = kind_key[rank[keep]]
+    chosen = uniq[rank[keep]]
     return pa.table({
-        "campaign_id": pa.array(names, pa.string()).take(pa.array(which[keep])),
-        "kind": kinds.cast(pa.string()).take(pa.array(chosen // n_keys)),
-        "key": keys.cast(pa.string()).take(pa.array(chosen % n_keys)),
+        "campaign_id": names.take(pa.array(which[keep])),
+        "kind": kinds.cast(pa.string()).take(pa.array(text[chosen // max(n_keys, 1)])),
+        "key": keys.cast(pa.string()).take(pa.array(chosen % max(n_keys, 1))),
     }).sort_by([("campaign_id", "ascending"), ("kind", "ascending"), ("key", "ascending")])
 
 
