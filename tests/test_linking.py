@@ -159,7 +159,7 @@ def test_keys_with_the_same_members_are_sampled_once_with_their_summed_weight():
     assert np.unique(lo * 100 + hi).size == lo.size
 
 
-def test_products_in_key_batches_give_the_graph_of_one_product():
+def test_blocks_of_source_accounts_give_the_graph_of_one_block(monkeypatch):
     rng = np.random.default_rng(3)
     rows = []
     for k in range(400):  # keys of 2-90 accounts: sparse products and sampled rings both
@@ -167,9 +167,15 @@ def test_products_in_key_batches_give_the_graph_of_one_product():
         for a in rng.choice(300, size=size, replace=False):
             rows.append((f"a{a:03d}", "template" if k % 2 else "ip", f"k{k}"))
     ev = ev_table(rows)
-    one = linking.Linker(min_edge_weight=0.2).link(ev)
+    blocks = []
+    upper_rows = linking._KindRows.upper_rows
+    monkeypatch.setattr(linking._KindRows, "upper_rows",
+                        lambda self, lo, hi: blocks.append((lo, hi)) or upper_rows(self, lo, hi))
+    one = linking.Linker(min_edge_weight=0.2, product_batch=10**9).link(ev)
+    assert len(set(blocks)) == 1
+    blocks.clear()
     batched = linking.Linker(min_edge_weight=0.2, product_batch=50).link(ev)
-    assert len(linking._batches(np.full(400, 40), 50)) > 300  # one or two keys a batch
+    assert len(set(blocks)) > 200  # a few source accounts a block
     assert one.n_edges > 1000
     assert np.array_equal(one.src, batched.src) and np.array_equal(one.dst, batched.dst)
     assert np.allclose(one.weight, batched.weight)
@@ -199,7 +205,7 @@ def test_values_at_the_edges_are_those_of_the_whole_kind_matrix():
     kw = linker.key_weights(df.astype(float), kinds)
     tokens = np.random.default_rng(0).integers(0, 2**63, size=len(names), dtype=np.uint64)
     args = (acct, key_idx, df, kw, df >= 2, len(names), tokens)
-    whole = linker._kind_pairs(*args).tocoo()
+    whole = linker._kind_rows(*args).upper_rows(0, len(names)).tocoo()
     assert whole.nnz > 20_000 and (df > 40).sum() > 50
     at = linker._kind_pairs(*args, at=(whole.row.astype(np.int64), whole.col.astype(np.int64)))
     assert np.allclose(at.real, whole.data, rtol=1e-12, atol=0)

@@ -253,7 +253,8 @@ class Linker:
     sample_above: int = 64
     min_edge_weight: float = 1.5
     kind_cap: float = 3.0
-    #: keys per sparse product: batches of about this many account pairs (sum of df^2)
+    #: pair products per block of source accounts (first pass) or per batch of rows at the
+    #: edges (second pass): what bounds the temporaries, however many pairs the population has
     product_batch: int = 1 << 22
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(KIND_WEIGHTS))
     seed: int = 0
@@ -290,13 +291,11 @@ class Linker:
         Pairs are never listed one row per shared key: per kind, keys of up to `sample_above`
         accounts go through a sparse product (accounts x keys) @ (keys x accounts), which sums
         every pair's evidence in place, and bigger keys add their sampled pairs
-        (`_sampled_pairs`) to the same sparse matrix. Two passes keep one kind's pairs in
-        memory at a time (the LSH bands of a 10M-exchange scan make 105M): the first adds each
-        kind's capped weights to a running total, whose strong entries are the edges; the
-        second computes each kind's weight and shared-key count at those edges alone.
+        (`_sampled_pairs`) to the same sparse matrix. Two passes keep few pairs in memory at a
+        time: the first sums every kind's capped weights for a block of source accounts at a
+        time (`_strong_pairs`), whose strong entries are the edges; the second computes each
+        kind's weight and shared-key count at those edges alone.
         """
-        from scipy import sparse
-
         names, acct, key_idx, uniq_kind = encode_evidence(ev, accounts)
         n = len(names)
         key_idx, acct = distinct_pairs(key_idx, acct, n)
@@ -316,22 +315,7 @@ class Linker:
                 per_account = np.bincount(acct[(uniq_kind == kname)[key_idx]],
                                           minlength=n).astype(float)
             hub[kname] = self._hub_factor(per_account)
-        total = sparse.csr_matrix((n, n))
-        for kname in kinds:  # summed in kind order, like `weight` below
-            w = self._kind_pairs(acct, key_idx, df, kw, keys_of[kname], n, tokens)
-            if kname in hub:
-                rows = np.repeat(np.arange(n), np.diff(w.indptr))
-                w.data /= np.sqrt(hub[kname][rows] * hub[kname][w.indices])
-            # many keys of one kind (e.g. every LSH band of one shared prompt) are one piece of
-            # evidence, not many: each kind's total is capped, so strong edges need several
-            # independent kinds
-            np.minimum(w.data, self.kind_cap, out=w.data)
-            total = total + w
-            del w
-        total = total.tocoo()
-        strong = total.data >= self.min_edge_weight
-        src, dst = total.row[strong].astype(np.int64), total.col[strong].astype(np.int64)
-        del total
+        src, dst = self._strong_pairs(acct, key_idx, df, kw, keys_of, hub, n, tokens)
         by_kind, shared = {}, {}
         for kname in kinds:
             pairs = self._kind_pairs(acct, key_idx, df, kw, keys_of[kname], n, tokens,
@@ -344,6 +328,78 @@ class Linker:
         weight = np.sum(list(by_kind.values()), axis=0)
         return AccountGraph(names, src, dst, weight, by_kind, shared)
 
+    def _strong_pairs(
+        self,
+        acct: np.ndarray,
+        key_idx: np.ndarray,
+        df: np.ndarray,
+        kw: np.ndarray,
+        keys_of: dict[str, np.ndarray],
+        hub: dict[str, np.ndarray],
+        n: int,
+        tokens: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first pass: pairs (src < dst, sorted) whose capped evidence summed over kinds
+        reaches `min_edge_weight`. Computed for a block of consecutive source accounts at a
+        time (about `product_batch` pair products each), every kind's rows of the block summed
+        before the next block starts: only one block's pairs are ever in memory, not every
+        pair of the population (a running total over whole kind matrices took 14 GB at 20M
+        exchanges, nearly all of it pairs far below the cut)."""
+        kinds = sorted(keys_of)  # summed in kind order, like `weight` in `link`
+        parts = {k: self._kind_rows(acct, key_idx, df, kw, keys_of[k], n, tokens)
+                 for k in kinds}
+        cost = np.sum([p.cost for p in parts.values()], axis=0)
+        src, dst = [], []
+        for lo, hi in _batches(cost, self.product_batch):
+            total = None
+            for kname in kinds:
+                w = parts[kname].upper_rows(lo, hi)
+                if kname in hub:
+                    rows = np.repeat(np.arange(lo, hi), np.diff(w.indptr))
+                    w.data /= np.sqrt(hub[kname][rows] * hub[kname][w.indices])
+                # many keys of one kind (e.g. every LSH band of one shared prompt) are one
+                # piece of evidence, not many: each kind's total is capped, so strong edges
+                # need several independent kinds
+                np.minimum(w.data, self.kind_cap, out=w.data)
+                total = w if total is None else total + w
+            total = total.tocoo()
+            strong = total.data >= self.min_edge_weight
+            src.append(total.row[strong].astype(np.int64) + lo)
+            dst.append(total.col[strong].astype(np.int64))
+        if not src:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        src, dst = np.concatenate(src), np.concatenate(dst)
+        order = np.lexsort((dst, src))  # blocks come in order; within one, the CSR's order
+        return src[order], dst[order]
+
+    def _kind_rows(
+        self,
+        acct: np.ndarray,
+        key_idx: np.ndarray,
+        df: np.ndarray,
+        kw: np.ndarray,
+        keys: np.ndarray,
+        n: int,
+        tokens: np.ndarray,
+    ) -> _KindRows:
+        """One kind's pairs (`keys`: mask of its usable keys), to be read a block of source
+        accounts at a time: keys of up to `sample_above` accounts as an incidence matrix whose
+        product with its transpose sums every pair's keys, bigger keys as their sampled
+        pairs (`_sampled_pairs`) summed into one sparse matrix."""
+        from scipy import sparse
+
+        small = keys & (df <= self.sample_above)
+        rows = small[key_idx]
+        left = sparse.csr_matrix((kw[key_idx[rows]], (acct[rows], key_idx[rows])),
+                                 shape=(n, df.size))
+        big = np.flatnonzero(keys & (df > self.sample_above))
+        sampled = _sampled_pairs(acct[np.isin(key_idx, big)], df[big], kw[big],
+                                 self.sample_above, tokens) if big.size else iter(())
+        sampled_m = _sum_matrices(itertools.chain(
+            [sparse.csr_matrix((n, n))],
+            (sparse.csr_matrix((v.real, (lo, hi)), shape=(n, n)) for lo, hi, v in sampled)))
+        return _KindRows(left, sampled_m.tocsr())
+
     def _kind_pairs(
         self,
         acct: np.ndarray,
@@ -353,31 +409,44 @@ class Linker:
         keys: np.ndarray,
         n: int,
         tokens: np.ndarray,
-        at: tuple[np.ndarray, np.ndarray] | None = None,
-    ):
-        """Summed key weight of every pair sharing a usable key of one kind (`keys`: mask over
-        keys), as an upper-triangular CSR matrix; or, with `at=(src, dst)` (src < dst), at
-        those pairs alone, as a complex array: weight + 1j * number of shared keys."""
+        at: tuple[np.ndarray, np.ndarray],
+    ) -> np.ndarray:
+        """The second pass: one kind's summed key weight at the pairs `at=(src, dst)` (src <
+        dst) alone (`keys`: mask over keys), as a complex array: weight + 1j * number of
+        shared keys."""
         from scipy import sparse
 
         small = keys & (df <= self.sample_above)
         rows = small[key_idx]
-        # accounts x keys incidence: A @ diag(kw) @ A.T sums every pair's keys
-        incidence = sparse.csr_matrix if at is not None else sparse.csc_matrix
-        a = incidence((np.ones(int(rows.sum())), (acct[rows], key_idx[rows])), shape=(n, df.size))
+        a = sparse.csr_matrix((np.ones(int(rows.sum())), (acct[rows], key_idx[rows])),
+                              shape=(n, df.size))
         big = np.flatnonzero(keys & (df > self.sample_above))
         sampled = _sampled_pairs(acct[np.isin(key_idx, big)], df[big], kw[big],
                                  self.sample_above, tokens) if big.size else iter(())
-        if at is not None:
-            return _pairs_at(a, kw + 1j, sampled, *at, n, self.product_batch)
-        # computed for a batch of key columns at a time, so the product's temporaries (both
-        # triangles, then the upper one) stay bounded however many pairs one kind has
-        products = (
-            sparse.triu(a[:, lo:hi] @ sparse.diags(kw[lo:hi]) @ a[:, lo:hi].T, k=1, format="csr")
-            for lo, hi in _batches(np.where(small, df * df, 0), self.product_batch)
-        )
-        sampled_m = (sparse.csr_matrix((v.real, (lo, hi)), shape=(n, n)) for lo, hi, v in sampled)
-        return _sum_matrices(itertools.chain(products, [sparse.csr_matrix((n, n))], sampled_m))
+        return _pairs_at(a, kw + 1j, sampled, *at, n, self.product_batch)
+
+
+@dataclass
+class _KindRows:
+    """One kind's pair weights, read by blocks of source accounts (`Linker._kind_rows`):
+    `left` (accounts x keys, each key's weight) times its transpose's pattern gives the small
+    keys' pairs, `sampled` (accounts x accounts, upper triangle) the big keys' sampled ones."""
+
+    left: object
+    sampled: object
+
+    def __post_init__(self) -> None:
+        self.right = (self.left.T != 0).astype(float).tocsr()  # keys x accounts, ones
+        # per account: the pair products its row makes (both triangles) and its sampled pairs
+        self.cost = self.left.astype(bool).astype(float) @ np.diff(self.right.indptr) + np.diff(
+            self.sampled.indptr)
+
+    def upper_rows(self, lo: int, hi: int):
+        """Rows [lo, hi) of the kind's upper-triangular pair matrix, as (hi - lo) x n CSR."""
+        from scipy import sparse
+
+        block = sparse.triu(self.left[lo:hi] @ self.right, k=lo + 1, format="csr")
+        return block + self.sampled[lo:hi]
 
 
 def _pairs_at(a, value: np.ndarray, sampled: Iterable, src: np.ndarray, dst: np.ndarray,
