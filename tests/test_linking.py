@@ -204,7 +204,7 @@ def test_values_at_the_edges_are_those_of_the_whole_kind_matrix():
     df = np.bincount(key_idx)
     kw = linker.key_weights(df.astype(float), kinds)
     tokens = np.random.default_rng(0).integers(0, 2**63, size=len(names), dtype=np.uint64)
-    args = (acct, key_idx, df, kw, df >= 2, len(names), tokens)
+    args = (linking._EncodedKeys(acct, key_idx, df, kw, len(names), tokens), df >= 2)
     whole = linker._kind_rows(*args).upper_rows(0, len(names)).tocoo()
     assert whole.nnz > 20_000 and (df > 40).sum() > 50
     at = linker._kind_pairs(*args, at=(whole.row.astype(np.int64), whole.col.astype(np.int64)))

@@ -315,11 +315,11 @@ class Linker:
                 per_account = np.bincount(acct[(uniq_kind == kname)[key_idx]],
                                           minlength=n).astype(float)
             hub[kname] = self._hub_factor(per_account)
-        src, dst = self._strong_pairs(acct, key_idx, df, kw, keys_of, hub, n, tokens)
+        enc = _EncodedKeys(acct, key_idx, df, kw, n, tokens)
+        src, dst = self._strong_pairs(enc, keys_of, hub)
         by_kind, shared = {}, {}
         for kname in kinds:
-            pairs = self._kind_pairs(acct, key_idx, df, kw, keys_of[kname], n, tokens,
-                                     at=(src, dst))
+            pairs = self._kind_pairs(enc, keys_of[kname], at=(src, dst))
             w = pairs.real
             if kname in hub:
                 w /= np.sqrt(hub[kname][src] * hub[kname][dst])
@@ -330,24 +330,19 @@ class Linker:
 
     def _strong_pairs(
         self,
-        acct: np.ndarray,
-        key_idx: np.ndarray,
-        df: np.ndarray,
-        kw: np.ndarray,
+        enc: _EncodedKeys,
         keys_of: dict[str, np.ndarray],
         hub: dict[str, np.ndarray],
-        n: int,
-        tokens: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The first pass: pairs (src < dst, sorted) whose capped evidence summed over kinds
         reaches `min_edge_weight`. Computed for a block of consecutive source accounts at a
         time (about `product_batch` pair products each), every kind's rows of the block summed
-        before the next block starts: only one block's pairs are ever in memory, not every
-        pair of the population (a running total over whole kind matrices took 14 GB at 20M
-        exchanges, nearly all of it pairs far below the cut)."""
+        before the next block starts: the small keys' products exist one block at a time,
+        not for the whole population. Each kind's sampled pairs of big keys are still held
+        whole for the pass (`_KindRows.sampled`): at 20M exchanges 410M entries, most of the
+        linker's 9.5 GB peak (docs/detection.md)."""
         kinds = sorted(keys_of)  # summed in kind order, like `weight` in `link`
-        parts = {k: self._kind_rows(acct, key_idx, df, kw, keys_of[k], n, tokens)
-                 for k in kinds}
+        parts = {k: self._kind_rows(enc, keys_of[k]) for k in kinds}
         cost = np.sum([p.cost for p in parts.values()], axis=0)
         src, dst = [], []
         for lo, hi in _batches(cost, self.product_batch):
@@ -374,13 +369,8 @@ class Linker:
 
     def _kind_rows(
         self,
-        acct: np.ndarray,
-        key_idx: np.ndarray,
-        df: np.ndarray,
-        kw: np.ndarray,
+        enc: _EncodedKeys,
         keys: np.ndarray,
-        n: int,
-        tokens: np.ndarray,
     ) -> _KindRows:
         """One kind's pairs (`keys`: mask of its usable keys), to be read a block of source
         accounts at a time: keys of up to `sample_above` accounts as an incidence matrix whose
@@ -388,13 +378,9 @@ class Linker:
         pairs (`_sampled_pairs`) summed into one sparse matrix."""
         from scipy import sparse
 
-        small = keys & (df <= self.sample_above)
-        rows = small[key_idx]
-        left = sparse.csr_matrix((kw[key_idx[rows]], (acct[rows], key_idx[rows])),
-                                 shape=(n, df.size))
-        big = np.flatnonzero(keys & (df > self.sample_above))
-        sampled = _sampled_pairs(acct[np.isin(key_idx, big)], df[big], kw[big],
-                                 self.sample_above, tokens) if big.size else iter(())
+        left, sampled = self._split_keys(enc, keys)
+        left.data *= enc.kw[left.indices]  # each key's weight
+        n = enc.n
         sampled_m = _sum_matrices(itertools.chain(
             [sparse.csr_matrix((n, n))],
             (sparse.csr_matrix((v.real, (lo, hi)), shape=(n, n)) for lo, hi, v in sampled)))
@@ -402,28 +388,49 @@ class Linker:
 
     def _kind_pairs(
         self,
-        acct: np.ndarray,
-        key_idx: np.ndarray,
-        df: np.ndarray,
-        kw: np.ndarray,
+        enc: _EncodedKeys,
         keys: np.ndarray,
-        n: int,
-        tokens: np.ndarray,
         at: tuple[np.ndarray, np.ndarray],
     ) -> np.ndarray:
         """The second pass: one kind's summed key weight at the pairs `at=(src, dst)` (src <
         dst) alone (`keys`: mask over keys), as a complex array: weight + 1j * number of
         shared keys."""
+        a, sampled = self._split_keys(enc, keys)
+        return _pairs_at(a, enc.kw + 1j, sampled, *at, enc.n, self.product_batch)
+
+    def _split_keys(
+        self,
+        enc: _EncodedKeys,
+        keys: np.ndarray,
+    ):
+        """One kind's usable keys (`keys`: mask over keys), as both passes read them: those of
+        up to `sample_above` accounts as an accounts x keys incidence matrix (CSR, ones), the
+        bigger ones as an iterator of their sampled pairs (`_sampled_pairs`)."""
         from scipy import sparse
 
+        acct, key_idx, df = enc.acct, enc.key_idx, enc.df
         small = keys & (df <= self.sample_above)
         rows = small[key_idx]
-        a = sparse.csr_matrix((np.ones(int(rows.sum())), (acct[rows], key_idx[rows])),
-                              shape=(n, df.size))
+        incidence = sparse.csr_matrix((np.ones(int(rows.sum())), (acct[rows], key_idx[rows])),
+                                      shape=(enc.n, df.size))
         big = np.flatnonzero(keys & (df > self.sample_above))
-        sampled = _sampled_pairs(acct[np.isin(key_idx, big)], df[big], kw[big],
-                                 self.sample_above, tokens) if big.size else iter(())
-        return _pairs_at(a, kw + 1j, sampled, *at, n, self.product_batch)
+        sampled = _sampled_pairs(acct[np.isin(key_idx, big)], df[big], enc.kw[big],
+                                 self.sample_above, enc.tokens) if big.size else iter(())
+        return incidence, sampled
+
+
+@dataclass
+class _EncodedKeys:
+    """The evidence as both passes of `Linker.link` read it: distinct (account, key) rows
+    (`acct`, `key_idx`), each key's number of accounts (`df`) and weight (`kw`), the number of
+    accounts `n` and their random 64-bit `tokens` (member-set hashes, sampling order)."""
+
+    acct: np.ndarray
+    key_idx: np.ndarray
+    df: np.ndarray
+    kw: np.ndarray
+    n: int
+    tokens: np.ndarray
 
 
 @dataclass
