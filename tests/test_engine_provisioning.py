@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from distillguard import contract, engine, fingerprints, scoring
+from distillguard import contract, engine, fingerprints, linking, scoring
 from distillguard.linking import AccountGraph
 
 FEATURES = [f for f, _, _, _ in scoring.BEHAVIOUR_FEATURES]
@@ -234,6 +234,11 @@ def test_a_dense_block_under_half_the_core_flags_only_its_block_members():
     assert not none.flagged
 
 
+def _merged_by_graph(vs, graph: AccountGraph, label: np.ndarray):
+    ties = engine._graph_ties(graph, engine._core_labels(vs, label.size))
+    return engine._merge_flagged(vs, label, ties, 0.5)
+
+
 def test_a_small_flagged_cluster_tied_to_two_campaigns_does_not_merge_them():
     # campaign A: vertices 0-9, campaign B: 10-19, a triad 20-22 tied strongly to both
     label = np.r_[[0] * 10, [1] * 10, [2] * 3].astype(np.int64)
@@ -254,7 +259,7 @@ def test_a_small_flagged_cluster_tied_to_two_campaigns_does_not_merge_them():
 
     vs = [verdict(0, np.arange(10)), verdict(1, np.arange(10, 20)),
           verdict(2, np.arange(20, 23))]
-    merged = engine._merge_flagged(vs, graph, label, 0.5)
+    merged = _merged_by_graph(vs, graph, label)
     sizes = sorted(len(v.core) for v in merged if v.flagged)
     assert sizes == [10, 13]  # the triad joined A only
     assert len(set(label[:10]) | set(label[20:])) == 1 and label[10] != label[0]
@@ -268,7 +273,7 @@ def _two_flagged_clusters_tied_by(kind: str):
     graph = AccountGraph([f"u{i}" for i in range(10)], src, dst, w, {kind: w}, {})
     vs = [scoring.ClusterVerdict(lab, idx, idx, 0.9, 5.0, 5.0, 0.95, True)
           for lab, idx in ((0, np.arange(5)), (1, np.arange(5, 10)))]
-    return engine._merge_flagged(vs, graph, label, 0.5)
+    return _merged_by_graph(vs, graph, label)
 
 
 def test_flagged_clusters_tied_by_control_evidence_merge():
@@ -293,10 +298,36 @@ def _two_card_groups(n_tied: int):
     graph = AccountGraph([f"u{i:02d}" for i in range(20)], src, dst, w, {"ip": w}, {})
     vs = [scoring.ClusterVerdict(lab, idx, idx, 0.9, 30.0, 30.0, 0.95, True)
           for lab, idx in ((0, np.arange(10)), (1, np.arange(10, 20)))]
-    return engine._merge_flagged(vs, graph, label, 0.5)
+    return _merged_by_graph(vs, graph, label)
 
 
 def test_card_groups_sharing_an_address_pool_merge_when_most_accounts_are_tied():
     # one weak edge per account is all the pruned graph keeps of a shared address pool
     assert [len(v.core) for v in _two_card_groups(8) if v.flagged] == [20]
     assert sorted(len(v.core) for v in _two_card_groups(3) if v.flagged) == [10, 10]
+
+
+def _fleet_sharing_addresses(n_tied: int):
+    """A flagged campaign core of ten (u00-u09) and a flagged group of three (u10-u12), `n_tied`
+    of the three sharing one address each with a different campaign account: every pair far
+    below a graph edge."""
+    names = [f"u{i:02d}" for i in range(13)]
+    label = np.r_[[0] * 10, [1] * 3].astype(np.int64)
+    ev = pa.table({"account_id": [a for k in range(n_tied) for a in (f"u{10 + k}", f"u0{k}")],
+                   "kind": ["ip"] * (2 * n_tied),
+                   "key": [f"10.0.0.{k}" for k in range(n_tied) for _ in range(2)]})
+    vs = [scoring.ClusterVerdict(lab, idx, idx, 0.9, 5.0, 5.0, 0.95, True)
+          for lab, idx in ((0, np.arange(10)), (1, np.arange(10, 13)))]
+    ties = linking.owned_key_ties(ev, names, engine._core_labels(vs, 13), linking.Linker())
+    return engine._merge_flagged(vs, label, ties, 0.5, note=engine._owned_keys_note), label
+
+
+def test_groups_tied_only_by_owned_addresses_spread_thin_join_with_a_reason():
+    merged, label = _fleet_sharing_addresses(2)
+    (v,) = [v for v in merged if v.flagged]
+    assert len(v.core) == 13 and set(label) == {0}
+    assert any("2 of them share addresses" in n for n in v.notes)
+    # one of three tied is not most of the group
+    merged, label = _fleet_sharing_addresses(1)
+    assert sorted(len(v.core) for v in merged if v.flagged) == [3, 10]
+    assert not any(v.notes for v in merged)

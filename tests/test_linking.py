@@ -5,6 +5,7 @@ from __future__ import annotations
 import ibis
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from distillguard import fingerprints, linking
@@ -263,3 +264,26 @@ def test_the_graph_matches_a_pair_by_pair_reference():
             assert g.by_kind[kind][e] == pytest.approx(kept[pair].get(kind, 0.0), rel=1e-12)
             assert g.shared[kind][e] == n_shared.get((*pair, kind), 0)
         assert g.weight[e] == pytest.approx(sum(kept[pair].values()), rel=1e-12)
+
+
+# --- ties between groups through keys they own ----------------------------------------------
+def test_owned_key_ties_count_control_keys_the_groups_own():
+    names = [f"a{i}" for i in range(10)]
+    group = np.array([0, 0, 0, 0, 0, 1, 1, 1, -1, -1])
+    rows = [("ip", "X", ["a0", "a5"]),               # owned by the groups: a tie
+            ("ip", "Y", ["a1", "a6", "a8", "a9"]),   # half its users grouped: still owned
+            ("ip", "Z", ["a7", "a8", "a9"]),         # one grouped user of three: not owned
+            ("template", "T", ["a3", "a7"]),         # content is not control
+            ("payment", "P", ["a4", "a7"]),
+            ("ip", "W", ["a0", "a1"])]               # inside one group
+    ev = pa.table({
+        "account_id": [a for _, _, users in rows for a in users],
+        "kind": [k for k, _, users in rows for _ in users],
+        "key": [key for _, key, users in rows for _ in users]})
+    ties = linking.owned_key_ties(ev, names, group, linking.Linker())
+    w = linking.Linker().key_weights(np.array([2.0, 4.0, 2.0]), np.array(["ip", "ip", "payment"]))
+    assert ties == pytest.approx({(0, 1, 0): w[0], (1, 0, 5): w[0], (0, 1, 1): w[1],
+                                  (1, 0, 6): w[1], (0, 1, 4): w[2], (1, 0, 7): w[2]})
+    # dictionary-encoded evidence, as the engine holds it, gives the same ties
+    enc = pa.table({c: pc.dictionary_encode(ev[c]) for c in ev.column_names})
+    assert linking.owned_key_ties(enc, names, group, linking.Linker()) == ties

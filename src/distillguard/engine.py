@@ -50,6 +50,7 @@ from distillguard.linking import (
     activity_cells,
     evidence,
     key_counts,
+    owned_key_ties,
     shared_evidence,
 )
 from distillguard.linking import synchrony_evidence as sync_evidence
@@ -83,6 +84,9 @@ class ScanConfig:
     #: spills its buffers (the cached view), so the graph has that memory, and the campaigns
     #: stage reads them back. File-backed stores only. None keeps `duckdb_memory_limit`
     duckdb_graph_memory_limit: str | None = "256MB"
+    #: join flagged clusters tied by control keys they own though no graph edge ties them
+    #: (`linking.owned_key_ties`): one operator's fleet at tens of millions of exchanges
+    merge_by_owned_keys: bool = True
 
 
 @dataclass
@@ -491,8 +495,14 @@ def _detect_in(con, backend, view, bands, until, config, seconds, progress, allo
             signup_quantile=signup_quantiles(fp),
             member_owner=_member_control(graph, label, graph.owner_weight()),
         )
-        verdict_list = _merge_flagged(verdict_list, graph, label,
-                                      config.clusters.min_member_control)
+        verdict_list = _merge_flagged(
+            verdict_list, label, _graph_ties(graph, _core_labels(verdict_list, len(names))),
+            config.clusters.min_member_control)
+        if config.merge_by_owned_keys:
+            verdict_list = _merge_flagged(
+                verdict_list, label,
+                owned_key_ties(ev, names, _core_labels(verdict_list, len(names)), config.linker),
+                config.clusters.min_member_control, note=_owned_keys_note)
         card_joined = _join_by_payment(verdict_list, ev, names, label)
     with _timed(seconds, "campaigns", progress):
         result = _campaigns(
@@ -528,41 +538,57 @@ def _dictionary_encoded(batches: Iterable[pa.RecordBatch]) -> pa.Table:
     return pa.table({c: table[c].combine_chunks() for c in table.column_names}, schema=schema)
 
 
-def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: np.ndarray,
-                   min_control: float, min_fraction: float = 0.5) -> list[ClusterVerdict]:
-    """Merge flagged clusters when most of the smaller one's core (at least `min_fraction`) is
-    tied to the larger one's core by at least `min_control` of *control* evidence per account
-    (the level that makes a core member): modularity splits one operator's accounts along its
-    payment instruments, the campaign is still one. Counted per account, not as the clusters'
-    summed weight, because the graph keeps only strong edges: a pool of addresses that every
-    account of the operator rotates through leaves about one surviving edge per account
-    between two of its card groups. Shared prompts, templates, system prompts and synchrony
-    (CONTENT_KINDS) do not count here: two operators harvesting the same skill from the same
-    public prompt sets share templates without sharing an owner. Each cluster attaches only to
-    its most strongly tied larger partner, so a small cluster tied to two campaigns cannot
-    chain them together."""
-    flagged = {v.label: v for v in verdicts if v.flagged}
-    if len(flagged) < 2:
-        return verdicts
-    core_label = np.full(label.size, -1, dtype=np.int64)
-    for lab, v in flagged.items():
-        core_label[v.core] = lab
+def _core_labels(verdicts: list[ClusterVerdict], n: int) -> np.ndarray:
+    """Per vertex, the label of the flagged cluster whose core it is in (-1: none)."""
+    core_label = np.full(n, -1, dtype=np.int64)
+    for v in verdicts:
+        if v.flagged:
+            core_label[v.core] = v.label
+    return core_label
+
+
+def _graph_ties(graph: AccountGraph, core_label: np.ndarray) -> dict[tuple[int, int, int], float]:
+    """Per (flagged cluster, other flagged cluster, core account of the first): the *control*
+    weight of the account's graph edges into the other cluster's core. Shared prompts,
+    templates, system prompts and synchrony (CONTENT_KINDS) do not count: two operators
+    harvesting the same skill from the same public prompt sets share templates without sharing
+    an owner."""
     a, b = core_label[graph.src], core_label[graph.dst]
     control = graph.control_weight()
     across = (a >= 0) & (b >= 0) & (a != b) & (control > 0)
-    # control weight from each core account to each other flagged core, and per cluster pair
-    to_other: dict[tuple[int, int, int], float] = {}
-    ties: dict[tuple[int, int], float] = {}
+    ties: dict[tuple[int, int, int], float] = {}
     for x, y, u, t, w in zip(a[across], b[across], graph.src[across], graph.dst[across],
                              control[across], strict=True):
         for account, own, other in ((int(u), x, y), (int(t), y, x)):
-            to_other[(own, other, account)] = to_other.get((own, other, account), 0.0) + w
-        key = (min(x, y), max(x, y))
-        ties[key] = ties.get(key, 0.0) + float(w)
+            ties[(own, other, account)] = ties.get((own, other, account), 0.0) + w
+    return ties
+
+
+def _merge_flagged(verdicts: list[ClusterVerdict], label: np.ndarray,
+                   ties: Mapping[tuple[int, int, int], float], min_control: float,
+                   min_fraction: float = 0.5,
+                   note: Callable[[ClusterVerdict, ClusterVerdict, int], str] | None = None,
+                   ) -> list[ClusterVerdict]:
+    """Merge flagged clusters when most of the smaller one's core (at least `min_fraction`) is
+    tied to the larger one's core by at least `min_control` per account (`ties`: per (cluster,
+    other cluster, core account of the first), `_graph_ties` or `linking.owned_key_ties`):
+    modularity splits one operator's accounts along its payment instruments, the campaign is
+    still one. Counted per account, not as the clusters' summed weight, because one operator's
+    evidence is spread thin: a pool of addresses that every account rotates through leaves
+    about one surviving graph edge per account between two of its card groups. Each cluster
+    attaches only to its most strongly tied larger partner, so a small cluster tied to two
+    campaigns cannot chain them together. `note(small, big, tied accounts)` says why, in the
+    merged campaign's reasons."""
+    flagged = {v.label: v for v in verdicts if v.flagged}
+    if len(flagged) < 2:
+        return verdicts
+    weight: dict[tuple[int, int], float] = {}
     tied_accounts: dict[tuple[int, int], int] = {}
-    for (own, other, _), w in to_other.items():
-        if w >= min_control:
-            tied_accounts[(own, other)] = tied_accounts.get((own, other), 0) + 1
+    for (own, other, _), w in sorted(ties.items()):
+        if own in flagged and other in flagged:
+            weight[(own, other)] = weight.get((own, other), 0.0) + w
+            if w >= min_control:
+                tied_accounts[(own, other)] = tied_accounts.get((own, other), 0) + 1
     parent = {lab: lab for lab in flagged}
 
     def find(x: int) -> int:
@@ -575,35 +601,47 @@ def _merge_flagged(verdicts: list[ClusterVerdict], graph: AccountGraph, label: n
     # campaigns joins one of them and never bridges the two into one
     size = {lab: (len(v.core), -lab) for lab, v in flagged.items()}
     best: dict[int, tuple[tuple[float, float], int]] = {}
-    for (x, y), w in sorted(ties.items()):
-        small, big = (x, y) if size[x] < size[y] else (y, x)
+    for (small, big), w in sorted(weight.items()):
+        if size[small] >= size[big]:
+            continue
         n_core = len(flagged[small].core)
         strength = (tied_accounts.get((small, big), 0) / n_core, w / n_core)
         if strength[0] >= min_fraction and strength > best.get(small, ((0.0, 0.0), -1))[0]:
             best[small] = (strength, big)
-    for small, (_, big) in sorted(best.items()):
+    notes: dict[int, list[str]] = {}
+    for small, ((share, _), big) in sorted(best.items()):
         parent[find(small)] = find(big)
+        if note is not None:
+            notes.setdefault(big, []).append(note(flagged[small], flagged[big], round(
+                share * len(flagged[small].core))))
     groups: dict[int, list[ClusterVerdict]] = {}
     for lab, v in flagged.items():
         groups.setdefault(find(lab), []).append(v)
     merged = [v for v in verdicts if not v.flagged]
     for root, vs in groups.items():
-        size = sum(len(v.members) for v in vs)
+        size_ = sum(len(v.members) for v in vs)
         merged.append(ClusterVerdict(
             root,
             np.concatenate([v.members for v in vs]),
             np.concatenate([v.core for v in vs]),
             max(v.score for v in vs),
-            sum(v.cohesion * len(v.members) for v in vs) / size,
-            sum(v.control * len(v.members) for v in vs) / size,
-            sum(v.behaviour_percentile * len(v.members) for v in vs) / size,
+            sum(v.cohesion * len(v.members) for v in vs) / size_,
+            sum(v.control * len(v.members) for v in vs) / size_,
+            sum(v.behaviour_percentile * len(v.members) for v in vs) / size_,
             True,
             min(v.cohort_p for v in vs),
             any(v.cohort for v in vs),
+            [n for v in vs for n in v.notes] + [n for v in vs for n in notes.get(v.label, [])],
         ))
         for v in vs:
             label[v.members] = root
     return merged
+
+
+def _owned_keys_note(small: ClusterVerdict, big: ClusterVerdict, tied: int) -> str:
+    return (f"joined a group of {len(small.core)} flagged accounts: {tied} of them share "
+            f"addresses, prefixes, payment or sign-up details that flagged accounts own with "
+            f"this campaign's {len(big.core)}, spread too thin over pairs to make graph edges")
 
 
 def _join_by_payment(verdicts: list[ClusterVerdict], ev: pa.Table, names: list[str],
@@ -968,6 +1006,7 @@ def _campaign_reasons(v: ClusterVerdict, idx, behaviour: AccountScores, infra_re
                                    f"{behaviour.medians[name]:.3g}"))
     reasons += [t for _, t in sorted(feats, key=lambda x: -x[0])[:5]]
     reasons += infra_reasons[:6]
+    reasons += v.notes
     n_allowed = int(allowed[all_members].sum())
     if n_allowed:
         reasons.append(f"{n_allowed} allow-listed accounts of this cluster were left out")

@@ -558,6 +558,38 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
 
 
+def owned_key_ties(ev: pa.Table, names: list[str], group: np.ndarray,
+                   linker: Linker) -> dict[tuple[int, int, int], float]:
+    """Per (group, other group, account of the first group): the summed rarity weight
+    (`Linker.key_weights`) of the control keys (every kind but CONTENT_KINDS) the account
+    shares with members of the other group, counting only keys the groups own: at least half
+    of the key's users are in a group (`group[i] >= 0`, `i` indexing the sorted `names`), and
+    at most `linker.max_group` use it. Unlike a graph edge, no pair has to be strong: an
+    operator rotating one pool of addresses over thousands of accounts ties each pair of its
+    accounts by an address or two (far below an edge), each account to the rest of its fleet by
+    dozens."""
+    control = ev.filter(pc.invert(pc.is_in(pc.cast(ev["kind"], pa.string()),
+                                           value_set=pa.array(sorted(CONTENT_KINDS)))))
+    if control.num_rows == 0:
+        return {}
+    _, acct, key_idx, kinds = encode_evidence(control, names)
+    df = np.bincount(key_idx, minlength=kinds.size)
+    of_row = group[acct]
+    grouped = of_row >= 0
+    n_grouped = np.bincount(key_idx[grouped], minlength=df.size)
+    weight = linker.key_weights(df.astype(float), kinds)
+    owned = (2 * n_grouped >= df) & (df >= 2) & (df <= linker.max_group) & (weight > 0)
+    rows = grouped & owned[key_idx]
+    t = pa.table({"key": key_idx[rows], "account": acct[rows], "group": of_row[rows],
+                  "w": weight[key_idx[rows]]})
+    present = t.group_by(["key", "group"]).aggregate([]).rename_columns(["key", "other"])
+    pairs = t.join(present, "key")
+    pairs = pairs.filter(pc.not_equal(pairs["group"], pairs["other"]))
+    summed = pairs.group_by(["group", "other", "account"]).aggregate([("w", "sum")])
+    return {(int(g), int(o), int(a)): float(w) for g, o, a, w in zip(
+        *(summed[c].to_numpy() for c in ("group", "other", "account", "w_sum")), strict=True)}
+
+
 def distinct_pairs(
     key_idx: np.ndarray, acct: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray]:

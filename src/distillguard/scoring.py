@@ -242,6 +242,8 @@ class ClusterVerdict:
     flagged: bool
     cohort_p: float = 1.0
     cohort: bool = False
+    #: how the cluster came to be, when several were joined (quoted in the campaign's reasons)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
