@@ -132,7 +132,15 @@ def attribute(
     Accounts whose matched share is at least `dedicated_share` are dedicated and attributed
     whole; others (pooled reseller accounts) only by their matching exchanges.
     """
+    # only the columns attribution reads: `v` is read twice below (the per-account share and
+    # the rows kept), so DuckDB materialises it, and the view's other columns (addresses, user
+    # agents, tokens...) made that copy overrun a 3 GB memory limit at 10M exchanges
     v = view.join(account_campaigns, "account_id")
+    v = v.select("request_id", "account_id", "campaign_id", "ts", "model", "capability",
+                 "template_sig",
+                 signal=(v.cot | v.reasoning_reconstruction | v.rubric | v.safe_rewrite
+                         | v.extraction_params).fill_null(False)
+                 | (v.distill_score.fill_null(0) >= 0.5))
     tmpl = signatures.filter(signatures.kind == "template").select(
         "campaign_id", t_key="key", t_hit=ibis.literal(1)
     )
@@ -149,9 +157,8 @@ def attribute(
         .mutate(l_hit=ibis.literal(1))
     )
     v = v.left_join(band_hits, "request_id").drop("request_id_right")
-    signal = (v.cot | v.reasoning_reconstruction | v.rubric | v.safe_rewrite
-              | v.extraction_params).fill_null(False) | (v.distill_score.fill_null(0) >= 0.5)
-    v = v.mutate(match=(v.t_hit.notnull() | v.l_hit.notnull() | signal).cast("float64"))
+    v = v.select("request_id", "account_id", "campaign_id", "ts", "model", "capability",
+                 match=(v.t_hit.notnull() | v.l_hit.notnull() | v.signal).cast("float64"))
     # the capabilities a campaign's matching traffic targets (>= 10% of it) also identify its
     # unmatched exchanges: an agentic campaign's tool-use calls carry no chain-of-thought
     matched = v.filter(v.match > 0)
@@ -162,7 +169,8 @@ def attribute(
     v = v.left_join(
         caps, (v.campaign_id == caps.campaign_id) & (v.capability == caps.cap_key)
     ).drop("campaign_id_right", "cap_key")
-    v = v.mutate(match=((v.match > 0) | v.cap_hit.notnull()).cast("float64"))
+    v = v.select("request_id", "account_id", "campaign_id", "ts", "model", "capability",
+                 match=((v.match > 0) | v.cap_hit.notnull()).cast("float64"))
     share = v.group_by("account_id").aggregate(matched_share=v.match.mean())
     v = v.join(share, "account_id")
     keep = (v.matched_share >= dedicated_share) | (v.match > 0)
