@@ -326,7 +326,8 @@ def test_groups_tied_only_by_owned_addresses_spread_thin_join_with_a_reason():
     merged, label = _fleet_sharing_addresses(2)
     (v,) = [v for v in merged if v.flagged]
     assert len(v.core) == 13 and set(label) == {0}
-    assert any("2 of them share addresses" in n for n in v.notes)
+    assert len(v.notes) == 1
+    assert v.notes[0].startswith("joined 1 group of flagged accounts (3 accounts): 2 of them share")
     # one of three tied is not most of the group
     merged, label = _fleet_sharing_addresses(1)
     assert sorted(len(v.core) for v in merged if v.flagged) == [3, 10]

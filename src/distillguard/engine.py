@@ -567,7 +567,7 @@ def _graph_ties(graph: AccountGraph, core_label: np.ndarray) -> dict[tuple[int, 
 def _merge_flagged(verdicts: list[ClusterVerdict], label: np.ndarray,
                    ties: Mapping[tuple[int, int, int], float], min_control: float,
                    min_fraction: float = 0.5,
-                   note: Callable[[ClusterVerdict, ClusterVerdict, int], str] | None = None,
+                   note: Callable[[list[tuple[ClusterVerdict, int]]], str] | None = None,
                    ) -> list[ClusterVerdict]:
     """Merge flagged clusters when most of the smaller one's core (at least `min_fraction`) is
     tied to the larger one's core by at least `min_control` per account (`ties`: per (cluster,
@@ -577,8 +577,8 @@ def _merge_flagged(verdicts: list[ClusterVerdict], label: np.ndarray,
     evidence is spread thin: a pool of addresses that every account rotates through leaves
     about one surviving graph edge per account between two of its card groups. Each cluster
     attaches only to its most strongly tied larger partner, so a small cluster tied to two
-    campaigns cannot chain them together. `note(small, big, tied accounts)` says why, in the
-    merged campaign's reasons."""
+    campaigns cannot chain them together. `note([(joined cluster, its tied accounts), ...])`
+    says why, once per merged campaign, in its reasons."""
     flagged = {v.label: v for v in verdicts if v.flagged}
     if len(flagged) < 2:
         return verdicts
@@ -608,12 +608,12 @@ def _merge_flagged(verdicts: list[ClusterVerdict], label: np.ndarray,
         strength = (tied_accounts.get((small, big), 0) / n_core, w / n_core)
         if strength[0] >= min_fraction and strength > best.get(small, ((0.0, 0.0), -1))[0]:
             best[small] = (strength, big)
-    notes: dict[int, list[str]] = {}
-    for small, ((share, _), big) in sorted(best.items()):
+    for small, (_, big) in sorted(best.items()):
         parent[find(small)] = find(big)
-        if note is not None:
-            notes.setdefault(big, []).append(note(flagged[small], flagged[big], round(
-                share * len(flagged[small].core))))
+    joined: dict[int, list[tuple[ClusterVerdict, int]]] = {}
+    for small, ((share, _), _) in sorted(best.items()):
+        joined.setdefault(find(small), []).append(
+            (flagged[small], round(share * len(flagged[small].core))))
     groups: dict[int, list[ClusterVerdict]] = {}
     for lab, v in flagged.items():
         groups.setdefault(find(lab), []).append(v)
@@ -631,17 +631,22 @@ def _merge_flagged(verdicts: list[ClusterVerdict], label: np.ndarray,
             True,
             min(v.cohort_p for v in vs),
             any(v.cohort for v in vs),
-            [n for v in vs for n in v.notes] + [n for v in vs for n in notes.get(v.label, [])],
+            [n for v in vs for n in v.notes]
+            + ([note(joined[root])] if note is not None and root in joined else []),
         ))
         for v in vs:
             label[v.members] = root
     return merged
 
 
-def _owned_keys_note(small: ClusterVerdict, big: ClusterVerdict, tied: int) -> str:
-    return (f"joined a group of {len(small.core)} flagged accounts: {tied} of them share "
-            f"addresses, prefixes, payment or sign-up details that flagged accounts own with "
-            f"this campaign's {len(big.core)}, spread too thin over pairs to make graph edges")
+def _owned_keys_note(joined: list[tuple[ClusterVerdict, int]]) -> str:
+    accounts = sum(len(v.core) for v, _ in joined)
+    tied = sum(t for _, t in joined)
+    groups = f"{len(joined)} group" + ("s" if len(joined) > 1 else "")
+    return (f"joined {groups} of flagged accounts ({accounts} accounts): {tied} of "
+            "them share addresses, prefixes, payment or sign-up details that flagged accounts "
+            "own with the larger group each joined, spread too thin over pairs to make graph "
+            "edges")
 
 
 def _join_by_payment(verdicts: list[ClusterVerdict], ev: pa.Table, names: list[str],
