@@ -580,14 +580,26 @@ def owned_key_ties(ev: pa.Table, names: list[str], group: np.ndarray,
     weight = linker.key_weights(df.astype(float), kinds)
     owned = (2 * n_grouped >= df) & (df >= 2) & (df <= linker.max_group) & (weight > 0)
     rows = grouped & owned[key_idx]
-    t = pa.table({"key": key_idx[rows], "account": acct[rows], "group": of_row[rows],
-                  "w": weight[key_idx[rows]]})
-    present = t.group_by(["key", "group"]).aggregate([]).rename_columns(["key", "other"])
-    pairs = t.join(present, "key")
-    pairs = pairs.filter(pc.not_equal(pairs["group"], pairs["other"]))
-    summed = pairs.group_by(["group", "other", "account"]).aggregate([("w", "sum")])
+    if not rows.any():
+        return {}
+    from scipy import sparse
+
+    # (accounts x owned keys, each key's weight) @ (owned keys x groups, 1 where the key has a
+    # member in the group): per account and group, the weight of the keys it shares with that
+    # group, without listing one row per key and group (a pool address used by hundreds of
+    # one fleet's accounts in hundreds of groups would be hundreds of thousands)
+    keys, key_col = np.unique(key_idx[rows], return_inverse=True)
+    labels, group_col = np.unique(of_row[rows], return_inverse=True)
+    uses = sparse.csr_matrix((weight[key_idx[rows]], (acct[rows], key_col)),
+                             shape=(group.size, keys.size))
+    member = sparse.csr_matrix((np.ones(key_col.size), (key_col, group_col)),
+                               shape=(keys.size, labels.size))
+    member.data[:] = 1.0  # duplicates (several members in one group) were summed
+    ties = (uses @ member).tocoo()
+    own, other = group[ties.row], labels[ties.col]
+    across = own != other
     return {(int(g), int(o), int(a)): float(w) for g, o, a, w in zip(
-        *(summed[c].to_numpy() for c in ("group", "other", "account", "w_sum")), strict=True)}
+        own[across], other[across], ties.row[across], ties.data[across], strict=True)}
 
 
 def distinct_pairs(
