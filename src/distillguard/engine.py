@@ -202,14 +202,22 @@ def annotate_new(
 class _Backend:
     """Ibis tables `exchanges`, `signals`, `accounts` on one engine."""
 
-    def __init__(self, ibis_con, cleanup: Callable[[], None] | None = None):
+    def __init__(self, ibis_con, cleanup: Callable[[], None] | None = None,
+                 temp_tables: bool = False):
         self.ibis = ibis_con
         self._cleanup = cleanup
+        self._temp_tables = temp_tables
 
     def table(self, name: str):
         return self.ibis.table(name)
 
-    def memtable(self, table: pa.Table):
+    def memtable(self, table: pa.Table, name: str):
+        """`table` as an input of the backend's queries. On DuckDB a temporary table `name`,
+        which the planner has statistics for: a registered Arrow table has none, and with it
+        the attribution query of a 10M-exchange scan spilled without bound (7.4 GB in a minute
+        against 5 s as a temporary table)."""
+        if self._temp_tables:
+            return self.ibis.create_table(name, table, temp=True, overwrite=True)
         return ibis.memtable(table)
 
     def close(self) -> None:
@@ -218,7 +226,7 @@ class _Backend:
 
 
 def _duckdb_backend(con: duckdb.DuckDBPyConnection) -> _Backend:
-    return _Backend(ibis.duckdb.from_connection(con))
+    return _Backend(ibis.duckdb.from_connection(con), temp_tables=True)
 
 
 def spark_session():
@@ -885,7 +893,8 @@ def _campaigns(con, backend, view, bands, fp, ev, graph, label, block, behaviour
     ac = camp.owners_table(campaign_of)
     sigs = camp.campaign_signatures(ev, campaign_of)
     if ac.num_rows:
-        attributed = _arrow(camp.attribute(view, backend.memtable(ac), backend.memtable(sigs),
+        attributed = _arrow(camp.attribute(view, backend.memtable(ac, "attribution_accounts"),
+                                           backend.memtable(sigs, "attribution_signatures"),
                                            bands, dedicated_share=config.dedicated_share))
     else:
         attributed = pa.table({
