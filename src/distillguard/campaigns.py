@@ -134,7 +134,7 @@ def attribute(
     """
     # only the columns attribution reads: `v` is read twice below (the per-account share and
     # the rows kept), so DuckDB materialises it, and the view's other columns (addresses, user
-    # agents, tokens...) made that copy overrun a 3 GB memory limit at 10M exchanges
+    # agents, tokens...) would be copied with it
     v = view.join(account_campaigns, "account_id")
     v = v.select("request_id", "account_id", "campaign_id", "ts", "model", "capability",
                  "template_sig",
